@@ -1,0 +1,276 @@
+//! Exchanges and their bindings.
+//!
+//! Each exchange keeps its authoritative binding list behind a small mutex
+//! taken only by declare/bind/unbind/delete, and publishes a derived routing
+//! table through an `ArcSwap`: the publish hot path loads the current table
+//! without taking any lock.
+
+use super::headers::HeadersMatcher;
+use super::topic::TopicTrie;
+use crate::protocol::error::{AmqpError, code};
+use crate::queue::QueueRef;
+use amq_protocol::types::FieldTable;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Exchange types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Exact routing-key match.
+    Direct,
+    /// Every bound destination.
+    Fanout,
+    /// Dot-separated patterns with `*` and `#`.
+    Topic,
+    /// Match on message headers.
+    Headers,
+}
+
+impl ExchangeKind {
+    /// Parses the type name used in exchange.declare.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "direct" => Self::Direct,
+            "fanout" => Self::Fanout,
+            "topic" => Self::Topic,
+            "headers" => Self::Headers,
+            _ => return None,
+        })
+    }
+
+    /// The type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Fanout => "fanout",
+            Self::Topic => "topic",
+            Self::Headers => "headers",
+        }
+    }
+}
+
+/// Where a binding leads.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A queue.
+    Queue(Arc<QueueRef>),
+    /// Another exchange (exchange-to-exchange binding).
+    Exchange(Arc<Exchange>),
+}
+
+impl Destination {
+    /// True when this destination is the named queue (`is_queue`) or exchange.
+    pub fn is(&self, is_queue: bool, name: &str) -> bool {
+        match self {
+            Destination::Queue(q) => is_queue && q.name == name,
+            Destination::Exchange(e) => !is_queue && e.name == name,
+        }
+    }
+
+    /// Destination name.
+    pub fn name(&self) -> &str {
+        match self {
+            Destination::Queue(q) => &q.name,
+            Destination::Exchange(e) => &e.name,
+        }
+    }
+
+    /// "queue" or "exchange".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Destination::Queue(_) => "queue",
+            Destination::Exchange(_) => "exchange",
+        }
+    }
+}
+
+/// One binding from this exchange.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Bound queue or exchange.
+    pub dest: Destination,
+    /// Binding key.
+    pub routing_key: String,
+    /// Binding arguments.
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug)]
+enum Table {
+    Direct(HashMap<Box<str>, Vec<Destination>>),
+    Fanout(Vec<Destination>),
+    Topic(TopicTrie<Destination>),
+    Headers(Vec<(HeadersMatcher, Destination)>),
+}
+
+/// An exchange.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Name ("" is the default exchange).
+    pub name: String,
+    /// Type.
+    pub kind: ExchangeKind,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Cannot be published to directly.
+    pub internal: bool,
+    /// Declare arguments.
+    pub arguments: FieldTable,
+    /// alternate-exchange argument.
+    pub alternate: Option<String>,
+    bindings: Mutex<Vec<Binding>>,
+    table: ArcSwap<Table>,
+    /// Set once deleted, so cached handles stop routing to it.
+    pub deleted: AtomicBool,
+}
+
+impl Exchange {
+    /// A new exchange with no bindings.
+    pub fn new(
+        name: &str,
+        kind: ExchangeKind,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Self {
+        let alternate = arguments.inner().get("alternate-exchange").and_then(super::headers::value_str);
+        let ex = Exchange {
+            name: name.to_string(),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments,
+            alternate,
+            bindings: Mutex::new(Vec::new()),
+            table: ArcSwap::from_pointee(Table::Fanout(Vec::new())),
+            deleted: AtomicBool::new(false),
+        };
+        ex.rebuild(&[]);
+        ex
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Binding>> {
+        // A poisoned lock only means a panic elsewhere mid-update; the
+        // list itself is always left consistent (push/retain), so keep going.
+        self.bindings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn rebuild(&self, bindings: &[Binding]) {
+        let table = match self.kind {
+            ExchangeKind::Direct => {
+                let mut m: HashMap<Box<str>, Vec<Destination>> = HashMap::new();
+                for b in bindings {
+                    m.entry(b.routing_key.as_str().into()).or_default().push(b.dest.clone());
+                }
+                Table::Direct(m)
+            }
+            ExchangeKind::Fanout => Table::Fanout(bindings.iter().map(|b| b.dest.clone()).collect()),
+            ExchangeKind::Topic => {
+                let mut t = TopicTrie::new();
+                for b in bindings {
+                    t.insert(&b.routing_key, b.dest.clone());
+                }
+                Table::Topic(t)
+            }
+            ExchangeKind::Headers => Table::Headers(
+                bindings
+                    .iter()
+                    .filter_map(|b| HeadersMatcher::new(&b.arguments).ok().map(|m| (m, b.dest.clone())))
+                    .collect(),
+            ),
+        };
+        self.table.store(Arc::new(table));
+    }
+
+    /// Adds a binding; binding twice is a no-op. Returns true if added.
+    pub fn bind(&self, b: Binding) -> Result<bool, AmqpError> {
+        if self.kind == ExchangeKind::Headers {
+            HeadersMatcher::new(&b.arguments).map_err(|e| {
+                AmqpError::new(code::PRECONDITION_FAILED, e.text.trim_start_matches("PRECONDITION_FAILED - "))
+            })?;
+        }
+        let mut list = self.lock();
+        let dup = list.iter().any(|x| {
+            x.dest.is(matches!(b.dest, Destination::Queue(_)), b.dest.name())
+                && x.routing_key == b.routing_key
+                && x.arguments == b.arguments
+        });
+        if dup {
+            return Ok(false);
+        }
+        list.push(b);
+        self.rebuild(&list);
+        Ok(true)
+    }
+
+    /// Removes one binding. Returns (removed, bindings left).
+    pub fn unbind(&self, is_queue: bool, dest: &str, key: &str, args: &FieldTable) -> (bool, usize) {
+        let mut list = self.lock();
+        let before = list.len();
+        list.retain(|x| !(x.dest.is(is_queue, dest) && x.routing_key == key && &x.arguments == args));
+        let removed = list.len() != before;
+        if removed {
+            self.rebuild(&list);
+        }
+        (removed, list.len())
+    }
+
+    /// Removes every binding to a destination. Returns (removed, left).
+    pub fn unbind_all(&self, is_queue: bool, dest: &str) -> (usize, usize) {
+        let mut list = self.lock();
+        let before = list.len();
+        list.retain(|x| !x.dest.is(is_queue, dest));
+        let removed = before - list.len();
+        if removed > 0 {
+            self.rebuild(&list);
+        }
+        (removed, list.len())
+    }
+
+    /// Number of bindings from this exchange.
+    pub fn binding_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// A copy of the bindings (management, definitions).
+    pub fn bindings(&self) -> Vec<Binding> {
+        self.lock().clone()
+    }
+
+    /// Calls `f` for each destination the message matches. Lock-free.
+    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, mut f: impl FnMut(&Destination)) {
+        let table = self.table.load();
+        match &**table {
+            Table::Direct(m) => {
+                if let Some(v) = m.get(routing_key) {
+                    v.iter().for_each(&mut f);
+                }
+            }
+            Table::Fanout(v) => v.iter().for_each(&mut f),
+            Table::Topic(t) => t.for_each_match(routing_key, &mut f),
+            Table::Headers(v) => {
+                for (m, d) in v {
+                    if m.matches(headers) {
+                        f(d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks deleted.
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+}

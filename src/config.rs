@@ -1,0 +1,185 @@
+//! Configuration: one typed struct, loaded once and passed down as
+//! `Arc<Config>`. Sources, later ones winning: code defaults, the config file
+//! (etc/warren.toml), `WARREN__SECTION__KEY` environment variables, flags.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// AMQP listener and protocol limits.
+    pub amqp: AmqpConfig,
+    /// Where data lives.
+    pub storage: StorageConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Default user and vhost.
+    pub auth: AuthConfig,
+    /// Queue tuning.
+    pub queue: QueueConfig,
+}
+
+/// AMQP listener settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Address to listen on.
+    pub bind: String,
+    /// Port (0 picks a free one).
+    pub port: u16,
+    /// Largest frame we accept and propose in connection.tune (bytes).
+    pub frame_max: u32,
+    /// Highest channel number we accept.
+    pub channel_max: u16,
+    /// Heartbeat interval proposed to clients (seconds, 0 = off).
+    pub heartbeat: u16,
+    /// Time allowed from TCP accept to connection.open (ms).
+    pub handshake_timeout_ms: u64,
+    /// Largest message body accepted (bytes), as RabbitMQ's max_message_size.
+    pub max_message_size: u64,
+    /// Most connections accepted at once.
+    pub max_connections: usize,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "warren=debug".
+    pub level: String,
+}
+
+/// Default user and vhost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Default user created at first start ("" to disable).
+    pub default_user: String,
+    /// Its password.
+    pub default_pass: String,
+    /// Default vhost created at first start ("" to disable).
+    pub default_vhost: String,
+    /// Users that may only connect from loopback addresses.
+    pub loopback_users: Vec<String>,
+}
+
+/// Queue tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Capacity of each queue's inbox (batches). A full inbox makes
+    /// publishers wait: that is the backpressure.
+    pub inbox_capacity: usize,
+    /// Deliveries in flight to a no-ack consumer's connection before the
+    /// queue waits for the connection to write them.
+    pub no_ack_window: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            bind: "127.0.0.1".into(),
+            port: 5672,
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            handshake_timeout_ms: 10_000,
+            max_message_size: 134_217_728,
+            max_connections: 65_536,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: PathBuf::from("data") }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            default_vhost: "/".into(),
+            loopback_users: vec!["guest".into()],
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { inbox_capacity: 1024, no_ack_window: 2000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp: AmqpConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            queue: QueueConfig::default(),
+        }
+    }
+}
+
+/// A configuration error, said so an operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads defaults < file (if given, or etc/warren.toml when present) < env.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder();
+        match file {
+            Some(p) => b = b.add_source(config::File::from(p).required(true)),
+            None => b = b.add_source(config::File::from(Path::new("etc/warren.toml")).required(false)),
+        }
+        b = b.add_source(config::Environment::with_prefix("WARREN").prefix_separator("__").separator("__"));
+        let cfg: Config = b.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.amqp.frame_max < 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.frame_max = {} is below the AMQP minimum of 4096",
+                self.amqp.frame_max
+            )));
+        }
+        if self.amqp.channel_max == 0 {
+            return Err(ConfigError::Invalid("amqp.channel_max must be at least 1".into()));
+        }
+        if self.queue.inbox_capacity == 0 || self.queue.no_ack_window == 0 {
+            return Err(ConfigError::Invalid("queue.inbox_capacity and queue.no_ack_window must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

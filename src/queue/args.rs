@@ -1,0 +1,247 @@
+//! Queue arguments: validation on declare and the equivalence check that
+//! decides whether a redeclare matches, with RabbitMQ's reply texts.
+
+use crate::broker::headers::{value_int, value_str};
+use crate::protocol::error::AmqpError;
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+/// Overflow behaviour when a length limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest.
+    #[default]
+    DropHead,
+    /// Refuse the new message (nack with confirms).
+    RejectPublish,
+    /// Refuse and dead-letter the new message.
+    RejectPublishDlx,
+}
+
+/// Parsed queue arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueArgs {
+    /// x-message-ttl (ms).
+    pub message_ttl: Option<u64>,
+    /// x-expires (ms).
+    pub expires: Option<u64>,
+    /// x-max-length.
+    pub max_length: Option<u64>,
+    /// x-max-length-bytes.
+    pub max_length_bytes: Option<u64>,
+    /// x-overflow.
+    pub overflow: Overflow,
+    /// x-dead-letter-exchange.
+    pub dead_letter_exchange: Option<String>,
+    /// x-dead-letter-routing-key.
+    pub dead_letter_routing_key: Option<String>,
+    /// x-max-priority.
+    pub max_priority: Option<u8>,
+    /// x-single-active-consumer.
+    pub single_active_consumer: bool,
+    /// x-delivery-limit.
+    pub delivery_limit: Option<u64>,
+    /// x-queue-type.
+    pub queue_type: String,
+}
+
+/// Arguments compared on redeclare (as RabbitMQ's declare_args list).
+const EQUIVALENCE_CHECKED: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-type",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+];
+
+/// Legacy arguments accepted but ignored, so older apps keep working.
+const LEGACY_IGNORED: &[&str] = &["x-queue-mode", "x-queue-version", "x-queue-master-locator"];
+
+/// RabbitMQ's name for a field type, used in reply texts.
+pub fn type_name(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) => "shortstr",
+        AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
+    }
+}
+
+/// Human form of a value for reply texts.
+pub fn show(v: &AMQPValue) -> String {
+    if let Some(i) = value_int(v) {
+        return i.to_string();
+    }
+    if let Some(s) = value_str(v) {
+        return s;
+    }
+    match v {
+        AMQPValue::Boolean(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn invalid(name: &str, vhost: &str, arg: &str, why: String) -> AmqpError {
+    AmqpError::precondition(format!("invalid arg '{arg}' for queue '{name}' in vhost '{vhost}': {why}"))
+}
+
+impl QueueArgs {
+    /// Validates and parses declare arguments.
+    pub fn parse(args: &FieldTable, name: &str, vhost: &str) -> Result<QueueArgs, AmqpError> {
+        let mut out = QueueArgs { queue_type: "classic".into(), ..Default::default() };
+        let int = |k: &str, v: &AMQPValue, min: i64| -> Result<u64, AmqpError> {
+            match value_int(v) {
+                None => Err(invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                Some(i) if i < min => Err(invalid(
+                    name,
+                    vhost,
+                    k,
+                    format!("{{{},{i}}}", if min == 0 { "value_negative" } else { "value_zero" }),
+                )),
+                Some(i) => Ok(i as u64),
+            }
+        };
+        let string = |k: &str, v: &AMQPValue| -> Result<String, AmqpError> {
+            value_str(v).ok_or_else(|| invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v))))
+        };
+        for (k, v) in args.inner() {
+            let k = k.as_str();
+            match k {
+                "x-message-ttl" => out.message_ttl = Some(int(k, v, 0)?),
+                "x-expires" => out.expires = Some(int(k, v, 1)?),
+                "x-max-length" => out.max_length = Some(int(k, v, 0)?),
+                "x-max-length-bytes" => out.max_length_bytes = Some(int(k, v, 0)?),
+                "x-delivery-limit" => out.delivery_limit = Some(int(k, v, 0)?),
+                "x-max-priority" => {
+                    let p = int(k, v, 0)?;
+                    if p > 255 {
+                        return Err(invalid(name, vhost, k, format!("{{value_too_large,{p},255}}")));
+                    }
+                    out.max_priority = Some(p as u8);
+                }
+                "x-overflow" => {
+                    out.overflow = match string(k, v)?.as_str() {
+                        "drop-head" => Overflow::DropHead,
+                        "reject-publish" => Overflow::RejectPublish,
+                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                        other => return Err(invalid(name, vhost, k, format!("{{unknown_overflow_type,<<\"{other}\">>}}"))),
+                    }
+                }
+                "x-dead-letter-exchange" => out.dead_letter_exchange = Some(string(k, v)?),
+                "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(string(k, v)?),
+                "x-single-active-consumer" => match v {
+                    AMQPValue::Boolean(b) => out.single_active_consumer = *b,
+                    _ => return Err(invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                },
+                "x-queue-type" => {
+                    let t = string(k, v)?;
+                    if t != "classic" {
+                        return Err(invalid(
+                            name,
+                            vhost,
+                            k,
+                            format!("queue type '{t}' is not available on this Warren node (supported: classic)"),
+                        ));
+                    }
+                    out.queue_type = t;
+                }
+                k if LEGACY_IGNORED.contains(&k) => {
+                    tracing::warn!(queue = name, vhost, argument = k,
+                        "queue argument {k} is a legacy setting that Warren accepts and ignores");
+                }
+                _ => {}
+            }
+        }
+        if out.dead_letter_routing_key.is_some() && out.dead_letter_exchange.is_none() {
+            return Err(invalid(
+                name,
+                vhost,
+                "x-dead-letter-routing-key",
+                "{routing_key_but_no_dlx_defined}".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The redeclare equivalence check over the arguments RabbitMQ compares.
+pub fn check_equivalent(current: &FieldTable, requested: &FieldTable, name: &str, vhost: &str) -> Result<(), AmqpError> {
+    for k in EQUIVALENCE_CHECKED {
+        let a = requested.inner().get(*k);
+        let b = current.inner().get(*k);
+        let same = match (a, b) {
+            (None, None) => true,
+            (Some(x), Some(y)) => crate::broker::headers::values_equal(x, y),
+            // x-queue-type classic is the default: omitting it is equivalent.
+            (Some(x), None) | (None, Some(x)) if *k == "x-queue-type" => value_str(x).as_deref() == Some("classic"),
+            _ => false,
+        };
+        if !same {
+            let fmt = |v: Option<&AMQPValue>| match v {
+                None => "none".to_string(),
+                Some(v) => format!("the value '{}' of type '{}'", show(v), type_name(v)),
+            };
+            return Err(AmqpError::precondition(format!(
+                "inequivalent arg '{k}' for queue '{name}' in vhost '{vhost}': received {} but current is {}",
+                fmt(a),
+                fmt(b)
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(kv: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut f = FieldTable::default();
+        for (k, v) in kv {
+            f.insert((*k).into(), v.clone());
+        }
+        f
+    }
+
+    #[test]
+    fn parse_and_reject() {
+        let a = QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(100))]), "q", "/").unwrap();
+        assert_eq!(a.message_ttl, Some(100));
+        let e = QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(-1))]), "q", "/").unwrap_err();
+        assert_eq!(e.text, "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}");
+        let e = QueueArgs::parse(&t(&[("x-max-length", AMQPValue::LongString("x".into()))]), "q", "/").unwrap_err();
+        assert!(e.text.ends_with("{unacceptable_type,longstr}"));
+        assert!(QueueArgs::parse(&t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]), "q", "/").is_ok());
+    }
+
+    #[test]
+    fn equivalence() {
+        let cur = t(&[("x-max-length", AMQPValue::LongInt(10))]);
+        assert!(check_equivalent(&cur, &t(&[("x-max-length", AMQPValue::ShortShortUInt(10))]), "q", "/").is_ok());
+        let e = check_equivalent(&cur, &t(&[]), "q", "/").unwrap_err();
+        assert_eq!(
+            e.text,
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in vhost '/': received none but current is the value '10' of type 'signedint'"
+        );
+        assert!(check_equivalent(&t(&[]), &t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]), "q", "/").is_ok());
+    }
+}

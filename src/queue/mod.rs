@@ -1,0 +1,183 @@
+//! Queues: the deterministic core, the actor that owns one queue, and the
+//! handle the rest of the broker uses to talk to it.
+
+pub mod actor;
+pub mod args;
+pub mod core;
+pub mod message;
+
+use crate::broker::ConnTx;
+use crate::protocol::error::AmqpError;
+use amq_protocol::types::FieldTable;
+use core::{ConsumerId, ConsumerSpec, Counts, Envelope, MsgId, Outcome, Owner};
+use message::Message;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a queue sends publisher confirms for a batch.
+#[derive(Debug)]
+pub struct ConfirmTo {
+    /// Publisher's connection.
+    pub conn: ConnTx,
+    /// Publisher's channel.
+    pub channel: u16,
+    /// One publish sequence number per message in the batch.
+    pub seqs: Vec<u64>,
+}
+
+/// The queue actor's inbox.
+#[derive(Debug)]
+pub enum QueueCmd {
+    /// Enqueue a batch of messages from one channel.
+    Publish {
+        /// Messages in publish order.
+        msgs: Vec<Arc<Message>>,
+        /// Confirm target, when the channel is in confirm mode.
+        confirm: Option<ConfirmTo>,
+    },
+    /// Attach a consumer.
+    Consume {
+        /// Consumer parameters.
+        spec: ConsumerSpec,
+        /// Its connection.
+        conn: ConnTx,
+        /// Consumer tag.
+        tag: Arc<str>,
+        /// Reply.
+        reply: oneshot::Sender<Result<(), AmqpError>>,
+    },
+    /// Detach a consumer (basic.cancel).
+    Cancel {
+        /// Which.
+        consumer: ConsumerId,
+        /// Optional reply once removed.
+        reply: Option<oneshot::Sender<()>>,
+    },
+    /// Settle deliveries.
+    Settle {
+        /// Queue-local ids.
+        ids: Vec<MsgId>,
+        /// How.
+        outcome: Outcome,
+    },
+    /// basic.get.
+    Get {
+        /// Channel holding the delivery.
+        owner: Owner,
+        /// Auto-ack.
+        no_ack: bool,
+        /// The message and the number still ready, or None when empty.
+        reply: oneshot::Sender<Option<(Envelope, u64)>>,
+    },
+    /// Flow credit back for a no-ack consumer.
+    Credit {
+        /// Which.
+        consumer: ConsumerId,
+        /// How many deliveries were written.
+        n: u32,
+    },
+    /// A channel went away: requeue what it held, drop its consumers.
+    ChannelClosed {
+        /// The channel.
+        owner: Owner,
+    },
+    /// queue.purge.
+    Purge {
+        /// Number of messages purged.
+        reply: oneshot::Sender<u64>,
+    },
+    /// queue.delete (also exclusive-owner close and auto-delete).
+    Delete {
+        /// Refuse if consumers are attached.
+        if_unused: bool,
+        /// Refuse if messages are ready.
+        if_empty: bool,
+        /// Messages deleted, or a 406.
+        reply: Option<oneshot::Sender<Result<u64, AmqpError>>>,
+    },
+    /// Counts for declare-ok and management.
+    Stats {
+        /// Reply.
+        reply: oneshot::Sender<Counts>,
+    },
+    /// Re-run dispatch (a channel-wide prefetch limit freed up).
+    Kick,
+}
+
+/// The registry entry for a queue: its static properties and its inbox.
+#[derive(Debug)]
+pub struct QueueRef {
+    /// Broker-wide unique id (names can be reused after a delete).
+    pub id: u64,
+    /// Queue name.
+    pub name: String,
+    /// Its vhost.
+    pub vhost: String,
+    /// Survives restart.
+    pub durable: bool,
+    /// Connection id that owns it, for exclusive queues.
+    pub exclusive_owner: Option<u64>,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Declare arguments.
+    pub arguments: FieldTable,
+    /// Parsed arguments.
+    pub args: args::QueueArgs,
+    /// The actor's inbox (bounded: a full inbox is backpressure).
+    pub tx: mpsc::Sender<QueueCmd>,
+    deleted: AtomicBool,
+}
+
+impl QueueRef {
+    /// Builds a registry entry.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        name: String,
+        vhost: String,
+        durable: bool,
+        exclusive_owner: Option<u64>,
+        auto_delete: bool,
+        arguments: FieldTable,
+        args: args::QueueArgs,
+        tx: mpsc::Sender<QueueCmd>,
+    ) -> Self {
+        QueueRef {
+            id,
+            name,
+            vhost,
+            durable,
+            exclusive_owner,
+            auto_delete,
+            arguments,
+            args,
+            tx,
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Marks deleted.
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+    }
+
+    /// Sends a command; false if the queue is gone.
+    pub async fn send(&self, cmd: QueueCmd) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+
+    /// Asks for counts; None if the queue is gone.
+    pub async fn stats(&self) -> Option<Counts> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(QueueCmd::Stats { reply: tx }).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+}
