@@ -84,6 +84,7 @@ for entry in "${SCENARIOS[@]}"; do
 done
 if [ "${#SELECTED[@]}" -eq 0 ]; then
     echo "run.sh: no scenario matches '$ONLY'" >&2
+    rm -rf "$WORK"
     echo "0 passed, 0 failed"
     exit 1
 fi
@@ -283,7 +284,7 @@ log "$AGAINST is up at $AMQP_URL; running ${#SELECTED[@]} scenarios (logs: $LOGS
 PASSED=0
 NFAILED=0
 short_reason() { # last non-empty line of a log, squeezed and cut
-    grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//' | cut -c1-200
+    grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//' | cut -c1-240
 }
 for entry in "${SELECTED[@]}"; do
     IFS=$'\t' read -r client sname cmd <<<"$entry"
