@@ -234,7 +234,9 @@ else
         # the package auto-starts the system service (and an epmd on the default
         # port) on install; this suite runs its own private node instead
         $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
-        epmd -kill >/dev/null 2>&1 || true
+        if ! epmd -names 2>/dev/null | grep -q '^name '; then
+            epmd -kill >/dev/null 2>&1 || true
+        fi
     fi
     RMQ_NODE="conf-$$@localhost"
     RMQ_BASE="$WORK/rabbitmq"

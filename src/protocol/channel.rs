@@ -1117,3 +1117,8 @@ impl Connection {
         Ok(())
     }
 }
+
+/// The hand-written basic.publish decoder, exposed for fuzzing.
+pub fn fuzz_publish(payload: &Bytes) -> bool {
+    parse_publish(payload).is_ok()
+}

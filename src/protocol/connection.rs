@@ -142,7 +142,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
     };
     let why = conn.run().await;
     conn.cleanup().await;
-    info!("connection closed: {why}");
+    info!(peer = %conn.peer, user = %conn.user, "connection closed: {why}");
 }
 
 struct Handshake {
