@@ -209,7 +209,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP
 
 PORT="$(free_port)"
 if [ "$AGAINST" = warren ]; then

@@ -209,6 +209,9 @@ pub struct Broker {
     ids: AtomicU64,
     /// Set when the broker is shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Resource alarm: `Some(reason)` while publishers must be blocked
+    /// ("low on memory", "low on disk").
+    alarm: watch::Sender<Option<String>>,
 }
 
 impl Broker {
@@ -221,6 +224,7 @@ impl Broker {
             direct_reply: DashMap::new(),
             ids: AtomicU64::new(1),
             shutdown,
+            alarm: watch::channel(None).0,
             config,
         };
         if !b.config.auth.default_vhost.is_empty() {
@@ -232,6 +236,24 @@ impl Broker {
     /// A fresh broker-wide id (connections, queues, consumers).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Raises (`Some(reason)`) or clears (`None`) the resource alarm:
+    /// publishing connections get connection.blocked and are no longer read
+    /// from; consumers keep draining.
+    pub fn set_alarm(&self, reason: Option<String>) {
+        self.alarm.send_if_modified(|cur| {
+            if *cur == reason {
+                return false;
+            }
+            *cur = reason;
+            true
+        });
+    }
+
+    /// Watches the resource alarm.
+    pub fn alarm(&self) -> watch::Receiver<Option<String>> {
+        self.alarm.subscribe()
     }
 
     /// Looks up a vhost.

@@ -264,6 +264,11 @@ impl Connection {
                     if immediate {
                         return Err(AmqpError::new(code::NOT_IMPLEMENTED, "immediate=true").on(60, 40));
                     }
+                    if !self.has_published {
+                        self.has_published = true;
+                        self.update_blocked();
+                    }
+                    let chan = self.chan(ch)?;
                     chan.content =
                         Some(Incoming { exchange, routing_key, mandatory, header: None, body: Vec::new(), received: 0 });
                     return Ok(());

@@ -90,6 +90,12 @@ pub(crate) struct Connection {
     closing: Option<Instant>,
     last_read: Instant,
     last_write: Instant,
+    /// Blocked by a resource alarm (publishers only).
+    blocked: bool,
+    alarm_reason: Option<String>,
+    /// Has published at least once: only publishers stop being read while
+    /// blocked, as in RabbitMQ.
+    pub has_published: bool,
 }
 
 /// Serves one accepted socket until it closes. Never panics on client input.
@@ -139,6 +145,9 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         closing: None,
         last_read: now,
         last_write: now,
+        blocked: false,
+        alarm_reason: None,
+        has_published: false,
     };
     let why = conn.run().await;
     conn.cleanup().await;
@@ -405,6 +414,8 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
 impl Connection {
     async fn run(&mut self) -> String {
         let mut shutdown = self.broker.shutdown.clone();
+        let mut alarm = self.broker.alarm();
+        alarm.mark_changed();
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)));
         let mut cmds: Vec<ConnCmd> = Vec::with_capacity(64);
         loop {
@@ -423,7 +434,7 @@ impl Connection {
                     return "client did not answer connection.close in time".into();
                 }
             }
-            let read_ok = self.out.len() < OUT_HARD_LIMIT;
+            let read_ok = self.out.len() < OUT_HARD_LIMIT && !self.blocked;
             let inbox_ok = self.out.len() < OUT_SOFT_LIMIT && self.closing.is_none();
             let want_write = !self.out.is_empty();
             let tick = match (hb, self.closing) {
@@ -466,12 +477,48 @@ impl Connection {
                         }
                     }
                 }
+                r = alarm.changed() => {
+                    if r.is_ok() {
+                        let reason = alarm.borrow_and_update().clone();
+                        self.on_alarm(reason);
+                    }
+                }
                 _ = shutdown.changed() => {
                     if self.closing.is_none() {
                         self.start_close(&AmqpError::new(code::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"));
                     }
                 }
             }
+        }
+    }
+
+    /// Tracks the resource alarm. As in RabbitMQ, only connections that
+    /// publish are blocked (and told so); consumers keep going.
+    fn on_alarm(&mut self, reason: Option<String>) {
+        self.alarm_reason = reason;
+        self.update_blocked();
+    }
+
+    /// Sends connection.blocked / unblocked when this connection's state
+    /// changes (called on alarm changes and on the first publish).
+    pub fn update_blocked(&mut self) {
+        let should = self.alarm_reason.is_some() && self.has_published;
+        if should == self.blocked {
+            return;
+        }
+        self.blocked = should;
+        if should {
+            info!("resource alarm: no longer reading from this publisher ({})", self.alarm_reason.as_deref().unwrap_or(""));
+        }
+        if !self.caps.connection_blocked {
+            return;
+        }
+        match &self.alarm_reason {
+            Some(r) if should => {
+                let reason = super::error::short(r);
+                self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::Blocked(conn_m::Blocked { reason })));
+            }
+            _ => self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::Unblocked(conn_m::Unblocked {}))),
         }
     }
 

@@ -58,3 +58,306 @@ impl TestBroker {
 pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("timed out")
 }
+
+// ---------------------------------------------------------------------------
+// lapin helpers
+
+/// The (reply code, reply text) of an AMQP error (channel.close or
+/// connection.close) carried by a lapin error, if it is one.
+pub fn amqp_error(e: &lapin::Error) -> Option<(u16, String)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(a) => Some((a.get_id(), a.get_message().to_string())),
+        _ => None,
+    }
+}
+
+/// Unwraps the AMQP error of a result that must have failed with one.
+#[track_caller]
+pub fn expect_amqp_error<T: std::fmt::Debug>(r: lapin::Result<T>) -> (u16, String) {
+    match r {
+        Ok(v) => panic!("expected an AMQP error, got Ok({v:?})"),
+        Err(e) => amqp_error(&e).unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}")),
+    }
+}
+
+/// Declares a plain (non-durable, non-exclusive) queue.
+pub async fn declare_queue(ch: &lapin::Channel, name: &str) -> lapin::Queue {
+    ch.queue_declare(name.into(), lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
+        .await
+        .expect("queue.declare")
+}
+
+/// Publishes `body` with default properties.
+pub async fn publish(ch: &lapin::Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .expect("basic.publish");
+}
+
+/// Drains a queue with basic.get (auto-ack), returning the bodies in order.
+/// Waits briefly first so that in-flight publishes have been routed.
+pub async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<String> {
+    settle().await;
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    out
+}
+
+/// Lets in-flight frames be processed (publishes are asynchronous).
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Queue message count via passive declare on a fresh channel.
+pub async fn message_count(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = ch.close(200, "ok".into()).await;
+    q.message_count()
+}
+
+// ---------------------------------------------------------------------------
+// Raw AMQP over TCP, for what lapin will not send.
+
+use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
+use amq_protocol::protocol::{AMQPClass, connection as conn_m};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const AMQP_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+
+/// A raw AMQP 0-9-1 client.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    /// Server properties from connection.start (after `handshake`).
+    pub server_properties: lapin::types::FieldTable,
+    /// Tune parameters the server proposed.
+    pub tune: Option<conn_m::Tune>,
+}
+
+/// What `RawClient::next` saw.
+#[derive(Debug)]
+pub enum RawEvent {
+    Frame(AMQPFrame),
+    /// Bytes that are not a frame (e.g. a protocol header).
+    Bytes(Vec<u8>),
+    Eof,
+}
+
+/// Encodes one frame.
+pub fn encode_frame(f: &AMQPFrame) -> Vec<u8> {
+    let ctx = WriteContext::from(Vec::new());
+    gen_frame::<Vec<u8>>(f)(ctx).expect("gen frame").into_inner().0
+}
+
+/// Encodes a frame from its parts (type, channel, payload), with a chosen end octet.
+pub fn raw_frame(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
+    let mut v = vec![kind];
+    v.extend_from_slice(&channel.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v.push(end);
+    v
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).ok();
+        RawClient { stream, buf: Vec::new(), server_properties: Default::default(), tune: None }
+    }
+
+    /// Connects and completes the handshake as guest on "/", answering tune
+    /// with the server's own values except `heartbeat`.
+    pub async fn handshake(addr: SocketAddr, heartbeat: u16) -> RawClient {
+        let mut c = RawClient::connect(addr).await;
+        c.send(AMQP_HEADER).await;
+        match c.method().await {
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => c.server_properties = s.server_properties,
+            other => panic!("expected connection.start, got {other:?}"),
+        }
+        c.send_method(
+            0,
+            AMQPClass::Connection(conn_m::AMQPMethod::StartOk(conn_m::StartOk {
+                client_properties: Default::default(),
+                mechanism: "PLAIN".into(),
+                response: "\0guest\0guest".into(),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        let tune = match c.method().await {
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::Tune(t))) => t,
+            other => panic!("expected connection.tune, got {other:?}"),
+        };
+        c.send_method(
+            0,
+            AMQPClass::Connection(conn_m::AMQPMethod::TuneOk(conn_m::TuneOk {
+                channel_max: tune.channel_max,
+                frame_max: tune.frame_max,
+                heartbeat,
+            })),
+        )
+        .await;
+        c.tune = Some(tune);
+        c.send_method(
+            0,
+            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open { virtual_host: "/".into() })),
+        )
+        .await;
+        match c.method().await {
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::OpenOk(_))) => {}
+            other => panic!("expected connection.open-ok, got {other:?}"),
+        }
+        c
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn send_frame(&mut self, f: &AMQPFrame) {
+        let b = encode_frame(f);
+        self.send(&b).await;
+    }
+
+    pub async fn send_method(&mut self, channel: u16, m: AMQPClass) {
+        self.send_frame(&AMQPFrame::Method(channel, m)).await;
+    }
+
+    /// Opens channel `ch` and waits for open-ok.
+    pub async fn open_channel(&mut self, ch: u16) {
+        use amq_protocol::protocol::channel as chan_m;
+        self.send_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {}))).await;
+        match self.method().await {
+            (c, AMQPClass::Channel(chan_m::AMQPMethod::OpenOk(_))) if c == ch => {}
+            other => panic!("expected channel.open-ok on {ch}, got {other:?}"),
+        }
+    }
+
+    /// Next frame (or EOF), waiting at most 5 s.
+    pub async fn next(&mut self) -> RawEvent {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.buf.len() >= 8 && &self.buf[..4] == b"AMQP" {
+                let b: Vec<u8> = self.buf.drain(..8).collect();
+                return RawEvent::Bytes(b);
+            }
+            if self.buf.len() >= 7 {
+                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
+                if self.buf.len() >= size + 8 {
+                    let bytes: Vec<u8> = self.buf.drain(..size + 8).collect();
+                    match parse_frame(&bytes[..]) {
+                        Ok((_, f)) => return RawEvent::Frame(f),
+                        Err(e) => panic!("server sent an unparsable frame {bytes:?}: {e:?}"),
+                    }
+                }
+            }
+            let mut tmp = [0u8; 65536];
+            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+                Err(_) => panic!("timed out waiting for a frame"),
+                Ok(Err(_)) => 0, // reset counts as closed
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return RawEvent::Eof;
+                }
+                return RawEvent::Bytes(std::mem::take(&mut self.buf));
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Next method frame, skipping heartbeats.
+    #[track_caller]
+    pub async fn method(&mut self) -> (u16, AMQPClass) {
+        loop {
+            match self.next().await {
+                RawEvent::Frame(AMQPFrame::Heartbeat) => continue,
+                RawEvent::Frame(AMQPFrame::Method(ch, m)) => return (ch, m),
+                other => panic!("expected a method frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until connection.close, answers close-ok, returns (code, text, class, method).
+    pub async fn expect_connection_close(&mut self) -> (u16, String, u16, u16) {
+        loop {
+            match self.next().await {
+                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(c)))) => {
+                    self.send_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})))
+                        .await;
+                    return (c.reply_code, c.reply_text.to_string(), c.class_id, c.method_id);
+                }
+                RawEvent::Frame(_) => continue,
+                other => panic!("expected connection.close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until channel.close on `ch`, returns (code, text).
+    pub async fn expect_channel_close(&mut self, ch: u16) -> (u16, String) {
+        use amq_protocol::protocol::channel as chan_m;
+        loop {
+            match self.next().await {
+                RawEvent::Frame(AMQPFrame::Method(c, AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)))) if c == ch => {
+                    return (cl.reply_code, cl.reply_text.to_string());
+                }
+                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)))) => {
+                    panic!("expected channel.close, got connection.close {} {}", cl.reply_code, cl.reply_text)
+                }
+                RawEvent::Frame(_) => continue,
+                other => panic!("expected channel.close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads (discarding frames) until the server closes the socket.
+    pub async fn expect_eof(&mut self) {
+        loop {
+            match self.next().await {
+                RawEvent::Eof => return,
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// After an asynchronous method (basic.publish, basic.ack...) that should
+/// make the server close the channel: a synchronous round trip on the same
+/// channel must fail with the channel.close error. Returns (code, text).
+pub async fn channel_close_error(ch: &lapin::Channel) -> (u16, String) {
+    let r = within(5, ch.basic_qos(0, lapin::options::BasicQosOptions::default())).await;
+    match r {
+        Ok(()) => panic!("expected the channel to be closed by the server"),
+        Err(e) => match amqp_error(&e) {
+            Some(x) => x,
+            None => {
+                // The close may already have been processed; lapin keeps the
+                // reason in the channel status only through later errors.
+                panic!("expected an AMQP error, got {e:?}")
+            }
+        },
+    }
+}

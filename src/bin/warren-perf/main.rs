@@ -195,7 +195,15 @@ struct Rlimit {
     max: u64,
 }
 
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_sig: i32) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Relaxed);
+}
+
 unsafe extern "C" {
+    fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
     fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
     fn getrusage(who: i32, usage: *mut Rusage) -> i32;
     fn getrlimit(resource: i32, rlim: *mut Rlimit) -> i32;
@@ -373,6 +381,12 @@ fn main() {
     let cli = Cli::parse();
     T0.get_or_init(Instant::now);
     raise_nofile();
+    // Ctrl-C / SIGTERM end the run early but still print the summary.
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        signal(2, on_sigint);
+        signal(15, on_sigint);
+    }
     let json = cli.json;
     if let Some(port) = cli.null_broker {
         let code = null::serve(port, cli.size).unwrap_or_else(|e| {
@@ -423,6 +437,9 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
     let mut all: Vec<Arc<Stats>> = Vec::new();
     let mut handles = Vec::new();
 
+    // Consumer-only runs (draining a backlog) are timed from before the consumers
+    // connect; otherwise from when all consumers are ready and producers start.
+    let early = (n_prod == 0).then(|| (cpu_and_rss().0, now_ns()));
     // Consumers (or RPC servers) first; wait until they are all consuming.
     let mut cons_stats = Vec::new();
     for i in 0..n_cons {
@@ -443,7 +460,7 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         handles.push(h);
     }
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    while shared.ready.load(Relaxed) < n_cons as u64 && !shared.stopping() {
+    while shared.ready.load(Relaxed) < n_cons as u64 && !shared.stopping() && !INTERRUPTED.load(Relaxed) {
         if Instant::now() > setup_deadline {
             shared.fail("setup", &Error::Protocol("consumers did not start within 60 s".into()));
             break;
@@ -451,8 +468,7 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         std::thread::sleep(Duration::from_millis(5));
     }
 
-    let cpu0 = cpu_and_rss().0;
-    let t_start = now_ns();
+    let (cpu0, t_start) = early.unwrap_or_else(|| (cpu_and_rss().0, now_ns()));
     let mut prod_stats = Vec::new();
     if !shared.stopping() {
         for i in 0..n_prod {
@@ -529,6 +545,10 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             next_tick += 1_000_000_000;
         }
         if shared.stopping() {
+            break;
+        }
+        if INTERRUPTED.load(Relaxed) {
+            eprintln!("warren-perf: interrupted, stopping");
             break;
         }
         if cli.time > 0 && elapsed >= cli.time * 1_000_000_000 {
@@ -611,7 +631,7 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             "published": published, "confirmed": t.confirmed, "nacked": t.nacked, "consumed": consumed,
             "publish_rate": publish_rate.round(), "confirm_rate": confirm_rate.round(), "consume_rate": consume_rate.round(),
             "latency_us": lat,
-            "cpu_s": cpu, "cpu_us_per_msg": (cpu_per_msg * 1000.0).round() / 1000.0,
+            "cpu_s": (cpu * 1e4).round() / 1e4, "cpu_us_per_msg": (cpu_per_msg * 1000.0).round() / 1000.0,
             "max_rss_kb": maxrss,
             "errors": errors,
         });

@@ -734,7 +734,7 @@ pub fn idle(plan: &Plan) -> std::result::Result<i32, Error> {
     // Check every 100ms for the broker closing any of them.
     let mut probe = [0u8; 64];
     let mut closed = 0usize;
-    while start.elapsed() < hold {
+    while start.elapsed() < hold && !crate::INTERRUPTED.load(Relaxed) {
         std::thread::sleep(POLL);
         for (s, _) in conns.iter_mut().take(8) {
             let _ = s.set_nonblocking(true);
