@@ -83,6 +83,10 @@ pub struct QueueConfig {
     /// Deliveries in flight to a no-ack consumer's connection before the
     /// queue waits for the connection to write them.
     pub no_ack_window: u32,
+    /// Ready message bodies each queue keeps in memory; beyond this,
+    /// persistent messages of durable queues live only in the store and are
+    /// read back ahead of delivery.
+    pub max_in_memory: usize,
 }
 
 impl Default for AmqpConfig {
@@ -102,13 +106,17 @@ impl Default for AmqpConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("data") }
+        StorageConfig {
+            data_dir: PathBuf::from("data"),
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
@@ -125,7 +133,11 @@ impl Default for AuthConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { inbox_capacity: 1024, no_ack_window: 2000 }
+        QueueConfig {
+            inbox_capacity: 1024,
+            no_ack_window: 2000,
+            max_in_memory: 20_000,
+        }
     }
 }
 
@@ -158,9 +170,15 @@ impl Config {
         let mut b = config::Config::builder();
         match file {
             Some(p) => b = b.add_source(config::File::from(p).required(true)),
-            None => b = b.add_source(config::File::from(Path::new("etc/warren.toml")).required(false)),
+            None => {
+                b = b.add_source(config::File::from(Path::new("etc/warren.toml")).required(false))
+            }
         }
-        b = b.add_source(config::Environment::with_prefix("WARREN").prefix_separator("__").separator("__"));
+        b = b.add_source(
+            config::Environment::with_prefix("WARREN")
+                .prefix_separator("__")
+                .separator("__"),
+        );
         let cfg: Config = b.build()?.try_deserialize()?;
         cfg.validate()?;
         Ok(cfg)
@@ -175,10 +193,14 @@ impl Config {
             )));
         }
         if self.amqp.channel_max == 0 {
-            return Err(ConfigError::Invalid("amqp.channel_max must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "amqp.channel_max must be at least 1".into(),
+            ));
         }
         if self.queue.inbox_capacity == 0 || self.queue.no_ack_window == 0 {
-            return Err(ConfigError::Invalid("queue.inbox_capacity and queue.no_ack_window must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "queue.inbox_capacity and queue.no_ack_window must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -12,7 +12,10 @@
 //!
 //! ARCHITECTURE.md at the repository root has the task table and the life of
 //! a message.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![warn(missing_docs)]
 
 pub mod auth;
@@ -21,3 +24,4 @@ pub mod config;
 pub mod protocol;
 pub mod queue;
 pub mod server;
+pub mod store;

@@ -49,9 +49,15 @@ fn main() -> std::process::ExitCode {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("warren: cannot start the async runtime: {e}");
@@ -60,7 +66,10 @@ fn main() -> std::process::ExitCode {
     };
     rt.block_on(async move {
         if let Err(e) = std::fs::create_dir_all(&cfg.storage.data_dir) {
-            tracing::error!("cannot create data directory {}: {e}", cfg.storage.data_dir.display());
+            tracing::error!(
+                "cannot create data directory {}: {e}",
+                cfg.storage.data_dir.display()
+            );
             return std::process::ExitCode::from(1);
         }
         let server = match warren::server::start(Arc::new(cfg)).await {

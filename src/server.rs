@@ -27,7 +27,9 @@ pub struct ServerHandle {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The listener could not be bound.
-    #[error("cannot listen for AMQP on {addr}: {source} (is another broker already using this port? choose another with --port)")]
+    #[error(
+        "cannot listen for AMQP on {addr}: {source} (is another broker already using this port? choose another with --port)"
+    )]
     Bind {
         /// Address tried.
         addr: String,
@@ -39,13 +41,25 @@ pub enum StartError {
 /// Binds and starts serving. Returns once the listener accepts connections.
 pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     let addr = format!("{}:{}", config.amqp.bind, config.amqp.port);
-    let listener = TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
-    let amqp_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let amqp_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = Broker::new(config.clone(), shutdown_rx.clone());
     let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
-    Ok(ServerHandle { amqp_addr, broker, shutdown, accept })
+    Ok(ServerHandle {
+        amqp_addr,
+        broker,
+        shutdown,
+        accept,
+    })
 }
 
 impl ServerHandle {
@@ -63,7 +77,11 @@ impl ServerHandle {
     }
 }
 
-async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limit = Arc::new(Semaphore::new(broker.config.amqp.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -94,7 +112,9 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut shutdown: w
                 // Usually EMFILE: out of file descriptors. Back off rather
                 // than spin, and say what to do.
                 if backoff >= Duration::from_secs(1) {
-                    error!("accepting AMQP connections keeps failing: {e}; check the open-file limit (ulimit -n)");
+                    error!(
+                        "accepting AMQP connections keeps failing: {e}; check the open-file limit (ulimit -n)"
+                    );
                 } else {
                     warn!("accept failed: {e}; retrying in {backoff:?}");
                 }

@@ -41,7 +41,12 @@ pub enum LoginError {
 
 fn random_salt() -> [u8; 4] {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
     (h.finish() as u32).to_be_bytes()
 }
 
@@ -68,15 +73,26 @@ pub fn check_password(hash: &[u8], password: &str) -> bool {
     salt.copy_from_slice(&hash[..4]);
     let candidate = hash_with_salt(&salt, password);
     // Constant-time compare.
-    candidate.iter().zip(hash).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    candidate
+        .iter()
+        .zip(hash)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 impl Users {
     /// Users from config: the default user (unless disabled).
     pub fn new(cfg: &AuthConfig) -> Users {
-        let u = Users { users: DashMap::new(), loopback_only: cfg.loopback_users.iter().cloned().collect() };
+        let u = Users {
+            users: DashMap::new(),
+            loopback_only: cfg.loopback_users.iter().cloned().collect(),
+        };
         if !cfg.default_user.is_empty() {
-            u.add(&cfg.default_user, &cfg.default_pass, vec!["administrator".into()]);
+            u.add(
+                &cfg.default_user,
+                &cfg.default_pass,
+                vec!["administrator".into()],
+            );
             u.grant(&cfg.default_user, &cfg.default_vhost);
         }
         u
@@ -84,10 +100,19 @@ impl Users {
 
     /// Adds or replaces a user.
     pub fn add(&self, name: &str, password: &str, tags: Vec<String>) {
-        let vhosts = self.users.get(name).map(|u| u.vhosts.clone()).unwrap_or_default();
+        let vhosts = self
+            .users
+            .get(name)
+            .map(|u| u.vhosts.clone())
+            .unwrap_or_default();
         self.users.insert(
             name.to_string(),
-            User { name: name.to_string(), password_hash: hash_password(password), tags, vhosts },
+            User {
+                name: name.to_string(),
+                password_hash: hash_password(password),
+                tags,
+                vhosts,
+            },
         );
     }
 
@@ -99,8 +124,17 @@ impl Users {
     }
 
     /// Checks credentials for a connection from a loopback or remote peer.
-    pub fn login(&self, name: &str, password: &str, from_loopback: bool) -> Result<User, LoginError> {
-        let u = self.users.get(name).map(|u| u.clone()).ok_or(LoginError::BadCredentials)?;
+    pub fn login(
+        &self,
+        name: &str,
+        password: &str,
+        from_loopback: bool,
+    ) -> Result<User, LoginError> {
+        let u = self
+            .users
+            .get(name)
+            .map(|u| u.clone())
+            .ok_or(LoginError::BadCredentials)?;
         if !check_password(&u.password_hash, password) {
             return Err(LoginError::BadCredentials);
         }
@@ -112,7 +146,9 @@ impl Users {
 
     /// May this user open this vhost?
     pub fn can_access(&self, user: &str, vhost: &str) -> bool {
-        self.users.get(user).is_some_and(|u| u.vhosts.contains(vhost))
+        self.users
+            .get(user)
+            .is_some_and(|u| u.vhosts.contains(vhost))
     }
 }
 
@@ -131,7 +167,13 @@ mod tests {
     fn guest_only_from_loopback() {
         let u = Users::new(&AuthConfig::default());
         assert!(u.login("guest", "guest", true).is_ok());
-        assert_eq!(u.login("guest", "guest", false).unwrap_err(), LoginError::LoopbackOnly);
-        assert_eq!(u.login("guest", "nope", true).unwrap_err(), LoginError::BadCredentials);
+        assert_eq!(
+            u.login("guest", "guest", false).unwrap_err(),
+            LoginError::LoopbackOnly
+        );
+        assert_eq!(
+            u.login("guest", "nope", true).unwrap_err(),
+            LoginError::BadCredentials
+        );
     }
 }

@@ -138,7 +138,10 @@ impl Exchange {
         internal: bool,
         arguments: FieldTable,
     ) -> Self {
-        let alternate = arguments.inner().get("alternate-exchange").and_then(super::headers::value_str);
+        let alternate = arguments
+            .inner()
+            .get("alternate-exchange")
+            .and_then(super::headers::value_str);
         let ex = Exchange {
             name: name.to_string(),
             kind,
@@ -166,11 +169,15 @@ impl Exchange {
             ExchangeKind::Direct => {
                 let mut m: HashMap<Box<str>, Vec<Destination>> = HashMap::new();
                 for b in bindings {
-                    m.entry(b.routing_key.as_str().into()).or_default().push(b.dest.clone());
+                    m.entry(b.routing_key.as_str().into())
+                        .or_default()
+                        .push(b.dest.clone());
                 }
                 Table::Direct(m)
             }
-            ExchangeKind::Fanout => Table::Fanout(bindings.iter().map(|b| b.dest.clone()).collect()),
+            ExchangeKind::Fanout => {
+                Table::Fanout(bindings.iter().map(|b| b.dest.clone()).collect())
+            }
             ExchangeKind::Topic => {
                 let mut t = TopicTrie::new();
                 for b in bindings {
@@ -181,7 +188,11 @@ impl Exchange {
             ExchangeKind::Headers => Table::Headers(
                 bindings
                     .iter()
-                    .filter_map(|b| HeadersMatcher::new(&b.arguments).ok().map(|m| (m, b.dest.clone())))
+                    .filter_map(|b| {
+                        HeadersMatcher::new(&b.arguments)
+                            .ok()
+                            .map(|m| (m, b.dest.clone()))
+                    })
                     .collect(),
             ),
         };
@@ -192,12 +203,16 @@ impl Exchange {
     pub fn bind(&self, b: Binding) -> Result<bool, AmqpError> {
         if self.kind == ExchangeKind::Headers {
             HeadersMatcher::new(&b.arguments).map_err(|e| {
-                AmqpError::new(code::PRECONDITION_FAILED, e.text.trim_start_matches("PRECONDITION_FAILED - "))
+                AmqpError::new(
+                    code::PRECONDITION_FAILED,
+                    e.text.trim_start_matches("PRECONDITION_FAILED - "),
+                )
             })?;
         }
         let mut list = self.lock();
         let dup = list.iter().any(|x| {
-            x.dest.is(matches!(b.dest, Destination::Queue(_)), b.dest.name())
+            x.dest
+                .is(matches!(b.dest, Destination::Queue(_)), b.dest.name())
                 && x.routing_key == b.routing_key
                 && x.arguments == b.arguments
         });
@@ -210,10 +225,18 @@ impl Exchange {
     }
 
     /// Removes one binding. Returns (removed, bindings left).
-    pub fn unbind(&self, is_queue: bool, dest: &str, key: &str, args: &FieldTable) -> (bool, usize) {
+    pub fn unbind(
+        &self,
+        is_queue: bool,
+        dest: &str,
+        key: &str,
+        args: &FieldTable,
+    ) -> (bool, usize) {
         let mut list = self.lock();
         let before = list.len();
-        list.retain(|x| !(x.dest.is(is_queue, dest) && x.routing_key == key && &x.arguments == args));
+        list.retain(|x| {
+            !(x.dest.is(is_queue, dest) && x.routing_key == key && &x.arguments == args)
+        });
         let removed = list.len() != before;
         if removed {
             self.rebuild(&list);
@@ -244,7 +267,12 @@ impl Exchange {
     }
 
     /// Calls `f` for each destination the message matches. Lock-free.
-    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, mut f: impl FnMut(&Destination)) {
+    pub fn route(
+        &self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        mut f: impl FnMut(&Destination),
+    ) {
         let table = self.table.load();
         match &**table {
             Table::Direct(m) => {

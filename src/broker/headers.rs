@@ -118,15 +118,22 @@ mod tests {
 
     #[test]
     fn all_any_and_x() {
-        let all = HeadersMatcher::new(&table(&[("format", s("pdf")), ("type", s("report"))])).unwrap();
-        let any = HeadersMatcher::new(&table(&[("x-match", s("any")), ("format", s("pdf")), ("type", s("log"))])).unwrap();
+        let all =
+            HeadersMatcher::new(&table(&[("format", s("pdf")), ("type", s("report"))])).unwrap();
+        let any = HeadersMatcher::new(&table(&[
+            ("x-match", s("any")),
+            ("format", s("pdf")),
+            ("type", s("log")),
+        ]))
+        .unwrap();
         let m1 = table(&[("format", s("pdf")), ("type", s("report"))]);
         let m2 = table(&[("format", s("pdf")), ("type", s("other"))]);
         assert!(all.matches(Some(&m1)));
         assert!(!all.matches(Some(&m2)));
         assert!(any.matches(Some(&m2)));
         assert!(!any.matches(None));
-        let allx = HeadersMatcher::new(&table(&[("x-match", s("all-with-x")), ("x-k", s("v"))])).unwrap();
+        let allx =
+            HeadersMatcher::new(&table(&[("x-match", s("all-with-x")), ("x-k", s("v"))])).unwrap();
         assert!(allx.matches(Some(&table(&[("x-k", s("v"))]))));
         let all_ignores_x = HeadersMatcher::new(&table(&[("x-k", s("v"))])).unwrap();
         assert!(all_ignores_x.matches(None));

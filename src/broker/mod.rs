@@ -11,9 +11,9 @@ pub mod topic;
 
 use crate::auth::Users;
 use crate::config::Config;
+use crate::queue::QueueRef;
 use crate::queue::core::{ConsumerId, Envelope};
 use crate::queue::message::Message;
-use crate::queue::QueueRef;
 use amq_protocol::types::FieldTable;
 use dashmap::DashMap;
 use exchange::{Destination, Exchange, ExchangeKind};
@@ -94,7 +94,11 @@ pub struct VHost {
 impl VHost {
     /// A vhost with the default and amq.* exchanges.
     pub fn new(name: &str) -> Arc<VHost> {
-        let v = VHost { name: name.to_string(), exchanges: DashMap::new(), queues: DashMap::new() };
+        let v = VHost {
+            name: name.to_string(),
+            exchanges: DashMap::new(),
+            queues: DashMap::new(),
+        };
         for (n, k) in [
             ("", ExchangeKind::Direct),
             ("amq.direct", ExchangeKind::Direct),
@@ -103,7 +107,17 @@ impl VHost {
             ("amq.headers", ExchangeKind::Headers),
             ("amq.match", ExchangeKind::Headers),
         ] {
-            v.exchanges.insert(n.to_string(), Arc::new(Exchange::new(n, k, true, false, false, FieldTable::default())));
+            v.exchanges.insert(
+                n.to_string(),
+                Arc::new(Exchange::new(
+                    n,
+                    k,
+                    true,
+                    false,
+                    false,
+                    FieldTable::default(),
+                )),
+            );
         }
         Arc::new(v)
     }
@@ -120,7 +134,13 @@ impl VHost {
 
     /// Routes a message from `ex`: follows exchange-to-exchange bindings and
     /// alternate exchanges, and appends each target queue once to `out`.
-    pub fn route(&self, ex: &Arc<Exchange>, routing_key: &str, headers: Option<&FieldTable>, out: &mut Vec<Arc<QueueRef>>) {
+    pub fn route(
+        &self,
+        ex: &Arc<Exchange>,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Arc<QueueRef>>,
+    ) {
         let mut visited: Vec<*const Exchange> = Vec::new();
         self.route_from(ex, routing_key, headers, out, &mut visited);
         if out.len() > 1 {
@@ -172,7 +192,8 @@ impl VHost {
     /// Auto-delete exchanges left without bindings go too.
     pub fn forget_queue(&self, q: &QueueRef) {
         self.queues.remove_if(&q.name, |_, v| v.id == q.id);
-        let exchanges: Vec<Arc<Exchange>> = self.exchanges.iter().map(|e| e.value().clone()).collect();
+        let exchanges: Vec<Arc<Exchange>> =
+            self.exchanges.iter().map(|e| e.value().clone()).collect();
         for ex in exchanges {
             let (removed, left) = ex.unbind_all(true, &q.name);
             if removed > 0 && left == 0 && ex.auto_delete {
@@ -183,9 +204,12 @@ impl VHost {
 
     /// Removes an exchange, its bindings, and bindings to it.
     pub fn delete_exchange(&self, name: &str) {
-        let Some((_, ex)) = self.exchanges.remove(name) else { return };
+        let Some((_, ex)) = self.exchanges.remove(name) else {
+            return;
+        };
         ex.mark_deleted();
-        let exchanges: Vec<Arc<Exchange>> = self.exchanges.iter().map(|e| e.value().clone()).collect();
+        let exchanges: Vec<Arc<Exchange>> =
+            self.exchanges.iter().map(|e| e.value().clone()).collect();
         for other in exchanges {
             let (removed, left) = other.unbind_all(false, name);
             if removed > 0 && left == 0 && other.auto_delete {
@@ -228,7 +252,10 @@ impl Broker {
             config,
         };
         if !b.config.auth.default_vhost.is_empty() {
-            b.vhosts.insert(b.config.auth.default_vhost.clone(), VHost::new(&b.config.auth.default_vhost));
+            b.vhosts.insert(
+                b.config.auth.default_vhost.clone(),
+                VHost::new(&b.config.auth.default_vhost),
+            );
         }
         Arc::new(b)
     }

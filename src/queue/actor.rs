@@ -36,13 +36,14 @@ pub fn spawn(
     make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef,
     vhost: &Arc<VHost>,
     inbox: usize,
+    window: usize,
 ) -> Arc<QueueRef> {
     let (tx, rx) = mpsc::channel(inbox.max(1));
     let q = Arc::new(make(tx));
     let actor = QueueActor {
         q: q.clone(),
         vhost: Arc::downgrade(vhost),
-        core: QueueCore::new(),
+        core: QueueCore::new(window),
         links: HashMap::new(),
         ever_consumed: false,
         out: Vec::new(),
@@ -87,15 +88,24 @@ impl QueueActor {
             QueueCmd::Publish { msgs, confirm } => {
                 trace!(n = msgs.len(), "enqueue");
                 for m in msgs {
-                    self.core.enqueue(m);
+                    self.core.enqueue(m, 0);
                 }
                 if let Some(c) = confirm {
                     // In-memory enqueue is final: confirm at once. Durable
                     // queues confirm after their store flush instead.
-                    let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: c.seqs, nack: false });
+                    let _ = c.conn.send(ConnCmd::Confirm {
+                        channel: c.channel,
+                        seqs: c.seqs,
+                        nack: false,
+                    });
                 }
             }
-            QueueCmd::Consume { spec, conn, tag, reply } => {
+            QueueCmd::Consume {
+                spec,
+                conn,
+                tag,
+                reply,
+            } => {
                 let id = spec.id;
                 let channel = spec.owner.channel;
                 let res = match self.core.add_consumer(spec) {
@@ -106,7 +116,10 @@ impl QueueActor {
                     }
                     Err(ConsumeRefused::ExclusiveInUse) => Err(AmqpError::new(
                         crate::protocol::error::code::ACCESS_REFUSED,
-                        format!("queue '{}' in vhost '{}' in exclusive use", self.q.name, self.q.vhost),
+                        format!(
+                            "queue '{}' in vhost '{}' in exclusive use",
+                            self.q.name, self.q.vhost
+                        ),
                     )),
                 };
                 let _ = reply.send(res);
@@ -123,7 +136,11 @@ impl QueueActor {
                 // at this point once queues have a dead-letter exchange.
                 let _ = self.core.settle(&ids, outcome);
             }
-            QueueCmd::Get { owner, no_ack, reply } => {
+            QueueCmd::Get {
+                owner,
+                no_ack,
+                reply,
+            } => {
                 let _ = reply.send(self.core.get(owner, no_ack));
             }
             QueueCmd::Credit { consumer, n } => self.core.credit(consumer, n),
@@ -133,18 +150,28 @@ impl QueueActor {
                 }
             }
             QueueCmd::Purge { reply } => {
-                let _ = reply.send(self.core.purge());
+                let _ = reply.send(self.core.purge().len() as u64);
             }
             QueueCmd::Stats { reply } => {
                 let _ = reply.send(self.core.counts());
             }
             QueueCmd::Kick => {}
-            QueueCmd::Delete { if_unused, if_empty, reply } => {
+            QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            } => {
                 let counts = self.core.counts();
                 let refused = if if_unused && counts.consumers > 0 {
-                    Some(format!("queue '{}' in vhost '{}' in use", self.q.name, self.q.vhost))
+                    Some(format!(
+                        "queue '{}' in vhost '{}' in use",
+                        self.q.name, self.q.vhost
+                    ))
                 } else if if_empty && counts.ready > 0 {
-                    Some(format!("queue '{}' in vhost '{}' not empty", self.q.name, self.q.vhost))
+                    Some(format!(
+                        "queue '{}' in vhost '{}' not empty",
+                        self.q.name, self.q.vhost
+                    ))
                 } else {
                     None
                 };
@@ -171,7 +198,10 @@ impl QueueActor {
             vhost.forget_queue(&self.q);
         }
         for (id, link) in self.links.drain() {
-            let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: id });
+            let _ = link.conn.send(ConnCmd::ConsumerCancelled {
+                channel: link.channel,
+                consumer: id,
+            });
         }
     }
 

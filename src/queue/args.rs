@@ -86,6 +86,17 @@ pub fn type_name(v: &AMQPValue) -> &'static str {
     }
 }
 
+/// RabbitMQ's type classes for equivalence (all integers are one class).
+fn type_class(v: &AMQPValue) -> &'static str {
+    if value_int(v).is_some() && !matches!(v, AMQPValue::Timestamp(_)) {
+        return "int";
+    }
+    match v {
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        other => type_name(other),
+    }
+}
+
 /// Human form of a value for reply texts.
 pub fn show(v: &AMQPValue) -> String {
     if let Some(i) = value_int(v) {
@@ -101,27 +112,51 @@ pub fn show(v: &AMQPValue) -> String {
 }
 
 fn invalid(name: &str, vhost: &str, arg: &str, why: String) -> AmqpError {
-    AmqpError::precondition(format!("invalid arg '{arg}' for queue '{name}' in vhost '{vhost}': {why}"))
+    AmqpError::precondition(format!(
+        "invalid arg '{arg}' for queue '{name}' in vhost '{vhost}': {why}"
+    ))
 }
 
 impl QueueArgs {
     /// Validates and parses declare arguments.
     pub fn parse(args: &FieldTable, name: &str, vhost: &str) -> Result<QueueArgs, AmqpError> {
-        let mut out = QueueArgs { queue_type: "classic".into(), ..Default::default() };
+        let mut out = QueueArgs {
+            queue_type: "classic".into(),
+            ..Default::default()
+        };
         let int = |k: &str, v: &AMQPValue, min: i64| -> Result<u64, AmqpError> {
             match value_int(v) {
-                None => Err(invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                None => Err(invalid(
+                    name,
+                    vhost,
+                    k,
+                    format!("{{unacceptable_type,{}}}", type_name(v)),
+                )),
                 Some(i) if i < min => Err(invalid(
                     name,
                     vhost,
                     k,
-                    format!("{{{},{i}}}", if min == 0 { "value_negative" } else { "value_zero" }),
+                    format!(
+                        "{{{},{i}}}",
+                        if min == 0 {
+                            "value_negative"
+                        } else {
+                            "value_zero"
+                        }
+                    ),
                 )),
                 Some(i) => Ok(i as u64),
             }
         };
         let string = |k: &str, v: &AMQPValue| -> Result<String, AmqpError> {
-            value_str(v).ok_or_else(|| invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v))))
+            value_str(v).ok_or_else(|| {
+                invalid(
+                    name,
+                    vhost,
+                    k,
+                    format!("{{unacceptable_type,{}}}", type_name(v)),
+                )
+            })
         };
         for (k, v) in args.inner() {
             let k = k.as_str();
@@ -134,7 +169,12 @@ impl QueueArgs {
                 "x-max-priority" => {
                     let p = int(k, v, 0)?;
                     if p > 255 {
-                        return Err(invalid(name, vhost, k, format!("{{value_too_large,{p},255}}")));
+                        return Err(invalid(
+                            name,
+                            vhost,
+                            k,
+                            format!("{{value_too_large,{p},255}}"),
+                        ));
                     }
                     out.max_priority = Some(p as u8);
                 }
@@ -143,14 +183,28 @@ impl QueueArgs {
                         "drop-head" => Overflow::DropHead,
                         "reject-publish" => Overflow::RejectPublish,
                         "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                        other => return Err(invalid(name, vhost, k, format!("{{unknown_overflow_type,<<\"{other}\">>}}"))),
+                        other => {
+                            return Err(invalid(
+                                name,
+                                vhost,
+                                k,
+                                format!("{{unknown_overflow_type,<<\"{other}\">>}}"),
+                            ));
+                        }
                     }
                 }
                 "x-dead-letter-exchange" => out.dead_letter_exchange = Some(string(k, v)?),
                 "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(string(k, v)?),
                 "x-single-active-consumer" => match v {
                     AMQPValue::Boolean(b) => out.single_active_consumer = *b,
-                    _ => return Err(invalid(name, vhost, k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                    _ => {
+                        return Err(invalid(
+                            name,
+                            vhost,
+                            k,
+                            format!("{{unacceptable_type,{}}}", type_name(v)),
+                        ));
+                    }
                 },
                 "x-queue-type" => {
                     let t = string(k, v)?;
@@ -159,14 +213,20 @@ impl QueueArgs {
                             name,
                             vhost,
                             k,
-                            format!("queue type '{t}' is not available on this Warren node (supported: classic)"),
+                            format!(
+                                "queue type '{t}' is not available on this Warren node (supported: classic)"
+                            ),
                         ));
                     }
                     out.queue_type = t;
                 }
                 k if LEGACY_IGNORED.contains(&k) => {
-                    tracing::warn!(queue = name, vhost, argument = k,
-                        "queue argument {k} is a legacy setting that Warren accepts and ignores");
+                    tracing::warn!(
+                        queue = name,
+                        vhost,
+                        argument = k,
+                        "queue argument {k} is a legacy setting that Warren accepts and ignores"
+                    );
                 }
                 _ => {}
             }
@@ -184,7 +244,12 @@ impl QueueArgs {
 }
 
 /// The redeclare equivalence check over the arguments RabbitMQ compares.
-pub fn check_equivalent(current: &FieldTable, requested: &FieldTable, name: &str, vhost: &str) -> Result<(), AmqpError> {
+pub fn check_equivalent(
+    current: &FieldTable,
+    requested: &FieldTable,
+    name: &str,
+    vhost: &str,
+) -> Result<(), AmqpError> {
     for k in EQUIVALENCE_CHECKED {
         let a = requested.inner().get(*k);
         let b = current.inner().get(*k);
@@ -192,12 +257,18 @@ pub fn check_equivalent(current: &FieldTable, requested: &FieldTable, name: &str
             (None, None) => true,
             (Some(x), Some(y)) => crate::broker::headers::values_equal(x, y),
             // x-queue-type classic is the default: omitting it is equivalent.
-            (Some(x), None) | (None, Some(x)) if *k == "x-queue-type" => value_str(x).as_deref() == Some("classic"),
+            (Some(x), None) | (None, Some(x)) if *k == "x-queue-type" => {
+                value_str(x).as_deref() == Some("classic")
+            }
             _ => false,
         };
         if !same {
+            // As RabbitMQ: bare values when both sides have the argument
+            // with the same class of type, typed values otherwise.
+            let same_class = matches!((a, b), (Some(x), Some(y)) if type_class(x) == type_class(y));
             let fmt = |v: Option<&AMQPValue>| match v {
                 None => "none".to_string(),
+                Some(v) if same_class => format!("'{}'", show(v)),
                 Some(v) => format!("the value '{}' of type '{}'", show(v), type_name(v)),
             };
             return Err(AmqpError::precondition(format!(
@@ -224,24 +295,57 @@ mod tests {
 
     #[test]
     fn parse_and_reject() {
-        let a = QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(100))]), "q", "/").unwrap();
+        let a =
+            QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(100))]), "q", "/").unwrap();
         assert_eq!(a.message_ttl, Some(100));
-        let e = QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(-1))]), "q", "/").unwrap_err();
-        assert_eq!(e.text, "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}");
-        let e = QueueArgs::parse(&t(&[("x-max-length", AMQPValue::LongString("x".into()))]), "q", "/").unwrap_err();
+        let e = QueueArgs::parse(&t(&[("x-message-ttl", AMQPValue::LongInt(-1))]), "q", "/")
+            .unwrap_err();
+        assert_eq!(
+            e.text,
+            "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}"
+        );
+        let e = QueueArgs::parse(
+            &t(&[("x-max-length", AMQPValue::LongString("x".into()))]),
+            "q",
+            "/",
+        )
+        .unwrap_err();
         assert!(e.text.ends_with("{unacceptable_type,longstr}"));
-        assert!(QueueArgs::parse(&t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]), "q", "/").is_ok());
+        assert!(
+            QueueArgs::parse(
+                &t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]),
+                "q",
+                "/"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn equivalence() {
         let cur = t(&[("x-max-length", AMQPValue::LongInt(10))]);
-        assert!(check_equivalent(&cur, &t(&[("x-max-length", AMQPValue::ShortShortUInt(10))]), "q", "/").is_ok());
+        assert!(
+            check_equivalent(
+                &cur,
+                &t(&[("x-max-length", AMQPValue::ShortShortUInt(10))]),
+                "q",
+                "/"
+            )
+            .is_ok()
+        );
         let e = check_equivalent(&cur, &t(&[]), "q", "/").unwrap_err();
         assert_eq!(
             e.text,
             "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in vhost '/': received none but current is the value '10' of type 'signedint'"
         );
-        assert!(check_equivalent(&t(&[]), &t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]), "q", "/").is_ok());
+        assert!(
+            check_equivalent(
+                &t(&[]),
+                &t(&[("x-queue-mode", AMQPValue::LongString("lazy".into()))]),
+                "q",
+                "/"
+            )
+            .is_ok()
+        );
     }
 }

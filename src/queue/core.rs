@@ -7,7 +7,8 @@
 //! command, so everything here must depend only on its inputs.
 
 use super::message::Message;
-use std::collections::{HashMap, VecDeque};
+use super::ready::ReadyList;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -30,12 +31,16 @@ pub struct Owner {
 pub struct Envelope {
     /// Queue-local id (publish order).
     pub id: MsgId,
-    /// The shared message.
-    pub msg: Arc<Message>,
+    /// Id in the message store, 0 when the message is not stored.
+    pub gid: u64,
+    /// The shared message; None while paged out to the store.
+    pub msg: Option<Arc<Message>>,
+    /// Body size in bytes.
+    pub size: u32,
+    /// How many times it was delivered and returned unacked.
+    pub delivery_count: u16,
     /// Set once the message has been delivered and returned.
     pub redelivered: bool,
-    /// How many times it was delivered and returned unacked.
-    pub delivery_count: u32,
 }
 
 /// A channel-wide prefetch limit (basic.qos with global=true), shared by the
@@ -56,7 +61,9 @@ impl SharedLimit {
             return true;
         }
         self.outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| (o < limit).then_some(o + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| {
+                (o < limit).then_some(o + 1)
+            })
             .is_ok()
     }
 
@@ -64,7 +71,9 @@ impl SharedLimit {
     pub fn release(&self, n: u32) {
         let _ = self
             .outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| Some(o.saturating_sub(n)));
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| {
+                Some(o.saturating_sub(n))
+            });
     }
 }
 
@@ -152,8 +161,7 @@ pub struct Counts {
 /// The queue state machine.
 #[derive(Debug, Default)]
 pub struct QueueCore {
-    ready: VecDeque<Envelope>,
-    ready_bytes: u64,
+    ready: ReadyList,
     unacked: HashMap<MsgId, Unacked>,
     consumers: Vec<ConsumerState>,
     rr: usize,
@@ -162,18 +170,44 @@ pub struct QueueCore {
 }
 
 impl QueueCore {
-    /// An empty queue.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty queue keeping at most `window` ready bodies in memory.
+    pub fn new(window: usize) -> Self {
+        QueueCore {
+            ready: ReadyList::new(window),
+            ..Default::default()
+        }
     }
 
-    /// Appends a message; returns its id.
-    pub fn enqueue(&mut self, msg: Arc<Message>) -> MsgId {
+    /// Appends a message (`gid` 0 when not stored); returns its id.
+    pub fn enqueue(&mut self, msg: Arc<Message>, gid: u64) -> MsgId {
+        let size = msg.body.len().min(u32::MAX as usize) as u32;
+        self.enqueue_envelope(Some(msg), gid, size, false)
+    }
+
+    /// Appends a message recovered from the store (body possibly not loaded).
+    pub fn enqueue_envelope(
+        &mut self,
+        msg: Option<Arc<Message>>,
+        gid: u64,
+        size: u32,
+        redelivered: bool,
+    ) -> MsgId {
         let id = self.next_id;
         self.next_id += 1;
-        self.ready_bytes += msg.body_len();
-        self.ready.push_back(Envelope { id, msg, redelivered: false, delivery_count: 0 });
+        self.ready.push_back(Envelope {
+            id,
+            gid,
+            msg,
+            size,
+            delivery_count: u16::from(redelivered),
+            redelivered,
+        });
         id
+    }
+
+    /// The ready list, for paging by the actor.
+    pub fn ready_mut(&mut self) -> &mut ReadyList {
+        &mut self.ready
     }
 
     /// Current counts.
@@ -182,7 +216,7 @@ impl QueueCore {
             ready: self.ready.len() as u64,
             unacked: self.unacked.len() as u64,
             consumers: self.consumers.len() as u64,
-            ready_bytes: self.ready_bytes,
+            ready_bytes: self.ready.bytes(),
         }
     }
 
@@ -198,7 +232,11 @@ impl QueueCore {
         }
         self.has_exclusive_consumer = spec.exclusive;
         let flow = spec.flow_window;
-        self.consumers.push(ConsumerState { spec, unacked: 0, flow });
+        self.consumers.push(ConsumerState {
+            spec,
+            unacked: 0,
+            flow,
+        });
         Ok(())
     }
 
@@ -257,15 +295,20 @@ impl QueueCore {
                 }
             }
             idle_scans = 0;
-            let Some(env) = self.ready.pop_front() else { break };
-            self.ready_bytes -= env.msg.body_len();
+            let Some(env) = self.ready.pop_front() else {
+                break;
+            };
             if c.spec.no_ack {
                 c.flow -= 1;
             } else {
                 c.unacked += 1;
                 self.unacked.insert(
                     env.id,
-                    Unacked { env: env.clone(), owner: c.spec.owner, consumer: Some(c.spec.id) },
+                    Unacked {
+                        env: env.clone(),
+                        owner: c.spec.owner,
+                        consumer: Some(c.spec.id),
+                    },
                 );
             }
             out.push((c.spec.id, env));
@@ -276,9 +319,15 @@ impl QueueCore {
     /// unacked by `owner`. Returns the message and how many remain ready.
     pub fn get(&mut self, owner: Owner, no_ack: bool) -> Option<(Envelope, u64)> {
         let env = self.ready.pop_front()?;
-        self.ready_bytes -= env.msg.body_len();
         if !no_ack {
-            self.unacked.insert(env.id, Unacked { env: env.clone(), owner, consumer: None });
+            self.unacked.insert(
+                env.id,
+                Unacked {
+                    env: env.clone(),
+                    owner,
+                    consumer: None,
+                },
+            );
         }
         Some((env, self.ready.len() as u64))
     }
@@ -307,8 +356,12 @@ impl QueueCore {
     /// A channel closed: every delivery it held goes back to the queue, and
     /// its consumers are removed. Returns the removed consumer ids.
     pub fn channel_closed(&mut self, owner: Owner) -> Vec<ConsumerId> {
-        let mut ids: Vec<MsgId> =
-            self.unacked.iter().filter(|(_, u)| u.owner == owner).map(|(id, _)| *id).collect();
+        let mut ids: Vec<MsgId> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.owner == owner)
+            .map(|(id, _)| *id)
+            .collect();
         ids.sort_unstable();
         self.settle(&ids, Outcome::Requeue);
         let gone: Vec<ConsumerId> = self
@@ -323,12 +376,22 @@ impl QueueCore {
         gone
     }
 
-    /// Drops every ready message; returns how many.
-    pub fn purge(&mut self) -> u64 {
-        let n = self.ready.len() as u64;
-        self.ready.clear();
-        self.ready_bytes = 0;
-        n
+    /// Drops every ready message; returns them (the store forgets them).
+    pub fn purge(&mut self) -> Vec<Envelope> {
+        self.ready.drain_all()
+    }
+
+    /// Every stored message id the queue still references (ready and
+    /// unacked), for deleting the queue from the store.
+    pub fn stored_gids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .ready
+            .iter()
+            .map(|e| e.gid)
+            .filter(|g| *g != 0)
+            .collect();
+        v.extend(self.unacked.values().map(|u| u.env.gid).filter(|g| *g != 0));
+        v
     }
 
     fn release_credit(&mut self, u: &Unacked) {
@@ -346,9 +409,7 @@ impl QueueCore {
             env.redelivered = true;
             env.delivery_count = env.delivery_count.saturating_add(1);
         }
-        self.ready_bytes += env.msg.body_len();
-        let pos = self.ready.partition_point(|e| e.id < env.id);
-        self.ready.insert(pos, env);
+        self.ready.insert_sorted(env);
     }
 }
 
@@ -371,7 +432,10 @@ mod tests {
     fn spec(id: ConsumerId, prefetch: u32) -> ConsumerSpec {
         ConsumerSpec {
             id,
-            owner: Owner { conn: 1, channel: id as u16 },
+            owner: Owner {
+                conn: 1,
+                channel: id as u16,
+            },
             prefetch,
             no_ack: false,
             exclusive: false,
@@ -382,40 +446,68 @@ mod tests {
 
     #[test]
     fn round_robin_honours_prefetch() {
-        let mut q = QueueCore::new();
+        let mut q = QueueCore::new(3);
         for i in 0..5 {
-            q.enqueue(msg(i));
+            q.enqueue(msg(i), 0);
         }
         q.add_consumer(spec(1, 1)).unwrap();
         q.add_consumer(spec(2, 1)).unwrap();
         let mut out = vec![];
         q.dispatch(&mut out);
-        assert_eq!(out.iter().map(|(c, e)| (*c, e.id)).collect::<Vec<_>>(), vec![(1, 0), (2, 1)]);
+        assert_eq!(
+            out.iter().map(|(c, e)| (*c, e.id)).collect::<Vec<_>>(),
+            vec![(1, 0), (2, 1)]
+        );
         out.clear();
         q.settle(&[0], Outcome::Ack);
         q.dispatch(&mut out);
-        assert_eq!(out.iter().map(|(c, e)| (*c, e.id)).collect::<Vec<_>>(), vec![(1, 2)]);
+        assert_eq!(
+            out.iter().map(|(c, e)| (*c, e.id)).collect::<Vec<_>>(),
+            vec![(1, 2)]
+        );
     }
 
     #[test]
     fn requeue_keeps_position_and_marks_redelivered() {
-        let mut q = QueueCore::new();
+        let mut q = QueueCore::new(3);
         for i in 0..3 {
-            q.enqueue(msg(i));
+            q.enqueue(msg(i), 0);
         }
-        let (e0, _) = q.get(Owner { conn: 1, channel: 1 }, false).unwrap();
+        let (e0, _) = q
+            .get(
+                Owner {
+                    conn: 1,
+                    channel: 1,
+                },
+                false,
+            )
+            .unwrap();
         q.settle(&[e0.id], Outcome::Requeue);
-        let (again, left) = q.get(Owner { conn: 1, channel: 1 }, true).unwrap();
-        assert_eq!((again.id, again.redelivered, again.delivery_count, left), (0, true, 1, 2));
+        let (again, left) = q
+            .get(
+                Owner {
+                    conn: 1,
+                    channel: 1,
+                },
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (again.id, again.redelivered, again.delivery_count, left),
+            (0, true, 1, 2)
+        );
     }
 
     #[test]
     fn exclusive_consumer_blocks_others() {
-        let mut q = QueueCore::new();
+        let mut q = QueueCore::new(3);
         let mut s = spec(1, 0);
         s.exclusive = true;
         q.add_consumer(s).unwrap();
-        assert_eq!(q.add_consumer(spec(2, 0)), Err(ConsumeRefused::ExclusiveInUse));
+        assert_eq!(
+            q.add_consumer(spec(2, 0)),
+            Err(ConsumeRefused::ExclusiveInUse)
+        );
         q.remove_consumer(1);
         q.add_consumer(spec(2, 0)).unwrap();
     }
@@ -429,6 +521,8 @@ mod tests {
         Discard(usize),
         Close(u16),
         Get,
+        Page,
+        Refill,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -440,6 +534,8 @@ mod tests {
             1 => any::<usize>().prop_map(Op::Discard),
             1 => (1u16..3).prop_map(Op::Close),
             1 => Just(Op::Get),
+            1 => Just(Op::Page),
+            1 => Just(Op::Refill),
         ]
     }
 
@@ -449,7 +545,7 @@ mod tests {
         /// duplicated outside redelivery, and ready stays in publish order.
         #[test]
         fn conserves_messages(ops in proptest::collection::vec(op(), 1..200)) {
-            let mut q = QueueCore::new();
+            let mut q = QueueCore::new(3);
             q.add_consumer(spec(1, 3)).unwrap();
             q.add_consumer(spec(2, 0)).unwrap();
             let mut held: Vec<(Owner, MsgId)> = vec![];
@@ -457,7 +553,9 @@ mod tests {
             let mut gone = 0u64;
             for op in ops {
                 match op {
-                    Op::Publish => { q.enqueue(msg(published)); published += 1; }
+                    Op::Publish => { q.enqueue(msg(published), published + 1); published += 1; }
+                    Op::Page => { q.ready_mut().page_out(|_| true); }
+                    Op::Refill => { let lost = q.ready_mut().page_in(|g| Some(msg(g - 1))); prop_assert!(lost.is_empty()); }
                     Op::Dispatch => {
                         let mut out = vec![];
                         q.dispatch(&mut out);
@@ -487,8 +585,9 @@ mod tests {
                 let c = q.counts();
                 prop_assert_eq!(c.ready + c.unacked + gone, published);
                 prop_assert_eq!(c.unacked as usize, held.len());
-                let ids: Vec<MsgId> = q.ready.iter().map(|e| e.id).collect();
+                let ids: Vec<MsgId> = q.ready.ids();
                 prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
+                prop_assert_eq!(q.ready.bytes(), q.ready.iter().map(|e| u64::from(e.size)).sum::<u64>());
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod actor;
 pub mod args;
 pub mod core;
 pub mod message;
+pub mod ready;
 
 use crate::broker::ConnTx;
 use crate::protocol::error::AmqpError;

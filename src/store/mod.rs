@@ -101,7 +101,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { segment_size: 64 << 20, channel_capacity: 4096 }
+        StoreOptions {
+            segment_size: 64 << 20,
+            channel_capacity: 4096,
+        }
     }
 }
 
@@ -153,7 +156,9 @@ pub struct StoreStats {
 #[non_exhaustive]
 pub enum StoreError {
     /// A system call failed.
-    #[error("message store: {op} {path} failed: {source} (check free disk space and permissions on the data directory)")]
+    #[error(
+        "message store: {op} {path} failed: {source} (check free disk space and permissions on the data directory)"
+    )]
     Io {
         /// What was being done.
         op: &'static str,
@@ -163,7 +168,9 @@ pub enum StoreError {
         source: Arc<io::Error>,
     },
     /// Bytes on disk are not what the store wrote.
-    #[error("message store: {path} is corrupt at byte {offset}: {detail} (restore the file from a backup or move it away to drop its messages)")]
+    #[error(
+        "message store: {path} is corrupt at byte {offset}: {detail} (restore the file from a backup or move it away to drop its messages)"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -181,7 +188,9 @@ pub enum StoreError {
     Invalid(String),
     /// A write failed and could not be undone, so the store refuses further
     /// writes until the broker restarts (which recovers a consistent state).
-    #[error("message store stopped accepting writes after an error it could not undo: {0}; restart the broker")]
+    #[error(
+        "message store stopped accepting writes after an error it could not undo: {0}; restart the broker"
+    )]
     Failed(String),
     /// The store was closed, or its writer thread stopped.
     #[error("message store is closed")]
@@ -193,7 +202,11 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, path: &Path, e: io::Error) -> Self {
-        StoreError::Io { op, path: path.to_path_buf(), source: Arc::new(e) }
+        StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: Arc::new(e),
+        }
     }
 }
 
@@ -201,6 +214,8 @@ impl StoreError {
 pub(crate) struct Shared {
     /// `<data_dir>/msgs`.
     pub(crate) dir: PathBuf,
+    /// Number for the first segment this run creates (above any seen on disk).
+    pub(crate) next_no: u64,
     /// Segments ordered by number; the last is the active one.
     segments: RwLock<Vec<Arc<Segment>>>,
     pub(crate) live_refs: AtomicU64,
@@ -222,16 +237,31 @@ impl Shared {
     }
 
     /// The segment holding a live `gid`. Segments are ordered by number and
-    /// their gid ranges ascend but may overlap a little (gids arrive nearly
-    /// in order), so start at the last segment whose range starts at or
-    /// before `gid` and walk back.
+    /// their gid ranges mostly ascend, but gids arrive only nearly in order,
+    /// so ranges may overlap and the minimums are not monotonic. Look near
+    /// the binary-search hint first (almost always a hit), then everywhere.
     pub(crate) fn find(&self, gid: Gid) -> Option<(Arc<Segment>, u32)> {
         let segs = self.segments();
-        let upto = segs.partition_point(|s| s.min_gid() <= gid);
-        segs[..upto].iter().rev().filter(|s| s.may_contain(gid)).find_map(|s| {
+        let hint = segs.partition_point(|s| s.min_gid() <= gid);
+        let near = hint.saturating_sub(2)..(hint + 1).min(segs.len());
+        let lookup = |s: &Arc<Segment>| {
+            if !s.may_contain(gid) {
+                return None;
+            }
             let off = s.index().offset_of(gid)?;
             Some((Arc::clone(s), off))
-        })
+        };
+        segs[near.clone()]
+            .iter()
+            .rev()
+            .find_map(lookup)
+            .or_else(|| {
+                segs.iter()
+                    .enumerate()
+                    .rev()
+                    .filter(|(i, _)| !near.contains(i))
+                    .find_map(|(_, s)| lookup(s))
+            })
     }
 }
 
@@ -248,11 +278,15 @@ impl MessageStore {
     /// Opens (or creates) the store under `<data_dir>/msgs`: scans every
     /// segment, truncates torn tails, rebuilds the index, deletes fully
     /// acked segments, starts a new active segment and the writer thread.
-    pub fn open(data_dir: &Path, opts: StoreOptions) -> Result<(MessageStore, Recovery), StoreError> {
+    pub fn open(
+        data_dir: &Path,
+        opts: StoreOptions,
+    ) -> Result<(MessageStore, Recovery), StoreError> {
         let dir = data_dir.join("msgs");
-        let (segments, recovery) = recovery::recover(&dir)?;
+        let (segments, recovery, next_no) = recovery::recover(&dir)?;
         let shared = Arc::new(Shared {
             dir,
+            next_no,
             segments: RwLock::new(segments),
             live_refs: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
@@ -282,7 +316,13 @@ impl MessageStore {
         queues.sort_unstable();
         queues.dedup();
         segment::validate(&queues, &parts)?;
-        self.send(Op::Append { gid, queues, parts, done: writer::Done::new(done) }).await
+        self.send(Op::Append {
+            gid,
+            queues,
+            parts,
+            done: writer::Done::new(done),
+        })
+        .await
     }
 
     /// The queue settled these messages: drop its references. Not fsynced
@@ -334,7 +374,12 @@ impl MessageStore {
             live_refs: self.shared.live_refs.load(Ordering::Relaxed),
             fsyncs,
             last_fsync_us: self.shared.last_fsync_us.load(Ordering::Relaxed),
-            avg_fsync_us: self.shared.fsync_total_us.load(Ordering::Relaxed).checked_div(fsyncs).unwrap_or(0),
+            avg_fsync_us: self
+                .shared
+                .fsync_total_us
+                .load(Ordering::Relaxed)
+                .checked_div(fsyncs)
+                .unwrap_or(0),
             index_bytes: segs.iter().map(|s| s.index().heap_bytes() as u64).sum(),
         }
     }

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::segment::{
-    self, ACK_ACK, ACK_DELIVERED, ACK_RECORD_LEN, HEADER_LEN, SegIndex, Segment, acks_path, seg_path,
+    self, ACK_ACK, ACK_DELIVERED, ACK_RECORD_LEN, HEADER_LEN, SegIndex, Segment, acks_path,
+    seg_path,
 };
 use super::{Gid, QueueId, RecoveredMessage, Recovery, StoreError};
 
 /// Reads `dir` (creating it if missing) into the sealed segments that still
-/// hold live references, plus what each queue gets back.
-pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery), StoreError> {
+/// hold live references, plus what each queue gets back, and the number
+/// for the next segment (above every file seen).
+pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery, u64), StoreError> {
     let started = std::time::Instant::now();
     fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
     let mut segs = BTreeMap::new();
@@ -34,9 +36,12 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery), Store
             Some((no, _)) => {
                 acks.insert(no);
             }
-            None => warn!(file = ?entry.path(), "ignoring unknown file in the message store directory"),
+            None => {
+                warn!(file = ?entry.path(), "ignoring unknown file in the message store directory")
+            }
         }
     }
+    let next_no = segs.keys().chain(acks.iter()).max().map_or(1, |n| n + 1);
     // An ack file whose segment is gone was being deleted at a crash.
     for no in acks.iter().filter(|no| !segs.contains_key(no)) {
         remove(&acks_path(dir, *no))?;
@@ -59,7 +64,10 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery), Store
                 }
                 live += 1;
                 let delivered = delivered.contains(&(q, gid));
-                rec.queues.entry(q).or_default().push(RecoveredMessage { gid, delivered });
+                rec.queues
+                    .entry(q)
+                    .or_default()
+                    .push(RecoveredMessage { gid, delivered });
             }
             if live > 0 {
                 index.insert(gid, offset, live);
@@ -74,7 +82,9 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery), Store
         }
         index.shrink();
         let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
-        live_segments.push(Arc::new(Segment::new(no, path, file, index, seg_len, ack_len)));
+        live_segments.push(Arc::new(Segment::new(
+            no, path, file, index, seg_len, ack_len,
+        )));
     }
     for list in rec.queues.values_mut() {
         // Nearly sorted already (segment order, gids almost ascending).
@@ -87,7 +97,7 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery), Store
         elapsed_ms = started.elapsed().as_millis() as u64,
         "message store recovered"
     );
-    Ok((live_segments, rec))
+    Ok((live_segments, rec, next_no))
 }
 
 /// Scans one segment, calling `each(gid, queue id bytes, offset, body len)`
@@ -98,8 +108,15 @@ fn scan_segment(
     payload: &mut Vec<u8>,
     mut each: impl FnMut(Gid, &[u8], u32, u64),
 ) -> Result<u64, StoreError> {
-    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| StoreError::io("open", path, e))?;
-    let file_len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open", path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| StoreError::io("stat", path, e))?
+        .len();
     let mut r = BufReader::with_capacity(1 << 20, &file);
     let mut pos = 0u64;
     let mut why = None;
@@ -109,7 +126,8 @@ fn scan_segment(
             why = Some("record header cut short");
             break;
         }
-        r.read_exact(&mut header).map_err(|e| StoreError::io("read", path, e))?;
+        r.read_exact(&mut header)
+            .map_err(|e| StoreError::io("read", path, e))?;
         let Some((len, crc)) = segment::parse_header(&header) else {
             why = Some("invalid record length");
             break;
@@ -119,7 +137,8 @@ fn scan_segment(
             break;
         }
         payload.resize(len, 0);
-        r.read_exact(payload).map_err(|e| StoreError::io("read", path, e))?;
+        r.read_exact(payload)
+            .map_err(|e| StoreError::io("read", path, e))?;
         if crc32fast::hash(payload) != crc {
             why = Some("checksum mismatch");
             break;
@@ -144,8 +163,10 @@ fn scan_segment(
             reason = why,
             "truncating torn tail of message segment (unconfirmed writes from a crash)"
         );
-        file.set_len(pos).map_err(|e| StoreError::io("truncate", path, e))?;
-        file.sync_all().map_err(|e| StoreError::io("fsync", path, e))?;
+        file.set_len(pos)
+            .map_err(|e| StoreError::io("truncate", path, e))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsync", path, e))?;
     }
     Ok(pos)
 }
@@ -157,7 +178,9 @@ fn body_len_of(p: &[u8], qbytes: usize) -> Option<u64> {
     at += 1 + *p.get(at)? as usize; // routing key
     let props = u32::from_le_bytes(p.get(at..at + 4)?.try_into().ok()?) as usize;
     at += 4 + props;
-    Some(u64::from(u32::from_le_bytes(p.get(at..at + 4)?.try_into().ok()?)))
+    Some(u64::from(u32::from_le_bytes(
+        p.get(at..at + 4)?.try_into().ok()?,
+    )))
 }
 
 type PairSet = HashSet<(QueueId, Gid)>;
@@ -174,8 +197,12 @@ fn read_acks(path: &Path) -> Result<(PairSet, PairSet, u64), StoreError> {
     let whole = data.len() as u64 / ACK_RECORD_LEN * ACK_RECORD_LEN;
     if whole != data.len() as u64 {
         warn!(file = %path.display(), at = whole, "truncating torn ack record");
-        let f = OpenOptions::new().write(true).open(path).map_err(|e| StoreError::io("open", path, e))?;
-        f.set_len(whole).map_err(|e| StoreError::io("truncate", path, e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| StoreError::io("open", path, e))?;
+        f.set_len(whole)
+            .map_err(|e| StoreError::io("truncate", path, e))?;
     }
     for rec in data.chunks_exact(ACK_RECORD_LEN as usize) {
         match segment::decode_ack(rec) {

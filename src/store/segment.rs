@@ -77,13 +77,20 @@ pub(crate) fn record_len(queues: usize, parts: &MessageParts) -> usize {
 /// Checks what the record format can hold, before anything is queued.
 pub(crate) fn validate(queues: &[QueueId], parts: &MessageParts) -> Result<(), StoreError> {
     if queues.is_empty() {
-        return Err(StoreError::Invalid("a message must be stored for at least one queue".into()));
+        return Err(StoreError::Invalid(
+            "a message must be stored for at least one queue".into(),
+        ));
     }
     if queues.len() > usize::from(u16::MAX) {
-        return Err(StoreError::Invalid(format!("{} queues for one message; at most 65535", queues.len())));
+        return Err(StoreError::Invalid(format!(
+            "{} queues for one message; at most 65535",
+            queues.len()
+        )));
     }
     if parts.exchange.len() > 255 || parts.routing_key.len() > 255 {
-        return Err(StoreError::Invalid("exchange name or routing key longer than 255 bytes".into()));
+        return Err(StoreError::Invalid(
+            "exchange name or routing key longer than 255 bytes".into(),
+        ));
     }
     if record_len(queues.len(), parts) - HEADER_LEN > MAX_PAYLOAD {
         return Err(StoreError::Invalid("message larger than 2 GiB".into()));
@@ -135,7 +142,9 @@ pub(crate) fn decode_ack(rec: &[u8]) -> Option<(u8, QueueId, Gid)> {
 pub(crate) fn parse_header(h: &[u8; HEADER_LEN]) -> Option<(usize, u32)> {
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len).then_some((len, crc))
+    (MIN_PAYLOAD..=MAX_PAYLOAD)
+        .contains(&len)
+        .then_some((len, crc))
 }
 
 /// The head of a payload that recovery needs: gid and queue ids. `None` if
@@ -169,7 +178,15 @@ fn parse_parts(p: &Bytes) -> Option<(Gid, MessageParts)> {
     let routing_key = take(1)?;
     let raw_properties = take(4)?;
     let body = take(4)?;
-    Some((gid, MessageParts { exchange, routing_key, raw_properties, body }))
+    Some((
+        gid,
+        MessageParts {
+            exchange,
+            routing_key,
+            raw_properties,
+            body,
+        },
+    ))
 }
 
 /// The in-memory index of one segment: which gids it holds, where, and how
@@ -210,7 +227,9 @@ impl SegIndex {
     /// Offset of a message that still has a live reference.
     pub(crate) fn offset_of(&self, gid: Gid) -> Option<u32> {
         let i = self.find(gid)?;
-        (self.refs.get(i).copied().unwrap_or(0) > 0).then(|| self.offsets.get(i).copied()).flatten()
+        (self.refs.get(i).copied().unwrap_or(0) > 0)
+            .then(|| self.offsets.get(i).copied())
+            .flatten()
     }
 
     /// Whether `gid` is here with a live reference.
@@ -221,7 +240,9 @@ impl SegIndex {
     /// Drops one reference. Returns false when the gid is unknown or already
     /// has no references (a duplicate ack), which is then ignored.
     pub(crate) fn release(&mut self, gid: Gid) -> bool {
-        let Some(i) = self.find(gid) else { return false };
+        let Some(i) = self.find(gid) else {
+            return false;
+        };
         match self.refs.get_mut(i) {
             Some(r) if *r > 0 => {
                 *r -= 1;
@@ -236,6 +257,7 @@ impl SegIndex {
     }
 
     /// Number of entries (live or not).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.gids.len()
     }
@@ -294,7 +316,14 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub(crate) fn new(no: u64, path: PathBuf, file: File, index: SegIndex, seg_bytes: u64, ack_bytes: u64) -> Self {
+    pub(crate) fn new(
+        no: u64,
+        path: PathBuf,
+        file: File,
+        index: SegIndex,
+        seg_bytes: u64,
+        ack_bytes: u64,
+    ) -> Self {
         let seg = Segment {
             no,
             path,
@@ -366,7 +395,8 @@ impl Segment {
         if crc32fast::hash(&payload) != crc {
             return Err(corrupt("record checksum mismatch"));
         }
-        let (found, parts) = parse_parts(&payload).ok_or_else(|| corrupt("malformed message record"))?;
+        let (found, parts) =
+            parse_parts(&payload).ok_or_else(|| corrupt("malformed message record"))?;
         if found != gid {
             return Err(corrupt(&format!("expected message {gid}, found {found}")));
         }
@@ -412,10 +442,19 @@ mod tests {
         assert_eq!(p.body, parts.body);
         assert_eq!(p.routing_key, parts.routing_key);
         assert_eq!(p.raw_properties, parts.raw_properties);
-        assert_eq!(parse_file_name("00000000000000000042.seg"), Some((42, "seg")));
-        assert_eq!(parse_file_name("00000000000000000042.acks"), Some((42, "acks")));
+        assert_eq!(
+            parse_file_name("00000000000000000042.seg"),
+            Some((42, "seg"))
+        );
+        assert_eq!(
+            parse_file_name("00000000000000000042.acks"),
+            Some((42, "acks"))
+        );
         assert_eq!(parse_file_name("42.seg"), None);
-        assert_eq!(seg_path(Path::new("/d"), 1), PathBuf::from("/d/00000000000000000001.seg"));
+        assert_eq!(
+            seg_path(Path::new("/d"), 1),
+            PathBuf::from("/d/00000000000000000001.seg")
+        );
     }
 
     #[test]

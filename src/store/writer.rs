@@ -45,9 +45,20 @@ type Reply = oneshot::Sender<Result<(), StoreError>>;
 
 /// A request to the writer thread.
 pub(crate) enum Op {
-    Append { gid: Gid, queues: Vec<QueueId>, parts: MessageParts, done: Done },
-    Ack { queue: QueueId, gids: Vec<Gid> },
-    Delivered { queue: QueueId, gids: Vec<Gid> },
+    Append {
+        gid: Gid,
+        queues: Vec<QueueId>,
+        parts: MessageParts,
+        done: Done,
+    },
+    Ack {
+        queue: QueueId,
+        gids: Vec<Gid>,
+    },
+    Delivered {
+        queue: QueueId,
+        gids: Vec<Gid>,
+    },
     Sync(Reply),
     Close(Reply),
 }
@@ -97,8 +108,16 @@ fn run_completion(f: Completion, r: Result<(), StoreError>) {
 }
 
 /// Starts the writer thread with a fresh active segment.
-pub(crate) fn spawn(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, opts: &StoreOptions) -> Result<(), StoreError> {
-    let next_no = shared.segments().last().map_or(1, |s| s.no + 1).max(shared.next_no);
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Op>,
+    opts: &StoreOptions,
+) -> Result<(), StoreError> {
+    let next_no = shared
+        .segments()
+        .last()
+        .map_or(1, |s| s.no + 1)
+        .max(shared.next_no);
     let mut w = Writer {
         segment_size: opts.segment_size.clamp(1, MAX_SEGMENT_SIZE),
         active: None,
@@ -108,19 +127,12 @@ pub(crate) fn spawn(shared: Arc<Shared>, rx: mpsc::Receiver<Op>, opts: &StoreOpt
         shared,
     };
     w.active = Some(w.create_segment(next_no)?);
+    let dir = w.shared.dir.clone();
     std::thread::Builder::new()
         .name("warren-store-writer".into())
         .spawn(move || w.run(rx))
-        .map_err(|e| StoreError::io("spawn writer thread for", &PathBufDisplay::dir(), e))?;
+        .map_err(|e| StoreError::io("spawn the writer thread for", &dir, e))?;
     Ok(())
-}
-
-/// Placeholder path for errors not about a file.
-struct PathBufDisplay;
-impl PathBufDisplay {
-    fn dir() -> std::path::PathBuf {
-        std::path::PathBuf::from("<message store>")
-    }
 }
 
 /// The segment being appended to, with the writer's own append handle.
@@ -212,7 +224,12 @@ impl Writer {
         // 1. Encode appends; roll when the next record would not fit.
         for op in batch {
             match op {
-                Op::Append { gid, queues, parts, done } => {
+                Op::Append {
+                    gid,
+                    queues,
+                    parts,
+                    done,
+                } => {
                     dones.push(done);
                     if err.is_some() {
                         continue;
@@ -252,12 +269,10 @@ impl Writer {
                 }
             }
         }
-        if err.is_none() && self.active().size > self.active().batch_start {
-            let a = self.active.take();
-            if let Some(a) = &a {
+        if err.is_none() {
+            if let Some(a) = self.active.as_ref().filter(|a| a.size > a.batch_start) {
                 err = self.fsync(&a.file, &a.seg).err();
             }
-            self.active = a;
         }
         if let Some(e) = &err {
             if self.failed.is_none() {
@@ -282,7 +297,11 @@ impl Writer {
 
         // 4. Acks and delivered marks.
         let mut ack_err = None;
-        let touched = if settles.is_empty() { Vec::new() } else { self.settle(settles, &mut ack_err) };
+        let touched = if settles.is_empty() {
+            Vec::new()
+        } else {
+            self.settle(settles, &mut ack_err)
+        };
         if !syncs.is_empty() || !closers.is_empty() {
             if let Err(e) = self.sync_acks() {
                 ack_err.get_or_insert(e);
@@ -327,10 +346,8 @@ impl Writer {
                 a.size += buf.len() as u64;
                 a.seg.seg_bytes.store(a.size, Ordering::Relaxed);
             }
-            Err(_) => {
-                // Unknown how much landed; undo() cuts back to batch_start.
-                a.size = a.batch_start + 1;
-            }
+            // Unknown how much landed; undo() cuts back to batch_start.
+            Err(_) => {}
         }
         let path = a.seg.path.clone();
         self.buf = buf;
@@ -379,18 +396,25 @@ impl Writer {
         let seg = Arc::new(Segment::new(no, path, read, SegIndex::default(), 0, 0));
         self.shared.segments_mut().push(Arc::clone(&seg));
         trace!(segment = no, "message store: new segment");
-        Ok(Active { seg, file, size: 0, batch_start: 0 })
+        Ok(Active {
+            seg,
+            file,
+            size: 0,
+            batch_start: 0,
+        })
     }
 
-    /// Cuts every segment this batch wrote to back to its size before it.
+    /// Cuts every segment this batch wrote to back to its size before it
+    /// (unconditionally: a failed write may have landed partly).
     fn undo(&mut self, sealed: &mut [Active]) {
         let mut failures = Vec::new();
         let active = self.active.as_mut();
         for a in sealed.iter_mut().chain(active) {
-            if a.size == a.batch_start {
-                continue;
-            }
-            match a.file.set_len(a.batch_start).and_then(|()| a.file.sync_all()) {
+            match a
+                .file
+                .set_len(a.batch_start)
+                .and_then(|()| a.file.sync_all())
+            {
                 Ok(()) => {
                     a.size = a.batch_start;
                     a.seg.seg_bytes.store(a.size, Ordering::Relaxed);
@@ -407,7 +431,11 @@ impl Writer {
 
     /// Applies acks and delivered marks in order; returns the segments whose
     /// index changed.
-    fn settle(&mut self, settles: Vec<(u8, QueueId, Vec<Gid>)>, err: &mut Option<StoreError>) -> Vec<Arc<Segment>> {
+    fn settle(
+        &mut self,
+        settles: Vec<(u8, QueueId, Vec<Gid>)>,
+        err: &mut Option<StoreError>,
+    ) -> Vec<Arc<Segment>> {
         let mut bufs: HashMap<u64, (Arc<Segment>, Vec<u8>)> = HashMap::new();
         let mut last: Option<Arc<Segment>> = None;
         let mut released = 0u64;
@@ -418,7 +446,11 @@ impl Writer {
                     _ => self.shared.find(gid).map(|(s, _)| s),
                 };
                 let Some(seg) = seg else {
-                    trace!(gid, queue, "message store: settle for a message with no live reference; ignored");
+                    trace!(
+                        gid,
+                        queue,
+                        "message store: settle for a message with no live reference; ignored"
+                    );
                     continue;
                 };
                 if kind == ACK_ACK {
@@ -427,7 +459,9 @@ impl Writer {
                     }
                     released += 1;
                 }
-                let entry = bufs.entry(seg.no).or_insert_with(|| (Arc::clone(&seg), Vec::new()));
+                let entry = bufs
+                    .entry(seg.no)
+                    .or_insert_with(|| (Arc::clone(&seg), Vec::new()));
                 segment::encode_ack(&mut entry.1, kind, queue, gid);
                 last = Some(seg);
             }
@@ -456,8 +490,15 @@ impl Writer {
                     .append(true)
                     .open(&path)
                     .map_err(|e| StoreError::io("open", &path, e))?;
-                let len = file.metadata().map_err(|e| StoreError::io("stat", &path, e))?.len();
-                v.insert(AckFile { file, len, dirty: false })
+                let len = file
+                    .metadata()
+                    .map_err(|e| StoreError::io("stat", &path, e))?
+                    .len();
+                v.insert(AckFile {
+                    file,
+                    len,
+                    dirty: false,
+                })
             }
         };
         af.dirty = true;
@@ -471,7 +512,8 @@ impl Writer {
                 // A partial record would misalign every later one: cut back.
                 if af.file.set_len(af.len).is_err() {
                     self.ack_files.remove(&seg.no);
-                    self.failed.get_or_insert_with(|| format!("could not truncate {}", path.display()));
+                    self.failed
+                        .get_or_insert_with(|| format!("could not truncate {}", path.display()));
                 }
                 Err(StoreError::io("write", &path, e))
             }
@@ -484,7 +526,13 @@ impl Writer {
         for (no, af) in self.ack_files.iter_mut().filter(|(_, af)| af.dirty) {
             match af.file.sync_data() {
                 Ok(()) => af.dirty = false,
-                Err(e) => r = Err(StoreError::io("fdatasync", &acks_path(&self.shared.dir, *no), e)),
+                Err(e) => {
+                    r = Err(StoreError::io(
+                        "fdatasync",
+                        &acks_path(&self.shared.dir, *no),
+                        e,
+                    ))
+                }
             }
         }
         r
@@ -508,7 +556,9 @@ impl Writer {
             // Readers holding the Arc keep a valid fd; the data is acked anyway.
             match remove_segment(&self.shared.dir, no) {
                 Ok(()) => debug!(segment = no, "message store: deleted fully acked segment"),
-                Err(e) => error!(error = %e, "message store: could not delete a fully acked segment"),
+                Err(e) => {
+                    error!(error = %e, "message store: could not delete a fully acked segment")
+                }
             }
         }
     }
@@ -523,7 +573,10 @@ fn write_segment(shared: &Shared, file: &mut File, buf: &[u8]) -> io::Result<()>
         .is_ok()
     {
         file.write_all(&buf[..buf.len() / 2])?;
-        return Err(io::Error::new(io::ErrorKind::StorageFull, "injected: no space left on device"));
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            "injected: no space left on device",
+        ));
     }
     let _ = shared;
     file.write_all(buf)

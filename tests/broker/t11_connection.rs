@@ -69,7 +69,10 @@ async fn channel_max_is_negotiated_and_lapin_cannot_exceed_it() {
         chans.push(conn.create_channel().await.unwrap());
     }
     let err = conn.create_channel().await.unwrap_err();
-    assert!(matches!(err.kind(), lapin::ErrorKind::ChannelsLimitReached), "{err:?}");
+    assert!(
+        matches!(err.kind(), lapin::ErrorKind::ChannelsLimitReached),
+        "{err:?}"
+    );
     // The ten open channels still work.
     declare_queue(&chans[9], "cm").await;
 }
@@ -82,17 +85,28 @@ async fn opening_more_channels_than_channel_max_closes_connection_with_530() {
     for ch in 1..=10 {
         raw.open_channel(ch).await;
     }
-    raw.send_method(11, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {}))).await;
+    raw.send_method(
+        11,
+        AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})),
+    )
+    .await;
     let (code, text, _, _) = raw.expect_connection_close().await;
     assert_eq!(code, 530);
-    assert_eq!(text, "NOT_ALLOWED - number of channels opened (10) has reached the negotiated channel_max (10)");
+    assert_eq!(
+        text,
+        "NOT_ALLOWED - number of channels opened (10) has reached the negotiated channel_max (10)"
+    );
 }
 
 #[tokio::test]
 async fn channel_number_above_channel_max_is_refused() {
     let b = TestBroker::start_with(|c| c.amqp.channel_max = 10).await;
     let mut raw = RawClient::handshake(b.addr, 0).await;
-    raw.send_method(11, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {}))).await;
+    raw.send_method(
+        11,
+        AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})),
+    )
+    .await;
     let (code, _text, _, _) = raw.expect_connection_close().await;
     // RabbitMQ refuses it as a hard error (connection closed); the exact code
     // depends on how the limit is hit.
@@ -106,7 +120,10 @@ async fn server_properties_advertise_rabbitmq_capabilities() {
     let raw = RawClient::handshake(b.addr, 0).await;
     let props = raw.server_properties.inner();
     for k in ["product", "version", "platform"] {
-        assert!(matches!(props.get(k), Some(AMQPValue::LongString(_))), "missing {k}: {props:?}");
+        assert!(
+            matches!(props.get(k), Some(AMQPValue::LongString(_))),
+            "missing {k}: {props:?}"
+        );
     }
     let Some(AMQPValue::FieldTable(caps)) = props.get("capabilities") else {
         panic!("no capabilities table: {props:?}")
@@ -122,7 +139,11 @@ async fn server_properties_advertise_rabbitmq_capabilities() {
         "per_consumer_qos",
         "direct_reply_to",
     ] {
-        assert_eq!(caps.inner().get(c), Some(&AMQPValue::Boolean(true)), "capability {c}");
+        assert_eq!(
+            caps.inner().get(c),
+            Some(&AMQPValue::Boolean(true)),
+            "capability {c}"
+        );
     }
 }
 
@@ -136,7 +157,11 @@ async fn server_sends_heartbeats_at_negotiated_interval() {
         RawEvent::Frame(AMQPFrame::Heartbeat) => {}
         other => panic!("expected a heartbeat, got {other:?}"),
     }
-    assert!(t.elapsed() < Duration::from_millis(1600), "first heartbeat after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1600),
+        "first heartbeat after {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -146,7 +171,10 @@ async fn silent_client_is_disconnected_after_missed_heartbeats() {
     let t = Instant::now();
     within(5, raw.expect_eof()).await;
     let e = t.elapsed();
-    assert!(e >= Duration::from_millis(1500) && e <= Duration::from_millis(3500), "disconnected after {e:?}");
+    assert!(
+        e >= Duration::from_millis(1500) && e <= Duration::from_millis(3500),
+        "disconnected after {e:?}"
+    );
 }
 
 #[tokio::test]
@@ -175,17 +203,30 @@ async fn heartbeat_disabled_by_client_keeps_silent_connection() {
 async fn wrong_password_is_refused_with_403() {
     let b = TestBroker::start().await;
     let url = format!("amqp://guest:nope@{}/%2f", b.addr);
-    let err = within(5, Connection::connect(&url, ConnectionProperties::default())).await.unwrap_err();
+    let err = within(
+        5,
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    .unwrap_err();
     let (code, text) = amqp_error(&err).unwrap_or_else(|| panic!("not an AMQP error: {err:?}"));
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile."
+    );
 }
 
 #[tokio::test]
 async fn unknown_user_is_refused_with_403() {
     let b = TestBroker::start().await;
     let url = format!("amqp://nobody:guest@{}/%2f", b.addr);
-    let err = within(5, Connection::connect(&url, ConnectionProperties::default())).await.unwrap_err();
+    let err = within(
+        5,
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(amqp_error(&err).map(|e| e.0), Some(403), "{err:?}");
 }
 
@@ -193,7 +234,12 @@ async fn unknown_user_is_refused_with_403() {
 async fn unknown_vhost_is_refused_with_530() {
     let b = TestBroker::start().await;
     let url = format!("amqp://guest:guest@{}/nosuch", b.addr);
-    let err = within(5, Connection::connect(&url, ConnectionProperties::default())).await.unwrap_err();
+    let err = within(
+        5,
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    .unwrap_err();
     let (code, text) = amqp_error(&err).unwrap_or_else(|| panic!("not an AMQP error: {err:?}"));
     assert_eq!(code, 530);
     assert_eq!(text, "NOT_ALLOWED - vhost nosuch not found");

@@ -14,7 +14,18 @@ async fn assert_other_connection_fine(b: &TestBroker, tag: &str) {
     let ch = conn.create_channel().await.unwrap();
     let q = format!("healthy-{tag}");
     declare_queue(&ch, &q).await;
-    let mut consumer = ch.basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     for i in 0..5 {
         publish(&ch, "", &q, format!("{i}").as_bytes()).await;
     }
@@ -28,7 +39,11 @@ async fn assert_other_connection_fine(b: &TestBroker, tag: &str) {
 #[tokio::test]
 async fn wrong_protocol_header_gets_amqp_0_9_1_header_and_close() {
     let b = TestBroker::start().await;
-    for bad in [&b"AMQP\x00\x00\x08\x00"[..], b"AMQP\x01\x01\x00\x0a", b"GET / HT"] {
+    for bad in [
+        &b"AMQP\x00\x00\x08\x00"[..],
+        b"AMQP\x01\x01\x00\x0a",
+        b"GET / HT",
+    ] {
         let mut raw = RawClient::connect(b.addr).await;
         raw.send(bad).await;
         match raw.next().await {
@@ -89,7 +104,10 @@ async fn frame_slightly_over_frame_max_is_tolerated_like_rabbitmq() {
     raw.open_channel(1).await;
     raw.send_method(
         1,
-        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare { queue: "fudge".into(), ..Default::default() })),
+        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare {
+            queue: "fudge".into(),
+            ..Default::default()
+        })),
     )
     .await;
     raw.method().await;
@@ -114,8 +132,14 @@ async fn frame_slightly_over_frame_max_is_tolerated_like_rabbitmq() {
     ))
     .await;
     raw.send(&raw_frame(3, 1, &body, 0xCE)).await;
-    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get { queue: "fudge".into(), no_ack: true })))
-        .await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: "fudge".into(),
+            no_ack: true,
+        })),
+    )
+    .await;
     match raw.method().await {
         (1, AMQPClass::Basic(basic::AMQPMethod::GetOk(_))) => {}
         other => panic!("expected get-ok, got {other:?}"),
@@ -129,7 +153,10 @@ async fn bad_frame_end_octet_is_frame_error() {
     raw.open_channel(1).await;
     let mut f = encode_frame(&AMQPFrame::Method(
         1,
-        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare { queue: "q".into(), ..Default::default() })),
+        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare {
+            queue: "q".into(),
+            ..Default::default()
+        })),
     ));
     *f.last_mut().unwrap() = 0x00;
     raw.send(&f).await;
@@ -146,7 +173,10 @@ async fn method_on_unopened_channel_is_channel_error() {
     let mut raw = RawClient::handshake(b.addr, 0).await;
     raw.send_method(
         5,
-        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare { queue: "q".into(), ..Default::default() })),
+        AMQPClass::Queue(q_m::AMQPMethod::Declare(q_m::Declare {
+            queue: "q".into(),
+            ..Default::default()
+        })),
     )
     .await;
     let (code, text, _, _) = raw.expect_connection_close().await;
@@ -176,7 +206,11 @@ async fn header_frame_without_publish_is_unexpected_frame() {
     raw.open_channel(1).await;
     raw.send_frame(&AMQPFrame::Header(
         1,
-        amq_protocol::frame::AMQPContentHeader { class_id: 60, body_size: 3, properties: Default::default() },
+        amq_protocol::frame::AMQPContentHeader {
+            class_id: 60,
+            body_size: 3,
+            properties: Default::default(),
+        },
     ))
     .await;
     let (code, _text, _, _) = raw.expect_connection_close().await;
@@ -198,10 +232,20 @@ async fn method_in_the_middle_of_content_is_unexpected_frame() {
         })),
     )
     .await;
-    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get { queue: "x".into(), no_ack: true }))).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: "x".into(),
+            no_ack: true,
+        })),
+    )
+    .await;
     let (code, text, _, _) = raw.expect_connection_close().await;
     assert_eq!(code, 505);
-    assert!(text.starts_with("UNEXPECTED_FRAME - expected content header for class 60"), "{text}");
+    assert!(
+        text.starts_with("UNEXPECTED_FRAME - expected content header for class 60"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -220,10 +264,20 @@ async fn method_in_the_middle_of_content_reply_text_matches_rabbitmq() {
         })),
     )
     .await;
-    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get { queue: "x".into(), no_ack: true }))).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: "x".into(),
+            no_ack: true,
+        })),
+    )
+    .await;
     let (code, text, class, method) = raw.expect_connection_close().await;
     assert_eq!(code, 505);
-    assert_eq!(text, "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead");
+    assert_eq!(
+        text,
+        "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead"
+    );
     assert_eq!((class, method), (60, 40));
 }
 

@@ -6,7 +6,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 
 fn passive() -> ExchangeDeclareOptions {
-    ExchangeDeclareOptions { passive: true, ..Default::default() }
+    ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -23,10 +26,24 @@ async fn declare_each_exchange_type_and_redeclare_idempotently() {
     for (name, kind) in kinds.iter() {
         for durable in [false, true] {
             let n = format!("{name}-{durable}");
-            let o = ExchangeDeclareOptions { durable, ..Default::default() };
-            ch.exchange_declare(n.as_str().into(), kind.clone(), o, FieldTable::default()).await.unwrap();
-            ch.exchange_declare(n.as_str().into(), kind.clone(), o, FieldTable::default()).await.unwrap();
-            ch.exchange_declare(n.as_str().into(), kind.clone(), passive(), FieldTable::default()).await.unwrap();
+            let o = ExchangeDeclareOptions {
+                durable,
+                ..Default::default()
+            };
+            ch.exchange_declare(n.as_str().into(), kind.clone(), o, FieldTable::default())
+                .await
+                .unwrap();
+            ch.exchange_declare(n.as_str().into(), kind.clone(), o, FieldTable::default())
+                .await
+                .unwrap();
+            ch.exchange_declare(
+                n.as_str().into(),
+                kind.clone(),
+                passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
         }
     }
 }
@@ -43,7 +60,9 @@ async fn predeclared_exchanges_exist() {
         ("amq.headers", ExchangeKind::Headers),
         ("amq.match", ExchangeKind::Headers),
     ] {
-        ch.exchange_declare(name.into(), kind, passive(), FieldTable::default()).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        ch.exchange_declare(name.into(), kind, passive(), FieldTable::default())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
     }
 }
 
@@ -57,7 +76,10 @@ async fn redeclaring_existing_amq_exchange_is_allowed() {
     ch.exchange_declare(
         "amq.direct".into(),
         ExchangeKind::Direct,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await
@@ -69,7 +91,15 @@ async fn passive_declare_of_missing_exchange_is_404() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_declare("nope".into(), ExchangeKind::Direct, passive(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.exchange_declare(
+            "nope".into(),
+            ExchangeKind::Direct,
+            passive(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
     assert_eq!(text, "NOT_FOUND - no exchange 'nope' in vhost '/'");
     // Only the channel closed: the connection still works.
@@ -82,10 +112,28 @@ async fn redeclare_with_different_type_is_406() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("x".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_declare("x".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await);
+    ch.exchange_declare(
+        "x".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (code, text) = expect_amqp_error(
+        ch.exchange_declare(
+            "x".into(),
+            ExchangeKind::Fanout,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 406);
-    assert_eq!(text, "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': received 'fanout' but current is 'direct'");
+    assert_eq!(
+        text,
+        "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': received 'fanout' but current is 'direct'"
+    );
 }
 
 #[tokio::test]
@@ -93,13 +141,31 @@ async fn redeclare_with_different_durability_is_406() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("xd".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "xd".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let (code, text) = expect_amqp_error(
-        ch.exchange_declare("xd".into(), ExchangeKind::Direct, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-            .await,
+        ch.exchange_declare(
+            "xd".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await,
     );
     assert_eq!(code, 406);
-    assert_eq!(text, "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'xd' in vhost '/': received 'true' but current is 'false'");
+    assert_eq!(
+        text,
+        "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'xd' in vhost '/': received 'true' but current is 'false'"
+    );
 }
 
 #[tokio::test]
@@ -107,8 +173,22 @@ async fn passive_declare_ignores_type_mismatch() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("xp".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_declare("xp".into(), ExchangeKind::Fanout, passive(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "xp".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "xp".into(),
+        ExchangeKind::Fanout,
+        passive(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -116,9 +196,20 @@ async fn declaring_amq_prefixed_exchange_is_403() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_declare("amq.custom".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.exchange_declare(
+            "amq.custom".into(),
+            ExchangeKind::Direct,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - exchange name 'amq.custom' contains reserved prefix 'amq.*'");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - exchange name 'amq.custom' contains reserved prefix 'amq.*'"
+    );
 }
 
 #[tokio::test]
@@ -127,9 +218,15 @@ async fn deleting_amq_exchange_is_403() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_delete("amq.direct".into(), Default::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.exchange_delete("amq.direct".into(), Default::default())
+            .await,
+    );
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed"
+    );
 }
 
 #[tokio::test]
@@ -139,12 +236,27 @@ async fn default_exchange_cannot_be_deleted_or_bound() {
     let ch = conn.create_channel().await.unwrap();
     let (code, text) = expect_amqp_error(ch.exchange_delete("".into(), Default::default()).await);
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - operation not permitted on the default exchange");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - operation not permitted on the default exchange"
+    );
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "dq").await;
-    let (code, text) = expect_amqp_error(ch.queue_bind("dq".into(), "".into(), "dq".into(), Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.queue_bind(
+            "dq".into(),
+            "".into(),
+            "dq".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - operation not permitted on the default exchange");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - operation not permitted on the default exchange"
+    );
 }
 
 #[tokio::test]
@@ -155,7 +267,13 @@ async fn unknown_exchange_type_closes_connection_with_503() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     let (code, text) = expect_amqp_error(
-        ch.exchange_declare("weird".into(), ExchangeKind::Custom("x-no-such-type".into()), Default::default(), FieldTable::default()).await,
+        ch.exchange_declare(
+            "weird".into(),
+            ExchangeKind::Custom("x-no-such-type".into()),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
     );
     assert_eq!(code, 503);
     assert!(text.starts_with("COMMAND_INVALID - "), "{text}");
@@ -173,17 +291,74 @@ async fn delete_if_unused_with_bindings_is_406_and_without_succeeds() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("used".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "used".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "uq").await;
-    ch.queue_bind("uq".into(), "used".into(), "k".into(), Default::default(), FieldTable::default()).await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_delete("used".into(), ExchangeDeleteOptions { if_unused: true, ..Default::default() }).await);
+    ch.queue_bind(
+        "uq".into(),
+        "used".into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (code, text) = expect_amqp_error(
+        ch.exchange_delete(
+            "used".into(),
+            ExchangeDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
     assert_eq!(code, 406);
-    assert_eq!(text, "PRECONDITION_FAILED - exchange 'used' in vhost '/' in use");
+    assert_eq!(
+        text,
+        "PRECONDITION_FAILED - exchange 'used' in vhost '/' in use"
+    );
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("used".into(), ExchangeKind::Direct, passive(), FieldTable::default()).await.unwrap();
-    ch.queue_unbind("uq".into(), "used".into(), "k".into(), FieldTable::default()).await.unwrap();
-    ch.exchange_delete("used".into(), ExchangeDeleteOptions { if_unused: true, ..Default::default() }).await.unwrap();
-    let (code, _) = expect_amqp_error(ch.exchange_declare("used".into(), ExchangeKind::Direct, passive(), FieldTable::default()).await);
+    ch.exchange_declare(
+        "used".into(),
+        ExchangeKind::Direct,
+        passive(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_unbind(
+        "uq".into(),
+        "used".into(),
+        "k".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_delete(
+        "used".into(),
+        ExchangeDeleteOptions {
+            if_unused: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (code, _) = expect_amqp_error(
+        ch.exchange_declare(
+            "used".into(),
+            ExchangeKind::Direct,
+            passive(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
 }
 
@@ -192,7 +367,9 @@ async fn deleting_missing_exchange_is_ok() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_delete("never-existed".into(), Default::default()).await.unwrap();
+    ch.exchange_delete("never-existed".into(), Default::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -200,11 +377,35 @@ async fn deleting_exchange_removes_its_bindings() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("gone".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "gone".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "gq").await;
-    ch.queue_bind("gq".into(), "gone".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_delete("gone".into(), Default::default()).await.unwrap();
-    ch.exchange_declare("gone".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "gq".into(),
+        "gone".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_delete("gone".into(), Default::default())
+        .await
+        .unwrap();
+    ch.exchange_declare(
+        "gone".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "gone", "", b"m").await;
     assert!(drain(&ch, "gq").await.is_empty());
 }
@@ -215,11 +416,29 @@ async fn binding_to_missing_exchange_or_queue_is_404() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "bq").await;
-    let (code, text) = expect_amqp_error(ch.queue_bind("bq".into(), "no-ex".into(), "k".into(), Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.queue_bind(
+            "bq".into(),
+            "no-ex".into(),
+            "k".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
     assert_eq!(text, "NOT_FOUND - no exchange 'no-ex' in vhost '/'");
     let ch = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch.queue_bind("no-q".into(), "amq.direct".into(), "k".into(), Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.queue_bind(
+            "no-q".into(),
+            "amq.direct".into(),
+            "k".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
     assert_eq!(text, "NOT_FOUND - no queue 'no-q' in vhost '/'");
 }
@@ -229,23 +448,84 @@ async fn exchange_to_exchange_bindings_route() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("src".into(), ExchangeKind::Topic, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_declare("mid".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_declare("leaf".into(), ExchangeKind::Direct, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "src".into(),
+        ExchangeKind::Topic,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "mid".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "leaf".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     // src --(a.#)--> mid --> q1 ; src --(*.b)--> leaf --(x.b)--> q2
-    ch.exchange_bind("mid".into(), "src".into(), "a.#".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_bind("leaf".into(), "src".into(), "*.b".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_bind(
+        "mid".into(),
+        "src".into(),
+        "a.#".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "leaf".into(),
+        "src".into(),
+        "*.b".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "e2e-q1").await;
     declare_queue(&ch, "e2e-q2").await;
-    ch.queue_bind("e2e-q1".into(), "mid".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_bind("e2e-q2".into(), "leaf".into(), "x.b".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "e2e-q1".into(),
+        "mid".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "e2e-q2".into(),
+        "leaf".into(),
+        "x.b".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     for rk in ["a.b", "x.b", "a.c.d", "y.b", "zzz"] {
         publish(&ch, "src", rk, rk.as_bytes()).await;
     }
     assert_eq!(drain(&ch, "e2e-q1").await, vec!["a.b", "a.c.d"]);
     assert_eq!(drain(&ch, "e2e-q2").await, vec!["x.b"]);
     // Unbinding stops the flow.
-    ch.exchange_unbind("mid".into(), "src".into(), "a.#".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_unbind(
+        "mid".into(),
+        "src".into(),
+        "a.#".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "src", "a.b", b"after").await;
     assert!(drain(&ch, "e2e-q1").await.is_empty());
 }
@@ -255,12 +535,50 @@ async fn message_reaching_a_queue_by_two_paths_is_delivered_once() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("p1".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_declare("p2".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_bind("p2".into(), "p1".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "p1".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "p2".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "p2".into(),
+        "p1".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "twice").await;
-    ch.queue_bind("twice".into(), "p1".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_bind("twice".into(), "p2".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "twice".into(),
+        "p1".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "twice".into(),
+        "p2".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "p1", "", b"once").await;
     assert_eq!(drain(&ch, "twice").await, vec!["once"]);
 }
@@ -270,12 +588,50 @@ async fn exchange_binding_cycles_do_not_loop() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("c1".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_declare("c2".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_bind("c2".into(), "c1".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_bind("c1".into(), "c2".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "c1".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "c2".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "c2".into(),
+        "c1".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "c1".into(),
+        "c2".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "cyc").await;
-    ch.queue_bind("cyc".into(), "c2".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "cyc".into(),
+        "c2".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "c1", "", b"m").await;
     assert_eq!(drain(&ch, "cyc").await, vec!["m"]);
 }
@@ -285,14 +641,47 @@ async fn alternate_exchange_receives_unroutable_messages() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare("ae".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "ae".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let mut args = FieldTable::default();
-    args.insert("alternate-exchange".into(), AMQPValue::LongString("ae".into()));
-    ch.exchange_declare("main".into(), ExchangeKind::Direct, Default::default(), args).await.unwrap();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString("ae".into()),
+    );
+    ch.exchange_declare(
+        "main".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        args,
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "routed").await;
     declare_queue(&ch, "unrouted").await;
-    ch.queue_bind("routed".into(), "main".into(), "good".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_bind("unrouted".into(), "ae".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "routed".into(),
+        "main".into(),
+        "good".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "unrouted".into(),
+        "ae".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "main", "good", b"1").await;
     publish(&ch, "main", "bad", b"2").await;
     publish(&ch, "main", "other", b"3").await;
@@ -306,14 +695,48 @@ async fn mandatory_message_routed_via_alternate_exchange_is_not_returned() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    ch.exchange_declare("ae2".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "ae2".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let mut args = FieldTable::default();
-    args.insert("alternate-exchange".into(), AMQPValue::LongString("ae2".into()));
-    ch.exchange_declare("main2".into(), ExchangeKind::Direct, Default::default(), args).await.unwrap();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString("ae2".into()),
+    );
+    ch.exchange_declare(
+        "main2".into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        args,
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "ae2q").await;
-    ch.queue_bind("ae2q".into(), "ae2".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "ae2q".into(),
+        "ae2".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let conf = ch
-        .basic_publish("main2".into(), "nobody".into(), BasicPublishOptions { mandatory: true, ..Default::default() }, b"x", BasicProperties::default())
+        .basic_publish(
+            "main2".into(),
+            "nobody".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"x",
+            BasicProperties::default(),
+        )
         .await
         .unwrap()
         .await
@@ -327,16 +750,71 @@ async fn auto_delete_exchange_disappears_after_last_binding_removed() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let ad = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
-    ch.exchange_declare("adx".into(), ExchangeKind::Direct, ad, FieldTable::default()).await.unwrap();
+    let ad = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "adx".into(),
+        ExchangeKind::Direct,
+        ad,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "adq").await;
-    ch.queue_bind("adq".into(), "adx".into(), "a".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_bind("adq".into(), "adx".into(), "b".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_unbind("adq".into(), "adx".into(), "a".into(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "adq".into(),
+        "adx".into(),
+        "a".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "adq".into(),
+        "adx".into(),
+        "b".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_unbind(
+        "adq".into(),
+        "adx".into(),
+        "a".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     // One binding left: still there.
-    ch.exchange_declare("adx".into(), ExchangeKind::Direct, passive(), FieldTable::default()).await.unwrap();
-    ch.queue_unbind("adq".into(), "adx".into(), "b".into(), FieldTable::default()).await.unwrap();
-    let (code, text) = expect_amqp_error(ch.exchange_declare("adx".into(), ExchangeKind::Direct, passive(), FieldTable::default()).await);
+    ch.exchange_declare(
+        "adx".into(),
+        ExchangeKind::Direct,
+        passive(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_unbind(
+        "adq".into(),
+        "adx".into(),
+        "b".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (code, text) = expect_amqp_error(
+        ch.exchange_declare(
+            "adx".into(),
+            ExchangeKind::Direct,
+            passive(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
     assert_eq!(text, "NOT_FOUND - no exchange 'adx' in vhost '/'");
 }
@@ -346,10 +824,27 @@ async fn auto_delete_exchange_without_bindings_survives_until_first_unbind() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let ad = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
-    ch.exchange_declare("ad-fresh".into(), ExchangeKind::Fanout, ad, FieldTable::default()).await.unwrap();
+    let ad = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "ad-fresh".into(),
+        ExchangeKind::Fanout,
+        ad,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     settle().await;
-    ch.exchange_declare("ad-fresh".into(), ExchangeKind::Fanout, passive(), FieldTable::default()).await.unwrap();
+    ch.exchange_declare(
+        "ad-fresh".into(),
+        ExchangeKind::Fanout,
+        passive(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -357,13 +852,41 @@ async fn auto_delete_exchange_goes_when_its_bound_queue_is_deleted() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let ad = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
-    ch.exchange_declare("adx2".into(), ExchangeKind::Fanout, ad, FieldTable::default()).await.unwrap();
+    let ad = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "adx2".into(),
+        ExchangeKind::Fanout,
+        ad,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "adq2").await;
-    ch.queue_bind("adq2".into(), "adx2".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
-    ch.queue_delete("adq2".into(), Default::default()).await.unwrap();
+    ch.queue_bind(
+        "adq2".into(),
+        "adx2".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_delete("adq2".into(), Default::default())
+        .await
+        .unwrap();
     settle().await;
-    let (code, _) = expect_amqp_error(ch.exchange_declare("adx2".into(), ExchangeKind::Fanout, passive(), FieldTable::default()).await);
+    let (code, _) = expect_amqp_error(
+        ch.exchange_declare(
+            "adx2".into(),
+            ExchangeKind::Fanout,
+            passive(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 404);
 }
 
@@ -372,18 +895,55 @@ async fn internal_exchange_cannot_be_published_to_but_routes_via_e2e() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let internal = ExchangeDeclareOptions { internal: true, ..Default::default() };
-    ch.exchange_declare("ix".into(), ExchangeKind::Fanout, internal, FieldTable::default()).await.unwrap();
-    ch.exchange_declare("front".into(), ExchangeKind::Fanout, Default::default(), FieldTable::default()).await.unwrap();
-    ch.exchange_bind("ix".into(), "front".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    let internal = ExchangeDeclareOptions {
+        internal: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "ix".into(),
+        ExchangeKind::Fanout,
+        internal,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "front".into(),
+        ExchangeKind::Fanout,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "ix".into(),
+        "front".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     declare_queue(&ch, "iq").await;
-    ch.queue_bind("iq".into(), "ix".into(), "".into(), Default::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        "iq".into(),
+        "ix".into(),
+        "".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish(&ch, "front", "", b"via-front").await;
     assert_eq!(drain(&ch, "iq").await, vec!["via-front"]);
+    let w = watch_channel(&ch).await;
     publish(&ch, "ix", "", b"direct").await;
-    let (code, text) = channel_close_error(&ch).await;
+    let (code, text) = w.error().await;
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - cannot publish to internal exchange 'ix' in vhost '/'");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - cannot publish to internal exchange 'ix' in vhost '/'"
+    );
 }
 
 #[tokio::test]
@@ -391,8 +951,9 @@ async fn publish_to_missing_exchange_closes_channel_with_404() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
+    let w = watch_channel(&ch).await;
     publish(&ch, "missing-ex", "k", b"x").await;
-    let (code, text) = channel_close_error(&ch).await;
+    let (code, text) = w.error().await;
     assert_eq!(code, 404);
     assert_eq!(text, "NOT_FOUND - no exchange 'missing-ex' in vhost '/'");
     // The connection survives.

@@ -9,7 +9,10 @@ use lapin::types::FieldTable;
 use std::time::Duration;
 
 async fn next(c: &mut Consumer) -> Delivery {
-    within(3, c.next()).await.expect("consumer ended").expect("delivery error")
+    within(3, c.next())
+        .await
+        .expect("consumer ended")
+        .expect("delivery error")
 }
 
 fn body(d: &Delivery) -> String {
@@ -24,7 +27,14 @@ async fn nothing_for(c: &mut Consumer, ms: u64) {
 }
 
 async fn consume(ch: &lapin::Channel, q: &str, tag: &str) -> Consumer {
-    ch.basic_consume(q.into(), tag.into(), Default::default(), FieldTable::default()).await.unwrap()
+    ch.basic_consume(
+        q.into(),
+        tag.into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -71,7 +81,9 @@ async fn fair_dispatch_with_prefetch_one_favours_fast_consumer() {
     }
     let slow_task = tokio::spawn(async move {
         let mut n = 0;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(600), slow.next()).await {
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(600), slow.next()).await
+        {
             tokio::time::sleep(Duration::from_millis(300)).await;
             d.ack(Default::default()).await.unwrap();
             n += 1;
@@ -80,7 +92,9 @@ async fn fair_dispatch_with_prefetch_one_favours_fast_consumer() {
     });
     let fast_task = tokio::spawn(async move {
         let mut n = 0;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(600), fast.next()).await {
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(600), fast.next()).await
+        {
             d.ack(Default::default()).await.unwrap();
             n += 1;
         }
@@ -133,21 +147,49 @@ async fn basic_get_and_get_empty() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "getq").await;
-    assert!(ch.basic_get("getq".into(), Default::default()).await.unwrap().is_none());
+    assert!(
+        ch.basic_get("getq".into(), Default::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
     for i in 0..3 {
         publish(&ch, "", "getq", format!("{i}").as_bytes()).await;
     }
     settle().await;
-    let m = ch.basic_get("getq".into(), Default::default()).await.unwrap().unwrap();
+    let m = ch
+        .basic_get("getq".into(), Default::default())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.delivery.data, b"0");
     assert_eq!(m.message_count, 2);
     assert!(!m.delivery.redelivered);
     m.delivery.ack(Default::default()).await.unwrap();
-    let m = ch.basic_get("getq".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
-    assert_eq!((m.delivery.data.as_slice(), m.message_count), (&b"1"[..], 1));
-    let m = ch.basic_get("getq".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
-    assert_eq!((m.delivery.data.as_slice(), m.message_count), (&b"2"[..], 0));
-    assert!(ch.basic_get("getq".into(), Default::default()).await.unwrap().is_none());
+    let m = ch
+        .basic_get("getq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.delivery.data.as_slice(), m.message_count),
+        (&b"1"[..], 1)
+    );
+    let m = ch
+        .basic_get("getq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.delivery.data.as_slice(), m.message_count),
+        (&b"2"[..], 0)
+    );
+    assert!(
+        ch.basic_get("getq".into(), Default::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -156,7 +198,10 @@ async fn basic_get_on_missing_queue_is_404() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     let (code, text) = expect_amqp_error(ch.basic_get("ghost".into(), Default::default()).await);
-    assert_eq!((code, text.as_str()), (404, "NOT_FOUND - no queue 'ghost' in vhost '/'"));
+    assert_eq!(
+        (code, text.as_str()),
+        (404, "NOT_FOUND - no queue 'ghost' in vhost '/'")
+    );
 }
 
 #[tokio::test]
@@ -169,16 +214,40 @@ async fn requeued_messages_return_in_original_position_marked_redelivered() {
         publish(&ch, "", "order", m.as_bytes()).await;
     }
     settle().await;
-    let a = ch.basic_get("order".into(), Default::default()).await.unwrap().unwrap();
-    let bm = ch.basic_get("order".into(), Default::default()).await.unwrap().unwrap();
-    bm.delivery.reject(BasicRejectOptions { requeue: true }).await.unwrap();
-    a.delivery.reject(BasicRejectOptions { requeue: true }).await.unwrap();
+    let a = ch
+        .basic_get("order".into(), Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let bm = ch
+        .basic_get("order".into(), Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    bm.delivery
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    a.delivery
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
     settle().await;
     let mut got = Vec::new();
-    while let Some(m) = ch.basic_get("order".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        got.push((String::from_utf8_lossy(&m.delivery.data).into_owned(), m.delivery.redelivered));
+    while let Some(m) = ch
+        .basic_get("order".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
     }
-    assert_eq!(got, vec![("a".into(), true), ("b".into(), true), ("c".into(), false)]);
+    assert_eq!(
+        got,
+        vec![("a".into(), true), ("b".into(), true), ("c".into(), false)]
+    );
 }
 
 #[tokio::test]
@@ -196,18 +265,47 @@ async fn nack_multiple_requeue_and_reject_discard() {
     for _ in 0..5 {
         ds.push(next(&mut c).await);
     }
-    assert_eq!(ds.iter().map(|d| d.delivery_tag).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        ds.iter().map(|d| d.delivery_tag).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
     // ack 5, discard 4, requeue 1..=3 in one multiple nack.
     cch.basic_ack(5, Default::default()).await.unwrap();
-    cch.basic_reject(4, BasicRejectOptions { requeue: false }).await.unwrap();
-    cch.basic_cancel("n".into(), Default::default()).await.unwrap();
-    cch.basic_nack(3, BasicNackOptions { multiple: true, requeue: true }).await.unwrap();
+    cch.basic_reject(4, BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    cch.basic_cancel("n".into(), Default::default())
+        .await
+        .unwrap();
+    cch.basic_nack(
+        3,
+        BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        },
+    )
+    .await
+    .unwrap();
     settle().await;
     let mut got = Vec::new();
-    while let Some(m) = ch.basic_get("nackq".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        got.push((String::from_utf8_lossy(&m.delivery.data).into_owned(), m.delivery.redelivered));
+    while let Some(m) = ch
+        .basic_get("nackq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
     }
-    assert_eq!(got, vec![("m1".into(), true), ("m2".into(), true), ("m3".into(), true)]);
+    assert_eq!(
+        got,
+        vec![
+            ("m1".into(), true),
+            ("m2".into(), true),
+            ("m3".into(), true)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -221,9 +319,20 @@ async fn nack_without_requeue_drops_messages() {
     }
     settle().await;
     for _ in 0..3 {
-        ch.basic_get("drop".into(), Default::default()).await.unwrap().unwrap();
+        ch.basic_get("drop".into(), Default::default())
+            .await
+            .unwrap()
+            .unwrap();
     }
-    ch.basic_nack(0, BasicNackOptions { multiple: true, requeue: false }).await.unwrap();
+    ch.basic_nack(
+        0,
+        BasicNackOptions {
+            multiple: true,
+            requeue: false,
+        },
+    )
+    .await
+    .unwrap();
     assert!(drain(&ch, "drop").await.is_empty());
     assert_eq!(message_count(&conn, "drop").await, 0);
 }
@@ -233,8 +342,9 @@ async fn unknown_delivery_tag_is_406() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
+    let w = watch_channel(&ch).await;
     ch.basic_ack(99, Default::default()).await.unwrap();
-    let (code, text) = channel_close_error(&ch).await;
+    let (code, text) = w.error().await;
     assert_eq!(code, 406);
     assert_eq!(text, "PRECONDITION_FAILED - unknown delivery tag 99");
     // The connection is fine.
@@ -250,13 +360,21 @@ async fn double_ack_is_unknown_delivery_tag() {
     declare_queue(&ch, "twice-ack").await;
     publish(&ch, "", "twice-ack", b"x").await;
     settle().await;
-    let m = ch.basic_get("twice-ack".into(), Default::default()).await.unwrap().unwrap();
+    let m = ch
+        .basic_get("twice-ack".into(), Default::default())
+        .await
+        .unwrap()
+        .unwrap();
     let tag = m.delivery.delivery_tag;
+    let w = watch_channel(&ch).await;
     ch.basic_ack(tag, Default::default()).await.unwrap();
     ch.basic_ack(tag, Default::default()).await.unwrap();
-    let (code, text) = channel_close_error(&ch).await;
+    let (code, text) = w.error().await;
     assert_eq!(code, 406);
-    assert_eq!(text, format!("PRECONDITION_FAILED - unknown delivery tag {tag}"));
+    assert_eq!(
+        text,
+        format!("PRECONDITION_FAILED - unknown delivery tag {tag}")
+    );
 }
 
 #[tokio::test]
@@ -278,10 +396,20 @@ async fn unacked_messages_requeued_when_channel_closes() {
     cch.close(200, "bye".into()).await.unwrap();
     settle().await;
     let mut got = Vec::new();
-    while let Some(m) = ch.basic_get("chclose".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        got.push((String::from_utf8_lossy(&m.delivery.data).into_owned(), m.delivery.redelivered));
+    while let Some(m) = ch
+        .basic_get("chclose".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
     }
-    assert_eq!(got, vec![("1".into(), true), ("2".into(), true), ("3".into(), true)]);
+    assert_eq!(
+        got,
+        vec![("1".into(), true), ("2".into(), true), ("3".into(), true)]
+    );
 }
 
 #[tokio::test]
@@ -302,10 +430,20 @@ async fn unacked_messages_requeued_when_connection_closes() {
     within(3, other.close(200, "bye".into())).await.unwrap();
     settle().await;
     let mut got = Vec::new();
-    while let Some(m) = ch.basic_get("connclose".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        got.push((String::from_utf8_lossy(&m.delivery.data).into_owned(), m.delivery.redelivered));
+    while let Some(m) = ch
+        .basic_get("connclose".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
     }
-    assert_eq!(got, vec![("0".into(), true), ("1".into(), true), ("2".into(), true)]);
+    assert_eq!(
+        got,
+        vec![("0".into(), true), ("1".into(), true), ("2".into(), true)]
+    );
 }
 
 #[tokio::test]
@@ -321,7 +459,9 @@ async fn basic_recover_redelivers_unacked_messages() {
     let d0 = next(&mut c).await;
     let d1 = next(&mut c).await;
     assert!(!d0.redelivered && !d1.redelivered);
-    ch.basic_recover(BasicRecoverOptions { requeue: true }).await.unwrap();
+    ch.basic_recover(BasicRecoverOptions { requeue: true })
+        .await
+        .unwrap();
     let r0 = next(&mut c).await;
     let r1 = next(&mut c).await;
     assert_eq!((body(&r0), r0.redelivered), ("0".into(), true));
@@ -338,7 +478,18 @@ async fn no_ack_consumer_gets_everything_in_order() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "noack").await;
-    let mut c = ch.basic_consume("noack".into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let mut c = ch
+        .basic_consume(
+            "noack".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     assert!(c.tag().as_str().starts_with("amq.ctag-"), "{}", c.tag());
     for i in 0..200 {
         publish(&ch, "", "noack", format!("{i}").as_bytes()).await;
@@ -358,8 +509,13 @@ async fn cancel_stops_deliveries_and_leaves_messages() {
     let mut c = consume(&ch, "cancelq", "ct").await;
     publish(&ch, "", "cancelq", b"1").await;
     next(&mut c).await.ack(Default::default()).await.unwrap();
-    ch.basic_cancel("ct".into(), Default::default()).await.unwrap();
-    assert!(within(2, c.next()).await.is_none(), "consumer stream should end after cancel");
+    ch.basic_cancel("ct".into(), Default::default())
+        .await
+        .unwrap();
+    assert!(
+        within(2, c.next()).await.is_none(),
+        "consumer stream should end after cancel"
+    );
     publish(&ch, "", "cancelq", b"2").await;
     assert_eq!(drain(&ch, "cancelq").await, vec!["2"]);
 }
@@ -371,7 +527,15 @@ async fn consumer_tag_reuse_on_channel_is_530() {
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "tagq").await;
     let _c = consume(&ch, "tagq", "dup").await;
-    let (code, text) = expect_amqp_error(ch.basic_consume("tagq".into(), "dup".into(), Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch.basic_consume(
+            "tagq".into(),
+            "dup".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 530);
     assert_eq!(text, "NOT_ALLOWED - attempt to reuse consumer tag 'dup'");
     // 530 is a connection error.
@@ -400,11 +564,33 @@ async fn exclusive_consumer_blocks_others_with_403() {
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
     declare_queue(&ch, "exq").await;
-    let _c = ch.basic_consume("exq".into(), "owner".into(), BasicConsumeOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let _c = ch
+        .basic_consume(
+            "exq".into(),
+            "owner".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let ch2 = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch2.basic_consume("exq".into(), "second".into(), Default::default(), FieldTable::default()).await);
+    let (code, text) = expect_amqp_error(
+        ch2.basic_consume(
+            "exq".into(),
+            "second".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - queue 'exq' in vhost '/' in exclusive use");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - queue 'exq' in vhost '/' in exclusive use"
+    );
 }
 
 #[tokio::test]
@@ -416,10 +602,22 @@ async fn exclusive_consume_on_queue_with_consumers_is_403() {
     let _c = consume(&ch, "exq2", "plain").await;
     let ch2 = conn.create_channel().await.unwrap();
     let (code, text) = expect_amqp_error(
-        ch2.basic_consume("exq2".into(), "excl".into(), BasicConsumeOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await,
+        ch2.basic_consume(
+            "exq2".into(),
+            "excl".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await,
     );
     assert_eq!(code, 403);
-    assert_eq!(text, "ACCESS_REFUSED - queue 'exq2' in vhost '/' in exclusive use");
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - queue 'exq2' in vhost '/' in exclusive use"
+    );
 }
 
 #[tokio::test]
@@ -427,8 +625,19 @@ async fn consume_from_missing_queue_is_404() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let (code, text) = expect_amqp_error(ch.basic_consume("nowhere".into(), "".into(), Default::default(), FieldTable::default()).await);
-    assert_eq!((code, text.as_str()), (404, "NOT_FOUND - no queue 'nowhere' in vhost '/'"));
+    let (code, text) = expect_amqp_error(
+        ch.basic_consume(
+            "nowhere".into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+    );
+    assert_eq!(
+        (code, text.as_str()),
+        (404, "NOT_FOUND - no queue 'nowhere' in vhost '/'")
+    );
 }
 
 #[tokio::test]
@@ -450,26 +659,35 @@ async fn deleting_queue_cancels_its_consumers_without_stalling_others() {
     .await;
     let other = b.connect().await;
     let och = other.create_channel().await.unwrap();
-    assert_eq!(within(3, och.queue_delete("doomed".into(), Default::default())).await.unwrap(), 0);
+    assert_eq!(
+        within(3, och.queue_delete("doomed".into(), Default::default()))
+            .await
+            .unwrap(),
+        0
+    );
     // Both consumers are cancelled by the server: their streams end.
-    assert!(within(3, async {
-        loop {
-            match c1.next().await {
-                None => break true,
-                Some(_) => continue,
+    assert!(
+        within(3, async {
+            loop {
+                match c1.next().await {
+                    None => break true,
+                    Some(_) => continue,
+                }
             }
-        }
-    })
-    .await);
-    assert!(within(3, async {
-        loop {
-            match c2.next().await {
-                None => break true,
-                Some(_) => continue,
+        })
+        .await
+    );
+    assert!(
+        within(3, async {
+            loop {
+                match c2.next().await {
+                    None => break true,
+                    Some(_) => continue,
+                }
             }
-        }
-    })
-    .await);
+        })
+        .await
+    );
     // The consuming channel is still open and usable.
     within(3, declare_queue(&cch, "life-goes-on")).await;
     publish(&cch, "", "life-goes-on", b"ok").await;
@@ -493,10 +711,30 @@ async fn consumer_count_reflects_consumers_across_connections() {
     declare_queue(&ch1, "cc").await;
     let _a = consume(&ch1, "cc", "a").await;
     let _b = consume(&ch2, "cc", "b").await;
-    let q = ch1.queue_declare("cc".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let q = ch1
+        .queue_declare(
+            "cc".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(q.consumer_count(), 2);
     c2.close(200, "bye".into()).await.unwrap();
     settle().await;
-    let q = ch1.queue_declare("cc".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let q = ch1
+        .queue_declare(
+            "cc".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(q.consumer_count(), 1);
 }

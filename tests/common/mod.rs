@@ -18,7 +18,9 @@ pub struct TestBroker {
 
 fn init_logs() {
     if std::env::var("WARREN_TEST_VERBOSE").is_ok() {
-        let _ = tracing_subscriber::fmt().with_env_filter("debug").try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .try_init();
     }
 }
 
@@ -36,7 +38,11 @@ impl TestBroker {
         tweak(&mut cfg);
         let handle = server::start(Arc::new(cfg)).await.expect("server starts");
         let addr = handle.amqp_addr;
-        TestBroker { handle: Some(handle), addr, dir }
+        TestBroker {
+            handle: Some(handle),
+            addr,
+            dir,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -44,7 +50,9 @@ impl TestBroker {
     }
 
     pub async fn connect(&self) -> Connection {
-        Connection::connect(&self.url(), ConnectionProperties::default()).await.expect("connect")
+        Connection::connect(&self.url(), ConnectionProperties::default())
+            .await
+            .expect("connect")
     }
 
     pub async fn stop(&mut self) {
@@ -56,7 +64,9 @@ impl TestBroker {
 
 /// Waits for `fut` at most `secs` seconds, failing the test otherwise.
 pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("timed out")
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .expect("timed out")
 }
 
 // ---------------------------------------------------------------------------
@@ -82,9 +92,13 @@ pub fn expect_amqp_error<T: std::fmt::Debug>(r: lapin::Result<T>) -> (u16, Strin
 
 /// Declares a plain (non-durable, non-exclusive) queue.
 pub async fn declare_queue(ch: &lapin::Channel, name: &str) -> lapin::Queue {
-    ch.queue_declare(name.into(), lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
-        .await
-        .expect("queue.declare")
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare")
 }
 
 /// Publishes `body` with default properties.
@@ -106,7 +120,10 @@ pub async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<String> {
     settle().await;
     let mut out = Vec::new();
     while let Some(m) = ch
-        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .expect("basic.get")
     {
@@ -126,7 +143,10 @@ pub async fn message_count(conn: &Connection, queue: &str) -> u32 {
     let q = ch
         .queue_declare(
             queue.into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             lapin::types::FieldTable::default(),
         )
         .await
@@ -167,7 +187,10 @@ pub enum RawEvent {
 /// Encodes one frame.
 pub fn encode_frame(f: &AMQPFrame) -> Vec<u8> {
     let ctx = WriteContext::from(Vec::new());
-    gen_frame::<Vec<u8>>(f)(ctx).expect("gen frame").into_inner().0
+    gen_frame::<Vec<u8>>(f)(ctx)
+        .expect("gen frame")
+        .into_inner()
+        .0
 }
 
 /// Encodes a frame from its parts (type, channel, payload), with a chosen end octet.
@@ -184,7 +207,12 @@ impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).ok();
-        RawClient { stream, buf: Vec::new(), server_properties: Default::default(), tune: None }
+        RawClient {
+            stream,
+            buf: Vec::new(),
+            server_properties: Default::default(),
+            tune: None,
+        }
     }
 
     /// Connects and completes the handshake as guest on "/", answering tune
@@ -193,7 +221,9 @@ impl RawClient {
         let mut c = RawClient::connect(addr).await;
         c.send(AMQP_HEADER).await;
         match c.method().await {
-            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => c.server_properties = s.server_properties,
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => {
+                c.server_properties = s.server_properties
+            }
             other => panic!("expected connection.start, got {other:?}"),
         }
         c.send_method(
@@ -222,7 +252,9 @@ impl RawClient {
         c.tune = Some(tune);
         c.send_method(
             0,
-            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open { virtual_host: "/".into() })),
+            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open {
+                virtual_host: "/".into(),
+            })),
         )
         .await;
         match c.method().await {
@@ -248,7 +280,11 @@ impl RawClient {
     /// Opens channel `ch` and waits for open-ok.
     pub async fn open_channel(&mut self, ch: u16) {
         use amq_protocol::protocol::channel as chan_m;
-        self.send_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {}))).await;
+        self.send_method(
+            ch,
+            AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})),
+        )
+        .await;
         match self.method().await {
             (c, AMQPClass::Channel(chan_m::AMQPMethod::OpenOk(_))) if c == ch => {}
             other => panic!("expected channel.open-ok on {ch}, got {other:?}"),
@@ -264,7 +300,8 @@ impl RawClient {
                 return RawEvent::Bytes(b);
             }
             if self.buf.len() >= 7 {
-                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
+                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]])
+                    as usize;
                 if self.buf.len() >= size + 8 {
                     let bytes: Vec<u8> = self.buf.drain(..size + 8).collect();
                     match parse_frame(&bytes[..]) {
@@ -290,7 +327,6 @@ impl RawClient {
     }
 
     /// Next method frame, skipping heartbeats.
-    #[track_caller]
     pub async fn method(&mut self) -> (u16, AMQPClass) {
         loop {
             match self.next().await {
@@ -305,10 +341,21 @@ impl RawClient {
     pub async fn expect_connection_close(&mut self) -> (u16, String, u16, u16) {
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(c)))) => {
-                    self.send_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})))
-                        .await;
-                    return (c.reply_code, c.reply_text.to_string(), c.class_id, c.method_id);
+                RawEvent::Frame(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::Close(c)),
+                )) => {
+                    self.send_method(
+                        0,
+                        AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
+                    )
+                    .await;
+                    return (
+                        c.reply_code,
+                        c.reply_text.to_string(),
+                        c.class_id,
+                        c.method_id,
+                    );
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected connection.close, got {other:?}"),
@@ -321,11 +368,20 @@ impl RawClient {
         use amq_protocol::protocol::channel as chan_m;
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(c, AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)))) if c == ch => {
+                RawEvent::Frame(AMQPFrame::Method(
+                    c,
+                    AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)),
+                )) if c == ch => {
                     return (cl.reply_code, cl.reply_text.to_string());
                 }
-                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)))) => {
-                    panic!("expected channel.close, got connection.close {} {}", cl.reply_code, cl.reply_text)
+                RawEvent::Frame(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)),
+                )) => {
+                    panic!(
+                        "expected channel.close, got connection.close {} {}",
+                        cl.reply_code, cl.reply_text
+                    )
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected channel.close, got {other:?}"),
@@ -344,20 +400,57 @@ impl RawClient {
     }
 }
 
-/// After an asynchronous method (basic.publish, basic.ack...) that should
-/// make the server close the channel: a synchronous round trip on the same
-/// channel must fail with the channel.close error. Returns (code, text).
-pub async fn channel_close_error(ch: &lapin::Channel) -> (u16, String) {
-    let r = within(5, ch.basic_qos(0, lapin::options::BasicQosOptions::default())).await;
-    match r {
-        Ok(()) => panic!("expected the channel to be closed by the server"),
-        Err(e) => match amqp_error(&e) {
-            Some(x) => x,
-            None => {
-                // The close may already have been processed; lapin keeps the
-                // reason in the channel status only through later errors.
-                panic!("expected an AMQP error, got {e:?}")
+/// Watches a channel for a server-side channel.close: lapin hands the close
+/// reason to the channel's consumers, so this holds a consumer (on a
+/// server-named exclusive queue) whose stream yields the error. Create it
+/// before the asynchronous method (basic.publish, basic.ack...) that should
+/// make the server close the channel, then call `error()`.
+pub struct ChannelWatch(lapin::Consumer);
+
+pub async fn watch_channel(ch: &lapin::Channel) -> ChannelWatch {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("watch queue");
+    let c = ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("watch consumer");
+    ChannelWatch(c)
+}
+
+impl ChannelWatch {
+    /// Waits (at most 5 s) for the channel to be closed by the server and
+    /// returns (reply code, reply text).
+    pub async fn error(mut self) -> (u16, String) {
+        use futures_lite::StreamExt;
+        within(5, async {
+            loop {
+                match self.0.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        break amqp_error(&e)
+                            .unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}"));
+                    }
+                    None => panic!("channel ended without an error"),
+                }
             }
-        },
+        })
+        .await
     }
 }

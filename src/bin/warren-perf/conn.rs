@@ -65,7 +65,9 @@ impl Target {
             .parse()
             .map_err(|e| Error::Config(format!("invalid --uri {uri:?}: {e}")))?;
         if matches!(u.scheme, amq_protocol::uri::AMQPScheme::AMQPS) {
-            return Err(Error::Config("amqps:// is not supported by warren-perf".into()));
+            return Err(Error::Config(
+                "amqps:// is not supported by warren-perf".into(),
+            ));
         }
         Ok(Target {
             host: u.authority.host,
@@ -100,7 +102,10 @@ pub fn scan_frame(b: &[u8], max: usize) -> Result<Option<(u8, u16, usize)>> {
         return Ok(None);
     }
     if b[7 + size] != FRAME_END {
-        return proto(format!("bad frame end byte 0x{:02x} (frame type {ty})", b[7 + size]));
+        return proto(format!(
+            "bad frame end byte 0x{:02x} (frame type {ty})",
+            b[7 + size]
+        ));
     }
     Ok(Some((ty, ch, size + 8)))
 }
@@ -111,7 +116,8 @@ pub fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 #[inline]
 pub fn be64(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8).map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+    b.get(at..at + 8)
+        .map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
 }
 
 /// Decode connection.close / channel.close payloads (after class+method ids).
@@ -138,7 +144,9 @@ pub fn encode(frame: &AMQPFrame, out: &mut Vec<u8>) {
 fn cookie_gen(frame: &AMQPFrame, buf: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     use amq_protocol::frame::WriteContext;
     let ctx = WriteContext::from(buf);
-    gen_frame(frame)(ctx).map(|c| c.write).map_err(|e| format!("{e:?}"))
+    gen_frame(frame)(ctx)
+        .map(|c| c.write)
+        .map_err(|e| format!("{e:?}"))
 }
 
 pub fn method(ch: u16, m: AMQPClass) -> AMQPFrame {
@@ -243,7 +251,12 @@ impl Conn {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(self.io_err("timed out waiting for the broker", e));
                 }
                 Err(e) => return Err(self.io_err("read failed", e)),
@@ -265,7 +278,9 @@ impl Conn {
                             let err = decode_close("connection", p);
                             let _ = self.send(&method(
                                 0,
-                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                    connection::CloseOk {},
+                                )),
                             ));
                             return Err(err);
                         }
@@ -275,7 +290,9 @@ impl Conn {
                     return match parse_frame(&self.rbuf[s..e]) {
                         Ok((_, AMQPFrame::Method(ch, m))) => Ok((ch, m)),
                         Ok(_) => proto("unexpected frame"),
-                        Err(err) => proto(format!("cannot parse method frame on channel {ch}: {err:?}")),
+                        Err(err) => proto(format!(
+                            "cannot parse method frame on channel {ch}: {err:?}"
+                        )),
                     };
                 }
                 t => return proto(format!("unexpected frame type {t} during setup")),
@@ -293,22 +310,36 @@ impl Conn {
             AMQPClass::Connection(connection::AMQPMethod::Start(s)) => {
                 let mechs = s.mechanisms.to_string();
                 if !mechs.split(' ').any(|m| m == "PLAIN") {
-                    return Err(Error::Protocol(format!("broker does not offer PLAIN auth (offers {mechs})")));
+                    return Err(Error::Protocol(format!(
+                        "broker does not offer PLAIN auth (offers {mechs})"
+                    )));
                 }
             }
             other => return proto(format!("expected connection.start, got {other:?}")),
         }
         let mut props = FieldTable::default();
-        props.insert(ShortString::from("product"), AMQPValue::LongString(LongString::from("warren-perf")));
+        props.insert(
+            ShortString::from("product"),
+            AMQPValue::LongString(LongString::from("warren-perf")),
+        );
         props.insert(
             ShortString::from("connection_name"),
             AMQPValue::LongString(LongString::from(name.to_string())),
         );
         let mut caps = FieldTable::default();
-        for c in ["publisher_confirms", "consumer_cancel_notify", "basic.nack", "connection.blocked", "authentication_failure_close"] {
+        for c in [
+            "publisher_confirms",
+            "consumer_cancel_notify",
+            "basic.nack",
+            "connection.blocked",
+            "authentication_failure_close",
+        ] {
             caps.insert(ShortString::from(c), AMQPValue::Boolean(true));
         }
-        props.insert(ShortString::from("capabilities"), AMQPValue::FieldTable(caps));
+        props.insert(
+            ShortString::from("capabilities"),
+            AMQPValue::FieldTable(caps),
+        );
         let resp = format!("\0{}\0{}", t.user, t.pass);
         self.send(&method(
             0,
@@ -321,10 +352,16 @@ impl Conn {
         ))?;
         let (_, m) = match self.recv_method() {
             Err(Error::Io(_, e))
-                if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) =>
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
             {
                 return Err(Error::Io(
-                    format!("broker dropped the connection during login — wrong user/password for {:?}?", t.user),
+                    format!(
+                        "broker dropped the connection during login — wrong user/password for {:?}?",
+                        t.user
+                    ),
                     e,
                 ));
             }
@@ -337,7 +374,11 @@ impl Conn {
             }
             other => return proto(format!("expected connection.tune, got {other:?}")),
         };
-        let frame_max = if tune.frame_max == 0 { 131072 } else { tune.frame_max };
+        let frame_max = if tune.frame_max == 0 {
+            131072
+        } else {
+            tune.frame_max
+        };
         self.frame_max = frame_max;
         if self.rbuf.len() < frame_max as usize * 2 {
             self.rbuf.resize(frame_max as usize * 2, 0);
@@ -378,11 +419,22 @@ impl Conn {
     }
 
     pub fn channel_open(&mut self, ch: u16) -> Result<()> {
-        self.rpc(ch, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})), "channel.open")?;
+        self.rpc(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            "channel.open",
+        )?;
         Ok(())
     }
 
-    pub fn queue_declare(&mut self, ch: u16, q: &str, durable: bool, exclusive: bool, auto_delete: bool) -> Result<String> {
+    pub fn queue_declare(
+        &mut self,
+        ch: u16,
+        q: &str,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+    ) -> Result<String> {
         let r = self.rpc(
             ch,
             AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
@@ -452,7 +504,10 @@ impl Conn {
     pub fn qos(&mut self, ch: u16, prefetch: u16) -> Result<()> {
         self.rpc(
             ch,
-            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: prefetch, global: false })),
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: prefetch,
+                global: false,
+            })),
             "basic.qos",
         )?;
         Ok(())
@@ -461,13 +516,22 @@ impl Conn {
     pub fn confirm_select(&mut self, ch: u16) -> Result<()> {
         self.rpc(
             ch,
-            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: false,
+            })),
             "confirm.select",
         )?;
         Ok(())
     }
 
-    pub fn consume(&mut self, ch: u16, q: &str, tag: &str, no_ack: bool, exclusive: bool) -> Result<()> {
+    pub fn consume(
+        &mut self,
+        ch: u16,
+        q: &str,
+        tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+    ) -> Result<()> {
         self.rpc(
             ch,
             AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
@@ -517,7 +581,10 @@ impl Conn {
                 match scan_frame(&buf[s..e], max) {
                     Ok(Some((ty, _, len))) => {
                         let p = &buf[s + 7..s + len - 1];
-                        if ty == FRAME_METHOD && be16(p, 0) == Some(10) && matches!(be16(p, 2), Some(51) | Some(50)) {
+                        if ty == FRAME_METHOD
+                            && be16(p, 0) == Some(10)
+                            && matches!(be16(p, 2), Some(51) | Some(50))
+                        {
                             let _ = stream.shutdown(Shutdown::Both);
                             return;
                         }
@@ -536,7 +603,13 @@ impl Conn {
             match stream.read(&mut buf[e..]) {
                 Ok(0) => return,
                 Ok(n) => e += n,
-                Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(_) => return,
             }
         }
@@ -571,7 +644,14 @@ pub fn put_publish(out: &mut Vec<u8>, ch: u16, exchange: &[u8], rk: &[u8]) {
 }
 
 /// Append a content header frame with optional correlation-id / reply-to / delivery-mode.
-pub fn put_header(out: &mut Vec<u8>, ch: u16, body_size: u64, corr: Option<&[u8]>, reply_to: Option<&[u8]>, delivery_mode: Option<u8>) {
+pub fn put_header(
+    out: &mut Vec<u8>,
+    ch: u16,
+    body_size: u64,
+    corr: Option<&[u8]>,
+    reply_to: Option<&[u8]>,
+    delivery_mode: Option<u8>,
+) {
     let start = out.len();
     out.push(FRAME_HEADER);
     out.extend_from_slice(&ch.to_be_bytes());
@@ -647,8 +727,16 @@ pub fn header_props(p: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
     if flags & 0x0800 != 0 {
         i += 1;
     }
-    let corr = if flags & 0x0400 != 0 { Some(shortstr(&mut i)?) } else { None };
-    let reply = if flags & 0x0200 != 0 { Some(shortstr(&mut i)?) } else { None };
+    let corr = if flags & 0x0400 != 0 {
+        Some(shortstr(&mut i)?)
+    } else {
+        None
+    };
+    let reply = if flags & 0x0200 != 0 {
+        Some(shortstr(&mut i)?)
+    } else {
+        None
+    };
     Some((corr, reply))
 }
 

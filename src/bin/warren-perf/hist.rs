@@ -43,7 +43,9 @@ impl Histogram {
     pub fn new() -> Self {
         let mut v = Vec::with_capacity(BUCKETS);
         v.resize_with(BUCKETS, || AtomicU64::new(0));
-        Histogram { buckets: v.into_boxed_slice() }
+        Histogram {
+            buckets: v.into_boxed_slice(),
+        }
     }
 
     /// Single-writer record.
@@ -93,7 +95,17 @@ mod tests {
     use super::*;
     #[test]
     fn roundtrip() {
-        for v in [0u64, 1, 127, 128, 129, 1000, 123_456, 10_000_000_000, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            129,
+            1000,
+            123_456,
+            10_000_000_000,
+            u64::MAX,
+        ] {
             let b = bucket_of(v);
             assert!(b < BUCKETS);
             let r = value_of(b);

@@ -19,7 +19,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "warren-perf", about = "PerfTest-style AMQP 0-9-1 load generator", version)]
+#[command(
+    name = "warren-perf",
+    about = "PerfTest-style AMQP 0-9-1 load generator",
+    version
+)]
 pub struct Cli {
     /// Broker URI
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -273,21 +277,33 @@ impl Plan {
 fn build_plan(cli: Cli) -> Result<Plan, Error> {
     let target = Target::parse(&cli.uri)?;
     if cli.size < 8 {
-        return Err(Error::Config("-s must be at least 8 (the body carries an 8-byte timestamp)".into()));
+        return Err(Error::Config(
+            "-s must be at least 8 (the body carries an 8-byte timestamp)".into(),
+        ));
     }
     if cli.size > 512 * 1024 * 1024 {
-        return Err(Error::Config("-s larger than 512 MiB is not supported".into()));
+        return Err(Error::Config(
+            "-s larger than 512 MiB is not supported".into(),
+        ));
     }
     if cli.fanout > 0 && cli.queues > 1 {
-        return Err(Error::Config("--fanout and --queues are mutually exclusive".into()));
+        return Err(Error::Config(
+            "--fanout and --queues are mutually exclusive".into(),
+        ));
     }
     if cli.queues == 0 {
         return Err(Error::Config("--queues must be at least 1".into()));
     }
     if cli.confirm > 1_000_000 {
-        return Err(Error::Config("-c window larger than 1000000 is not supported".into()));
+        return Err(Error::Config(
+            "-c window larger than 1000000 is not supported".into(),
+        ));
     }
-    let n = if cli.fanout > 0 { cli.fanout } else { cli.queues };
+    let n = if cli.fanout > 0 {
+        cli.fanout
+    } else {
+        cli.queues
+    };
     let queues: Vec<String> = if n == 1 {
         vec![cli.queue.clone()]
     } else {
@@ -298,7 +314,12 @@ fn build_plan(cli: Cli) -> Result<Plan, Error> {
     } else {
         cli.exchange.clone()
     };
-    Ok(Plan { target, cli, queues, exchange })
+    Ok(Plan {
+        target,
+        cli,
+        queues,
+        exchange,
+    })
 }
 
 fn declare(plan: &Plan) -> Result<(), Error> {
@@ -322,7 +343,11 @@ fn declare(plan: &Plan) -> Result<(), Error> {
         // inherit each other's backlog (a queue that never had a consumer stays).
         conn.queue_declare(1, q, c.persistent, false, true)?;
         if !plan.exchange.is_empty() {
-            let rk = if c.fanout > 0 { String::new() } else { plan.producer_rk(i) };
+            let rk = if c.fanout > 0 {
+                String::new()
+            } else {
+                plan.producer_rk(i)
+            };
             conn.queue_bind(1, q, &plan.exchange, &rk)?;
         }
     }
@@ -358,7 +383,12 @@ struct Totals {
 }
 
 fn totals(all: &[Arc<Stats>]) -> Totals {
-    let mut t = Totals { published: 0, confirmed: 0, nacked: 0, consumed: 0 };
+    let mut t = Totals {
+        published: 0,
+        confirmed: 0,
+        nacked: 0,
+        consumed: 0,
+    };
     for s in all {
         t.published += s.published.load(Relaxed);
         t.confirmed += s.confirmed.load(Relaxed);
@@ -407,7 +437,10 @@ fn main() {
         Err(e) => {
             eprintln!("warren-perf: {e}");
             if json {
-                println!("{}", serde_json::json!({ "ok": false, "error": e.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "error": e.to_string() })
+                );
             }
             1
         }
@@ -430,7 +463,14 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
     });
 
     let (n_prod, n_cons) = if cli.fanout > 0 && !cli.rpc {
-        (cli.producers, if cli.consumers == 0 { 0 } else { cli.fanout.max(cli.consumers) })
+        (
+            cli.producers,
+            if cli.consumers == 0 {
+                0
+            } else {
+                cli.fanout.max(cli.consumers)
+            },
+        )
     } else {
         (cli.producers, cli.consumers)
     };
@@ -450,7 +490,11 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         let h = std::thread::Builder::new()
             .name(format!("consumer-{i}"))
             .spawn(move || {
-                let r = if p.cli.rpc { work::rpc_server(&p, i, &st, &sh) } else { work::consumer(&p, i, &st, &sh) };
+                let r = if p.cli.rpc {
+                    work::rpc_server(&p, i, &st, &sh)
+                } else {
+                    work::consumer(&p, i, &st, &sh)
+                };
                 if let Err(e) = r {
                     sh.fail(&format!("consumer {i}"), &e);
                 }
@@ -460,9 +504,15 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         handles.push(h);
     }
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    while shared.ready.load(Relaxed) < n_cons as u64 && !shared.stopping() && !INTERRUPTED.load(Relaxed) {
+    while shared.ready.load(Relaxed) < n_cons as u64
+        && !shared.stopping()
+        && !INTERRUPTED.load(Relaxed)
+    {
         if Instant::now() > setup_deadline {
-            shared.fail("setup", &Error::Protocol("consumers did not start within 60 s".into()));
+            shared.fail(
+                "setup",
+                &Error::Protocol("consumers did not start within 60 s".into()),
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -479,7 +529,11 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             let h = std::thread::Builder::new()
                 .name(format!("producer-{i}"))
                 .spawn(move || {
-                    let r = if p.cli.rpc { work::rpc_client(&p, i, &st, &sh) } else { work::producer(&p, i, &st, &sh) };
+                    let r = if p.cli.rpc {
+                        work::rpc_client(&p, i, &st, &sh)
+                    } else {
+                        work::producer(&p, i, &st, &sh)
+                    };
                     if let Err(e) = r {
                         sh.fail(&format!("producer {i}"), &e);
                     }
@@ -496,10 +550,18 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         if cli.quiet {
             return;
         }
-        if cli.json { eprintln!("{s}") } else { println!("{s}") }
+        if cli.json {
+            eprintln!("{s}")
+        } else {
+            println!("{s}")
+        }
     };
     // In RPC mode the server threads' counters are not round trips: report clients only.
-    let rep_stats: Vec<Arc<Stats>> = if cli.rpc { prod_stats.clone() } else { all.clone() };
+    let rep_stats: Vec<Arc<Stats>> = if cli.rpc {
+        prod_stats.clone()
+    } else {
+        all.clone()
+    };
     let mut prev = totals(&rep_stats);
     let mut prev_h = vec![0u64; hist::BUCKETS];
     let mut cur_h = vec![0u64; hist::BUCKETS];
@@ -509,7 +571,11 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
     let expected_consume: Option<u64> = if cli.cmessages > 0 {
         Some(cli.cmessages * n_cons as u64)
     } else if cli.pmessages > 0 && n_cons > 0 && !cli.rpc {
-        let per_queue_copies = if cli.fanout > 0 { n_cons.min(plan.queues.len()) as u64 } else { 1 };
+        let per_queue_copies = if cli.fanout > 0 {
+            n_cons.min(plan.queues.len()) as u64
+        } else {
+            1
+        };
         Some(cli.pmessages * n_prod as u64 * per_queue_copies)
     } else {
         None
@@ -530,7 +596,11 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
                 Some(v) => format!("latency p50 {} p99 {}", fmt_lat(v[0]), fmt_lat(v[1])),
                 None => "latency -".into(),
             };
-            let label = if cli.rpc { ("requests", "replies") } else { ("published", "consumed") };
+            let label = if cli.rpc {
+                ("requests", "replies")
+            } else {
+                ("published", "consumed")
+            };
             rate_out(format!(
                 "{:>6.1}s  {} {:>9.0}/s  confirmed {:>9.0}/s  {} {:>9.0}/s  {}",
                 elapsed as f64 / 1e9,
@@ -572,7 +642,9 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             if c != last_progress.1 {
                 last_progress = (now, c);
             } else if cli.cmessages == 0 && now - last_progress.0 > 5_000_000_000 {
-                eprintln!("warren-perf: no messages consumed for 5 s after producers finished; stopping");
+                eprintln!(
+                    "warren-perf: no messages consumed for 5 s after producers finished; stopping"
+                );
                 break;
             }
         }
@@ -597,25 +669,71 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
     let pt = totals(&prod_stats);
     let ct = totals(&cons_stats);
     let dur = (t_end - t_start) as f64 / 1e9;
-    let prod_end = prod_stats.iter().map(|s| s.last_ns.load(Relaxed)).max().unwrap_or(t_end).min(t_end);
-    let cons_end = cons_stats.iter().map(|s| s.last_ns.load(Relaxed)).max().unwrap_or(0);
-    let pub_time = if pt.published > 0 { (prod_end.saturating_sub(t_start)) as f64 / 1e9 } else { 0.0 };
-    let cons_time = if ct.consumed > 0 { (cons_end.saturating_sub(t_start)) as f64 / 1e9 } else { 0.0 };
+    let prod_end = prod_stats
+        .iter()
+        .map(|s| s.last_ns.load(Relaxed))
+        .max()
+        .unwrap_or(t_end)
+        .min(t_end);
+    let cons_end = cons_stats
+        .iter()
+        .map(|s| s.last_ns.load(Relaxed))
+        .max()
+        .unwrap_or(0);
+    let pub_time = if pt.published > 0 {
+        (prod_end.saturating_sub(t_start)) as f64 / 1e9
+    } else {
+        0.0
+    };
+    let cons_time = if ct.consumed > 0 {
+        (cons_end.saturating_sub(t_start)) as f64 / 1e9
+    } else {
+        0.0
+    };
     let rate = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
-    let (published, consumed) = if cli.rpc { (pt.published, pt.consumed) } else { (pt.published, ct.consumed) };
-    let publish_rate = rate(published, if cli.time > 0 { dur } else { pub_time.max(1e-9) });
+    let (published, consumed) = if cli.rpc {
+        (pt.published, pt.consumed)
+    } else {
+        (pt.published, ct.consumed)
+    };
+    let publish_rate = rate(
+        published,
+        if cli.time > 0 {
+            dur
+        } else {
+            pub_time.max(1e-9)
+        },
+    );
     let consume_rate = if cli.rpc {
         rate(consumed, dur)
     } else {
-        rate(consumed, if cli.time > 0 { dur } else { cons_time.max(1e-9) })
+        rate(
+            consumed,
+            if cli.time > 0 {
+                dur
+            } else {
+                cons_time.max(1e-9)
+            },
+        )
     };
-    let confirm_rate = rate(t.confirmed, if cli.time > 0 { dur } else { pub_time.max(1e-9) });
+    let confirm_rate = rate(
+        t.confirmed,
+        if cli.time > 0 {
+            dur
+        } else {
+            pub_time.max(1e-9)
+        },
+    );
     hist_snapshot(&all, &mut cur_h);
     let pct = hist::percentiles(&cur_h, &[0.5, 0.95, 0.99, 0.999]);
     let maxlat = hist::max_value(&cur_h);
     let cpu = cpu1 - cpu0;
     let msgs = published.max(consumed);
-    let cpu_per_msg = if msgs > 0 { cpu * 1e6 / msgs as f64 } else { 0.0 };
+    let cpu_per_msg = if msgs > 0 {
+        cpu * 1e6 / msgs as f64
+    } else {
+        0.0
+    };
     let errors: Vec<String> = shared.errors.lock().map(|v| v.clone()).unwrap_or_default();
     let us = |v: u64| (v as f64 / 100.0).round() / 10.0;
 
@@ -640,13 +758,25 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         println!("--- warren-perf summary ---");
         println!("duration          {dur:.2} s");
         if cli.rpc {
-            println!("round trips       {consumed} ({consume_rate:.0}/s, {} clients, {} servers)", n_prod, n_cons);
+            println!(
+                "round trips       {consumed} ({consume_rate:.0}/s, {} clients, {} servers)",
+                n_prod, n_cons
+            );
         } else {
-            println!("published         {published} ({publish_rate:.0} msg/s over {:.2} s)", if cli.time > 0 { dur } else { pub_time });
+            println!(
+                "published         {published} ({publish_rate:.0} msg/s over {:.2} s)",
+                if cli.time > 0 { dur } else { pub_time }
+            );
             if cli.confirm > 0 {
-                println!("confirmed         {} ({confirm_rate:.0} msg/s), nacked {}", t.confirmed, t.nacked);
+                println!(
+                    "confirmed         {} ({confirm_rate:.0} msg/s), nacked {}",
+                    t.confirmed, t.nacked
+                );
             }
-            println!("consumed          {consumed} ({consume_rate:.0} msg/s over {:.2} s)", if cli.time > 0 { dur } else { cons_time });
+            println!(
+                "consumed          {consumed} ({consume_rate:.0} msg/s over {:.2} s)",
+                if cli.time > 0 { dur } else { cons_time }
+            );
         }
         match &pct {
             Some(p) => println!(
@@ -659,7 +789,10 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             ),
             None => println!("latency           - (no messages consumed)"),
         }
-        println!("generator CPU     {cpu:.2} s user+sys = {cpu_per_msg:.3} µs/msg, max RSS {} MiB", maxrss / 1024);
+        println!(
+            "generator CPU     {cpu:.2} s user+sys = {cpu_per_msg:.3} µs/msg, max RSS {} MiB",
+            maxrss / 1024
+        );
         for e in &errors {
             println!("error             {e}");
         }

@@ -16,8 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 const FRAME_MAX: u32 = 131072;
 
 pub fn serve(port: u16, body_size: usize) -> Result<i32> {
-    let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| Error::Io(format!("cannot listen on 127.0.0.1:{port}"), e))?;
-    eprintln!("warren-perf null broker listening on 127.0.0.1:{port} (deliveries of {body_size} B)");
+    let l = TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| Error::Io(format!("cannot listen on 127.0.0.1:{port}"), e))?;
+    eprintln!(
+        "warren-perf null broker listening on 127.0.0.1:{port} (deliveries of {body_size} B)"
+    );
     for s in l.incoming() {
         let Ok(s) = s else { continue };
         std::thread::spawn(move || {
@@ -40,7 +43,8 @@ fn send(s: &mut TcpStream, ch: u16, m: AMQPClass) -> Result<()> {
 fn handle(mut s: TcpStream, body_size: usize) -> Result<()> {
     let _ = s.set_nodelay(true);
     let mut hdr = [0u8; 8];
-    s.read_exact(&mut hdr).map_err(|e| Error::Io("read".into(), e))?;
+    s.read_exact(&mut hdr)
+        .map_err(|e| Error::Io("read".into(), e))?;
     if &hdr != b"AMQP\x00\x00\x09\x01" {
         let _ = s.write_all(b"AMQP\x00\x00\x09\x01");
         return Err(Error::Protocol("bad protocol header".into()));
@@ -87,45 +91,69 @@ fn handle(mut s: TcpStream, body_size: usize) -> Result<()> {
                 };
                 use AMQPClass as C;
                 let reply = match m {
-                    C::Connection(connection::AMQPMethod::StartOk(_)) => Some(C::Connection(connection::AMQPMethod::Tune(
-                        connection::Tune { channel_max: 2047, frame_max: FRAME_MAX, heartbeat: 0 },
-                    ))),
+                    C::Connection(connection::AMQPMethod::StartOk(_)) => Some(C::Connection(
+                        connection::AMQPMethod::Tune(connection::Tune {
+                            channel_max: 2047,
+                            frame_max: FRAME_MAX,
+                            heartbeat: 0,
+                        }),
+                    )),
                     C::Connection(connection::AMQPMethod::TuneOk(_)) => None,
-                    C::Connection(connection::AMQPMethod::Open(_)) => {
-                        Some(C::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})))
-                    }
+                    C::Connection(connection::AMQPMethod::Open(_)) => Some(C::Connection(
+                        connection::AMQPMethod::OpenOk(connection::OpenOk {}),
+                    )),
                     C::Connection(connection::AMQPMethod::Close(_)) => {
-                        send(&mut s, 0, C::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})))?;
+                        send(
+                            &mut s,
+                            0,
+                            C::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                        )?;
                         return Ok(());
                     }
-                    C::Channel(channel::AMQPMethod::Open(_)) => Some(C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))),
-                    C::Queue(queue::AMQPMethod::Declare(d)) => Some(C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                        queue: d.queue,
-                        message_count: 0,
-                        consumer_count: 0,
-                    }))),
-                    C::Queue(queue::AMQPMethod::Bind(_)) => Some(C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}))),
+                    C::Channel(channel::AMQPMethod::Open(_)) => {
+                        Some(C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})))
+                    }
+                    C::Queue(queue::AMQPMethod::Declare(d)) => {
+                        Some(C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: d.queue,
+                            message_count: 0,
+                            consumer_count: 0,
+                        })))
+                    }
+                    C::Queue(queue::AMQPMethod::Bind(_)) => {
+                        Some(C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})))
+                    }
                     C::Queue(queue::AMQPMethod::Delete(_)) => {
-                        Some(C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: 0 })))
+                        Some(C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count: 0,
+                        })))
                     }
-                    C::Exchange(exchange::AMQPMethod::Declare(_)) => {
-                        Some(C::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})))
+                    C::Exchange(exchange::AMQPMethod::Declare(_)) => Some(C::Exchange(
+                        exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}),
+                    )),
+                    C::Basic(basic::AMQPMethod::Qos(_)) => {
+                        Some(C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})))
                     }
-                    C::Basic(basic::AMQPMethod::Qos(_)) => Some(C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))),
                     C::Confirm(confirm::AMQPMethod::Select(_)) => {
                         confirms = true;
-                        Some(C::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})))
+                        Some(C::Confirm(confirm::AMQPMethod::SelectOk(
+                            confirm::SelectOk {},
+                        )))
                     }
                     C::Basic(basic::AMQPMethod::Consume(c)) => {
                         send(
                             &mut s,
                             ch,
-                            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: c.consumer_tag.clone() })),
+                            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                                consumer_tag: c.consumer_tag.clone(),
+                            })),
                         )?;
                         let w = s.try_clone().map_err(|e| Error::Io("dup".into(), e))?;
                         let st = stop.clone();
                         let tag = c.consumer_tag.to_string();
-                        source = Some(std::thread::spawn(move || stream_deliveries(w, ch, &tag, body_size, &st)));
+                        source = Some(std::thread::spawn(move || {
+                            stream_deliveries(w, ch, &tag, body_size, &st)
+                        }));
                         None
                     }
                     _ => None,
@@ -137,14 +165,20 @@ fn handle(mut s: TcpStream, body_size: usize) -> Result<()> {
             if confirms && published > 0 {
                 out.clear();
                 conn::put_ack(&mut out, 1, published, true);
-                s.write_all(&out).map_err(|e| Error::Io("write".into(), e))?;
+                s.write_all(&out)
+                    .map_err(|e| Error::Io("write".into(), e))?;
             }
             buf.copy_within(a..e, 0);
             e -= a;
             a = 0;
-            let n = s.read(&mut buf[e..]).map_err(|e| Error::Io("read".into(), e))?;
+            let n = s
+                .read(&mut buf[e..])
+                .map_err(|e| Error::Io("read".into(), e))?;
             if n == 0 {
-                return Err(Error::Io("eof".into(), io::Error::from(io::ErrorKind::UnexpectedEof)));
+                return Err(Error::Io(
+                    "eof".into(),
+                    io::Error::from(io::ErrorKind::UnexpectedEof),
+                ));
             }
             e += n;
         }

@@ -1,6 +1,8 @@
 //! Worker threads: producers, consumers, RPC client/server, idle connections.
 
-use crate::conn::{self, Conn, Error, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, Result, be16, be64};
+use crate::conn::{
+    self, Conn, Error, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, Result, be16, be64,
+};
 use crate::{Plan, Shared, Stats, now_ns};
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{AMQPClass, basic};
@@ -36,7 +38,13 @@ impl Reader {
         let mut buf = vec![0u8; size];
         let p = conn.pending();
         buf[..p.len()].copy_from_slice(p);
-        Ok(Reader { stream, buf, s: 0, e: p.len(), max: max.max(4096) })
+        Ok(Reader {
+            stream,
+            buf,
+            s: 0,
+            e: p.len(),
+            max: max.max(4096),
+        })
     }
 
     /// Read more bytes. Ok(false) on poll timeout.
@@ -47,7 +55,9 @@ impl Reader {
             self.s = 0;
         }
         if self.e == self.buf.len() {
-            return Err(Error::Protocol("incoming frame larger than read buffer".into()));
+            return Err(Error::Protocol(
+                "incoming frame larger than read buffer".into(),
+            ));
         }
         match self.stream.read(&mut self.buf[self.e..]) {
             Ok(0) => Err(Error::Io(
@@ -58,7 +68,14 @@ impl Reader {
                 self.e += n;
                 Ok(true)
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(Error::Io("read failed".into(), e)),
@@ -90,11 +107,16 @@ fn method_ids(p: &[u8], shared: &Shared) -> Result<(u16, u16)> {
     match (c, m) {
         (10, 50) => Err(conn::decode_close("connection", p)),
         (20, 40) => Err(conn::decode_close("channel", p)),
-        (60, 30) => Err(Error::Protocol("consumer cancelled by the broker (queue deleted?)".into())),
+        (60, 30) => Err(Error::Protocol(
+            "consumer cancelled by the broker (queue deleted?)".into(),
+        )),
         (10, 60) => {
             if !shared.blocked_warned.swap(true, Relaxed) {
                 let n = p.get(4).copied().unwrap_or(0) as usize;
-                let reason = p.get(5..5 + n).map(String::from_utf8_lossy).unwrap_or_default();
+                let reason = p
+                    .get(5..5 + n)
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
                 eprintln!("warren-perf: broker blocked publishing connections: {reason}");
             }
             Ok((c, m))
@@ -117,8 +139,12 @@ struct Delivery {
 impl Delivery {
     fn start(&mut self, p: &[u8]) -> Result<()> {
         // class(2) method(2) consumer_tag(shortstr) delivery_tag(u64) ...
-        let n = *p.get(4).ok_or_else(|| Error::Protocol("truncated basic.deliver".into()))? as usize;
-        self.tag = be64(p, 5 + n).ok_or_else(|| Error::Protocol("truncated basic.deliver".into()))?;
+        let n = *p
+            .get(4)
+            .ok_or_else(|| Error::Protocol("truncated basic.deliver".into()))?
+            as usize;
+        self.tag =
+            be64(p, 5 + n).ok_or_else(|| Error::Protocol("truncated basic.deliver".into()))?;
         self.active = true;
         self.header_seen = false;
         self.ts = 0;
@@ -130,7 +156,8 @@ impl Delivery {
         if !self.active || self.header_seen {
             return Err(Error::Protocol("unexpected content header frame".into()));
         }
-        self.remaining = be64(p, 4).ok_or_else(|| Error::Protocol("truncated content header".into()))?;
+        self.remaining =
+            be64(p, 4).ok_or_else(|| Error::Protocol("truncated content header".into()))?;
         self.header_seen = true;
         if self.remaining == 0 {
             self.active = false;
@@ -172,9 +199,21 @@ impl Delivery {
 fn write_all_stop(stream: &mut TcpStream, mut buf: &[u8], shared: &Shared) -> Result<bool> {
     while !buf.is_empty() {
         match stream.write(buf) {
-            Ok(0) => return Err(Error::Io("write failed".into(), io::Error::from(io::ErrorKind::WriteZero))),
+            Ok(0) => {
+                return Err(Error::Io(
+                    "write failed".into(),
+                    io::Error::from(io::ErrorKind::WriteZero),
+                ));
+            }
             Ok(n) => buf = &buf[n..],
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
                 if shared.stopping() {
                     return Ok(false);
                 }
@@ -183,7 +222,9 @@ fn write_all_stop(stream: &mut TcpStream, mut buf: &[u8], shared: &Shared) -> Re
                 if shared.stopping() {
                     return Ok(false);
                 }
-                let ctx = if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset {
+                let ctx = if e.kind() == io::ErrorKind::BrokenPipe
+                    || e.kind() == io::ErrorKind::ConnectionReset
+                {
                     "broker closed the connection while we were writing"
                 } else {
                     "write failed"
@@ -207,8 +248,14 @@ pub fn consumer(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Result<
         c.qos(1, cli.qos)?;
     }
     c.consume(1, &queue, &format!("warren-perf-{idx}"), cli.autoack, false)?;
-    let stream = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    let mut wstream = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
+    let stream = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    let mut wstream = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
     let mut rd = Reader::new(&c, stream)?;
     shared.ready.fetch_add(1, Relaxed);
 
@@ -343,7 +390,13 @@ struct ProdSync {
     stop_reader: AtomicBool,
 }
 
-fn producer_reader(mut rd: Reader, st: &Stats, ps: &ProdSync, shared: &Shared, writer: std::thread::Thread) -> Result<()> {
+fn producer_reader(
+    mut rd: Reader,
+    st: &Stats,
+    ps: &ProdSync,
+    shared: &Shared,
+    writer: std::thread::Thread,
+) -> Result<()> {
     let mut tr = ConfirmTracker::default();
     let (mut acked, mut nacked) = (0u64, 0u64);
     loop {
@@ -361,7 +414,8 @@ fn producer_reader(mut rd: Reader, st: &Stats, ps: &ProdSync, shared: &Shared, w
             let p = &rd.buf[a..b];
             match method_ids(p, shared)? {
                 (60, 80) | (60, 120) => {
-                    let tag = be64(p, 4).ok_or_else(|| Error::Protocol("truncated basic.ack".into()))?;
+                    let tag =
+                        be64(p, 4).ok_or_else(|| Error::Protocol("truncated basic.ack".into()))?;
                     let multiple = p.get(12).copied().unwrap_or(0) & 1 != 0;
                     let n = tr.on(tag, multiple);
                     if be16(p, 2) == Some(80) {
@@ -408,7 +462,14 @@ fn encode_message(plan: &Plan, rk: &str, frame_max: u32) -> (Vec<u8>, usize) {
         props = props.with_delivery_mode(2);
     }
     conn::encode(
-        &AMQPFrame::Header(1, AMQPContentHeader { class_id: 60, body_size: cli.size as u64, properties: props }),
+        &AMQPFrame::Header(
+            1,
+            AMQPContentHeader {
+                class_id: 60,
+                body_size: cli.size as u64,
+                properties: props,
+            },
+        ),
         &mut out,
     );
     let mut body = vec![b'w'; cli.size];
@@ -437,11 +498,23 @@ pub fn producer(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Result<
         batch.extend_from_slice(&msg);
     }
 
-    let rstream = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
+    let rstream = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
     let rd = Reader::new(&c, rstream)?;
-    let mut w = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    w.set_write_timeout(Some(POLL)).map_err(|e| Error::Io("setsockopt".into(), e))?;
-    let ps = Arc::new(ProdSync { settled: AtomicU64::new(0), waiting: AtomicBool::new(false), wake_at: AtomicU64::new(0), stop_reader: AtomicBool::new(false) });
+    let mut w = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    w.set_write_timeout(Some(POLL))
+        .map_err(|e| Error::Io("setsockopt".into(), e))?;
+    let ps = Arc::new(ProdSync {
+        settled: AtomicU64::new(0),
+        waiting: AtomicBool::new(false),
+        wake_at: AtomicU64::new(0),
+        stop_reader: AtomicBool::new(false),
+    });
 
     let result = std::thread::scope(|s| {
         let me = std::thread::current();
@@ -449,7 +522,9 @@ pub fn producer(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Result<
         let reader = s.spawn(move || producer_reader(rd, st, &ps2, shared, me));
         let r = producer_loop(plan, st, shared, &ps, &mut w, &mut batch, mlen, ts_off);
         ps.stop_reader.store(true, Relaxed);
-        let rr = reader.join().unwrap_or_else(|_| Err(Error::Protocol("reader thread panicked".into())));
+        let rr = reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::Protocol("reader thread panicked".into())));
         r.and(rr)
     });
     Conn::close_stream(&mut w, c.frame_max);
@@ -561,9 +636,16 @@ pub fn rpc_server(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Resul
     let mut c = Conn::connect(&plan.target, &format!("warren-perf rpc server {idx}"))?;
     c.channel_open(1)?;
     c.consume(1, &queue, &format!("warren-perf-rpc-{idx}"), true, false)?;
-    let stream = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    let mut w = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    w.set_write_timeout(Some(POLL)).map_err(|e| Error::Io("setsockopt".into(), e))?;
+    let stream = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    let mut w = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    w.set_write_timeout(Some(POLL))
+        .map_err(|e| Error::Io("setsockopt".into(), e))?;
     let mut rd = Reader::new(&c, stream)?;
     shared.ready.fetch_add(1, Relaxed);
     let frame_max = c.frame_max;
@@ -591,7 +673,8 @@ pub fn rpc_server(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Resul
                     false
                 }
                 FRAME_HEADER => {
-                    let (cid, rt) = conn::header_props(p).ok_or_else(|| Error::Protocol("malformed content header".into()))?;
+                    let (cid, rt) = conn::header_props(p)
+                        .ok_or_else(|| Error::Protocol("malformed content header".into()))?;
                     corr.extend_from_slice(cid.unwrap_or_default());
                     reply_to.extend_from_slice(rt.unwrap_or_default());
                     dv.header(p)?
@@ -630,15 +713,29 @@ pub fn rpc_client(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Resul
     let reply_q = format!("warren-perf-reply-{}-{idx}", std::process::id());
     c.queue_declare(1, &reply_q, false, true, true)?;
     c.consume(1, &reply_q, "warren-perf-reply", true, true)?;
-    let stream = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    let mut w = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
-    w.set_write_timeout(Some(POLL)).map_err(|e| Error::Io("setsockopt".into(), e))?;
+    let stream = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    let mut w = c
+        .stream
+        .try_clone()
+        .map_err(|e| Error::Io("dup socket".into(), e))?;
+    w.set_write_timeout(Some(POLL))
+        .map_err(|e| Error::Io("setsockopt".into(), e))?;
     let mut rd = Reader::new(&c, stream)?;
 
     let mut msg = Vec::new();
     conn::put_publish(&mut msg, 1, b"", request_queue.as_bytes());
     let hdr = msg.len();
-    conn::put_header(&mut msg, 1, cli.size as u64, Some(b"0000000000000000"), Some(reply_q.as_bytes()), None);
+    conn::put_header(
+        &mut msg,
+        1,
+        cli.size as u64,
+        Some(b"0000000000000000"),
+        Some(reply_q.as_bytes()),
+        None,
+    );
     let corr_off = hdr + 7 + 14 + 1;
     let body = vec![b'r'; cli.size];
     let ts_off = conn::put_body(&mut msg, 1, &body, c.frame_max);
@@ -674,7 +771,8 @@ pub fn rpc_client(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Resul
                         false
                     }
                     FRAME_HEADER => {
-                        let (cid, _) = conn::header_props(p).ok_or_else(|| Error::Protocol("malformed content header".into()))?;
+                        let (cid, _) = conn::header_props(p)
+                            .ok_or_else(|| Error::Protocol("malformed content header".into()))?;
                         corr_ok = cid == Some(&want[..]);
                         dv.header(p)?
                     }
@@ -723,12 +821,18 @@ pub fn idle(plan: &Plan) -> std::result::Result<i32, Error> {
         c.channel_open(1)?;
         // Keep only the socket; drop the 1 MiB read buffer.
         let fm = c.frame_max;
-        let s = c.stream.try_clone().map_err(|e| Error::Io("dup socket".into(), e))?;
+        let s = c
+            .stream
+            .try_clone()
+            .map_err(|e| Error::Io("dup socket".into(), e))?;
         drop(c);
         conns.push((s, fm));
     }
     let open_s = (now_ns() - t0) as f64 / 1e9;
-    eprintln!("warren-perf: holding {n} idle connections (opened in {open_s:.2} s) for {} s", cli.time);
+    eprintln!(
+        "warren-perf: holding {n} idle connections (opened in {open_s:.2} s) for {} s",
+        cli.time
+    );
     let hold = Duration::from_secs(cli.time);
     let start = std::time::Instant::now();
     // Check every 100ms for the broker closing any of them.
@@ -759,7 +863,10 @@ pub fn idle(plan: &Plan) -> std::result::Result<i32, Error> {
         );
     } else {
         println!("--- warren-perf summary ---");
-        println!("idle connections  {n} opened in {open_s:.2} s, held {:.1} s", start.elapsed().as_secs_f64());
+        println!(
+            "idle connections  {n} opened in {open_s:.2} s, held {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
     }
     if closed > 0 {
         eprintln!("warren-perf: the broker closed idle connections");

@@ -1,0 +1,284 @@
+//! Broker definitions (vhosts, users, permissions, exchanges, queues,
+//! bindings, policies, metadata) in a sled database at `<data_dir>/defs`.
+//!
+//! Definitions change rarely, so every [`put`](Definitions::put) and
+//! [`delete`](Definitions::delete) flushes sled before returning: when it
+//! returns `Ok`, the change survives a crash.
+//!
+//! # Key layout
+//!
+//! | sled tree | key | value |
+//! |---|---|---|
+//! | one per [`Table`] (`vhosts`, `users`, `permissions`, `exchanges`, `queues`, `bindings`, `policies`, `meta`) | the caller's key, UTF-8 | `serde_json` of the value |
+//! | `counters` | counter name, UTF-8 | `u64` big-endian: the last id handed out by [`next_id`](Definitions::next_id) |
+//!
+//! Composite keys are built with [`Definitions::key`]: parts joined by
+//! `\0` (AMQP names never contain it), so a prefix scan with
+//! `key(&[vhost, ""])` lists one vhost's entries. A numeric key part is
+//! written with [`Definitions::num`] as 20-digit zero-padded decimal, which
+//! sorts like big-endian, so iteration order is numeric order.
+//!
+//! The caller owns the meaning of each table's keys; e.g. the broker may use
+//! `key(&[vhost, queue_name])` for queues and
+//! `key(&[vhost, source, dest_kind, dest, routing_key])` for bindings.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StoreError;
+
+/// A kind of definition; each is its own sled tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Virtual hosts.
+    VHosts,
+    /// Users and password hashes.
+    Users,
+    /// Per-vhost user permissions.
+    Permissions,
+    /// Durable exchanges.
+    Exchanges,
+    /// Durable queues (with their store `QueueId`).
+    Queues,
+    /// Bindings between durable exchanges and queues/exchanges.
+    Bindings,
+    /// Policies.
+    Policies,
+    /// Anything else the broker needs to remember (JSON values).
+    Meta,
+}
+
+impl Table {
+    /// The sled tree name.
+    pub fn tree_name(self) -> &'static str {
+        match self {
+            Table::VHosts => "vhosts",
+            Table::Users => "users",
+            Table::Permissions => "permissions",
+            Table::Exchanges => "exchanges",
+            Table::Queues => "queues",
+            Table::Bindings => "bindings",
+            Table::Policies => "policies",
+            Table::Meta => "meta",
+        }
+    }
+}
+
+const COUNTERS: &str = "counters";
+
+/// Handle to the definitions database; cheap to clone.
+#[derive(Clone)]
+pub struct Definitions {
+    db: sled::Db,
+}
+
+fn defs_err(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Defs(format!("{what}: {e}"))
+}
+
+impl Definitions {
+    /// Opens (or creates) `<data_dir>/defs`. Fails if another process holds it.
+    pub fn open(data_dir: &Path) -> Result<Definitions, StoreError> {
+        let path = data_dir.join("defs");
+        let db = sled::open(&path).map_err(|e| defs_err(&format!("open {}", path.display()), e))?;
+        Ok(Definitions { db })
+    }
+
+    /// Builds a composite key from parts (see the module docs).
+    pub fn key(parts: &[&str]) -> String {
+        parts.join("\0")
+    }
+
+    /// A numeric key part that sorts in numeric order.
+    pub fn num(n: u64) -> String {
+        format!("{n:020}")
+    }
+
+    fn tree(&self, table: Table) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(table.tree_name())
+            .map_err(|e| defs_err(&format!("open tree {}", table.tree_name()), e))
+    }
+
+    /// Stores `value` under `key`, replacing any previous one; durable on return.
+    pub async fn put<T: Serialize>(
+        &self,
+        table: Table,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| defs_err(&format!("encode {table:?} {key:?}"), e))?;
+        self.tree(table)?
+            .insert(key.as_bytes(), bytes)
+            .map_err(|e| defs_err(&format!("write {table:?} {key:?}"), e))?;
+        self.flush().await
+    }
+
+    /// Reads one value.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(v) = self
+            .tree(table)?
+            .get(key.as_bytes())
+            .map_err(|e| defs_err("read", e))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| defs_err(&format!("decode {table:?} {key:?}"), e))
+    }
+
+    /// Removes `key`; returns whether it existed. Durable on return.
+    pub async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        let old = self
+            .tree(table)?
+            .remove(key.as_bytes())
+            .map_err(|e| defs_err(&format!("delete {table:?} {key:?}"), e))?;
+        self.flush().await?;
+        Ok(old.is_some())
+    }
+
+    /// Every entry of a table, in key order.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
+        self.list_prefix(table, "")
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn list_prefix<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(table)?.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(|e| defs_err(&format!("scan {table:?}"), e))?;
+            let key = String::from_utf8(k.to_vec())
+                .map_err(|e| defs_err(&format!("key in {table:?}"), e))?;
+            let value = serde_json::from_slice(&v)
+                .map_err(|e| defs_err(&format!("decode {table:?} {key:?}"), e))?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Hands out the next value of a persistent counter (first is 1); never
+    /// repeats, even across crashes. Use it for queue ids.
+    pub async fn next_id(&self, counter: &str) -> Result<u64, StoreError> {
+        let tree = self
+            .db
+            .open_tree(COUNTERS)
+            .map_err(|e| defs_err("open tree counters", e))?;
+        let new = tree
+            .update_and_fetch(counter.as_bytes(), |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(n.saturating_add(1).to_be_bytes().to_vec())
+            })
+            .map_err(|e| defs_err(&format!("bump counter {counter:?}"), e))?;
+        let n = new
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| defs_err("counter", "unexpected value"))?;
+        self.flush().await?;
+        Ok(n)
+    }
+
+    /// Makes every earlier change durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| defs_err("flush", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Q {
+        id: u64,
+        durable: bool,
+    }
+
+    #[tokio::test]
+    async fn put_list_delete_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = Definitions::open(dir.path()).unwrap();
+            d.put(
+                Table::Queues,
+                &Definitions::key(&["/", "b"]),
+                &Q {
+                    id: 2,
+                    durable: true,
+                },
+            )
+            .await
+            .unwrap();
+            d.put(
+                Table::Queues,
+                &Definitions::key(&["/", "a"]),
+                &Q {
+                    id: 1,
+                    durable: true,
+                },
+            )
+            .await
+            .unwrap();
+            d.put(
+                Table::Queues,
+                &Definitions::key(&["v2", "a"]),
+                &Q {
+                    id: 3,
+                    durable: true,
+                },
+            )
+            .await
+            .unwrap();
+            d.put(Table::VHosts, "/", &"default").await.unwrap();
+            assert_eq!(d.next_id("queue").await.unwrap(), 1);
+            assert_eq!(d.next_id("queue").await.unwrap(), 2);
+            assert!(
+                d.delete(Table::Queues, &Definitions::key(&["v2", "a"]))
+                    .await
+                    .unwrap()
+            );
+            assert!(!d.delete(Table::Queues, "nope").await.unwrap());
+        }
+        let d = Definitions::open(dir.path()).unwrap();
+        let qs: Vec<(String, Q)> = d.list(Table::Queues).unwrap();
+        assert_eq!(qs.len(), 2);
+        assert_eq!(
+            qs[0],
+            (
+                "/\0a".to_string(),
+                Q {
+                    id: 1,
+                    durable: true
+                }
+            )
+        );
+        let slash: Vec<(String, Q)> = d
+            .list_prefix(Table::Queues, &Definitions::key(&["/", ""]))
+            .unwrap();
+        assert_eq!(slash.len(), 2);
+        assert_eq!(
+            d.get::<String>(Table::VHosts, "/").unwrap().as_deref(),
+            Some("default")
+        );
+        assert_eq!(d.next_id("queue").await.unwrap(), 3);
+        assert!(Definitions::num(10) > Definitions::num(9));
+    }
+}
