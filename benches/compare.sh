@@ -128,18 +128,23 @@ start_rabbitmq() {
       RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
       setsid "$RMQ_SERVER" > "$dir/stdout.log" 2>&1 &
   LAUNCH_PID=$!
-  wait_port "$PORT" 90 || { tail -n 20 "$dir/stdout.log" >&2; die "RabbitMQ did not start on port $PORT"; }
-  BROKER_PID=$(find_descendant "$LAUNCH_PID" beam.smp) || die "cannot find RabbitMQ's beam.smp process"
+  wait_port "$PORT" 90 || { tail -n 20 "$dir/stdout.log" >&2; log "RabbitMQ did not start on port $PORT"; return 1; }
+  BROKER_PID=$(find_descendant "$LAUNCH_PID" beam.smp) || { log "cannot find RabbitMQ's beam.smp process"; return 1; }
 }
 
 start_warren() {
   local dir="$WORK/warren-$RUN_ID"
   mkdir -p "$dir/data"
   PORT=$(free_port)
-  "$WARREN" --bind 127.0.0.1 --port "$PORT" --data-dir "$dir/data" --log-level warn > "$dir/stdout.log" 2>&1 &
+  # Run from the fresh dir so a checked-in etc/warren.toml is not picked up implicitly;
+  # WARREN_CONFIG=path passes an explicit --config.
+  local cfg=()
+  [ -n "${WARREN_CONFIG:-}" ] && cfg=(--config "$(realpath "$WARREN_CONFIG")")
+  (cd "$dir" && exec "$WARREN" "${cfg[@]}" --bind 127.0.0.1 --port "$PORT" --data-dir "$dir/data" --log-level warn) \
+    > "$dir/stdout.log" 2>&1 &
   LAUNCH_PID=$!
   BROKER_PID=$LAUNCH_PID
-  wait_port "$PORT" 30 || { tail -n 20 "$dir/stdout.log" >&2; die "Warren did not start on port $PORT"; }
+  wait_port "$PORT" 30 || { tail -n 20 "$dir/stdout.log" >&2; log "Warren did not start on port $PORT"; return 1; }
 }
 
 stop_broker() {
@@ -181,7 +186,11 @@ SCEN_NAME=(
 run_scenario() { # run_scenario N BROKER ROUND
   local n=$1 b=$2 r=$3 out="$WORK/s$1-$2-$3" cpu0 cpu1 extra="{}"
   RUN_ID=$((RUN_ID + 1))
-  "start_$b"
+  if ! "start_$b"; then
+    stop_broker
+    echo "{\"scenario\": $n, \"broker\": \"$b\", \"round\": $r, \"broker_cpu_s\": 0, \"broker_peak_rss_kb\": 0, \"gen\": {\"ok\": false, \"errors\": [\"$b did not start\"]}, \"extra\": {}}" >> "$RECORDS"
+    return 0
+  fi
   local rss_base; rss_base=$(proc_status_kb "$BROKER_PID" VmRSS)
   cpu0=$(proc_cpu_ticks "$BROKER_PID")
   case $n in

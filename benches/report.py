@@ -40,6 +40,11 @@ COMMON = [("broker_cpu_us_per_msg", "broker CPU µs/msg", False), ("broker_peak_
 
 def metrics_of(rec):
     s, g, x = rec["scenario"], rec.get("gen") or {}, rec.get("extra") or {}
+    drain = x.get("drain") or {}
+    if not g or not g.get("ok", True) or (s == 7 and drain and not drain.get("ok", True)):
+        # Failed run: report the error, keep its numbers out of the medians.
+        errs = (g.get("errors") or []) + (drain.get("errors") or [])
+        return {"errors": ("; ".join(errs) or "generator produced no summary")[:300]}
     m = {}
     for k in ("consume_rate", "publish_rate", "confirm_rate", "publish_time_s"):
         if k in g:
@@ -47,7 +52,8 @@ def metrics_of(rec):
     lat = g.get("latency_us") or {}
     if "p50" in lat:
         m["lat_p50"], m["lat_p99"] = lat["p50"], lat["p99"]
-    m["broker_peak_rss_mb"] = rec["broker_peak_rss_kb"] / 1024
+    if rec["broker_peak_rss_kb"] > 0:
+        m["broker_peak_rss_mb"] = rec["broker_peak_rss_kb"] / 1024
     if "cpu_us_per_msg" in g:
         m["gen_cpu_us_per_msg"] = g["cpu_us_per_msg"]
     msgs = max(g.get("published", 0), g.get("consumed", 0))
@@ -71,8 +77,6 @@ def metrics_of(rec):
             msgs = g["consumed"]
         if msgs:
             m["broker_cpu_us_per_msg"] = rec["broker_cpu_s"] * 1e6 / msgs
-    if g and not g.get("ok", True):
-        m["errors"] = "; ".join(g.get("errors", []))[:200]
     return m
 
 

@@ -53,6 +53,14 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
     total
 }
 
+/// Bytes this process has caused to be written to storage (Linux).
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
 fn mb(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -60,6 +68,7 @@ fn mb(b: u64) -> f64 {
 async fn segment_store_windowed(dir: &Path, n: u64, body: &Bytes) {
     let (store, _) = MessageStore::open(dir, StoreOptions::default()).expect("open");
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let w0 = write_bytes();
     let t = Instant::now();
     let mut gid = 0;
     while gid < n {
@@ -83,11 +92,12 @@ async fn segment_store_windowed(dir: &Path, n: u64, body: &Bytes) {
     let st = store.stats();
     let (apparent, alloc) = disk_usage(dir);
     println!(
-        "segment store, windowed : {:>9.0} msgs/s  {:>6.2} s  fsyncs {:>6} (avg {} µs)  on disk after ack-all: {:.1} MiB apparent, {:.1} MiB allocated, {} segment(s)",
+        "segment store, windowed : {:>9.0} msgs/s  {:>6.2} s  fsyncs {:>6} (avg {} µs)  written {:.0} MiB  on disk after ack-all: {:.1} MiB apparent, {:.1} MiB allocated, {} segment(s)",
         n as f64 / secs,
         secs,
         st.fsyncs,
         st.avg_fsync_us,
+        mb(write_bytes() - w0),
         mb(apparent),
         mb(alloc),
         st.segments
@@ -131,7 +141,7 @@ async fn segment_store_pipelined(dir: &Path, n: u64, body: &Bytes) {
                 let done: Completion = Box::new(move |r| {
                     r.expect("durable");
                     drop(permit);
-                    drop(tx.send(g));
+                    let _ = tx.send(g);
                 });
                 store
                     .append(g, vec![p], parts(&body), Some(done))
@@ -194,6 +204,7 @@ async fn sled_windowed(dir: &Path, n: u64, body: &Bytes) {
     rec.extend_from_slice(&p.routing_key);
     rec.extend_from_slice(&p.raw_properties);
     rec.extend_from_slice(&p.body);
+    let w0 = write_bytes();
     let t = Instant::now();
     let mut flushes = 0u64;
     let mut gid = 0;
@@ -214,10 +225,11 @@ async fn sled_windowed(dir: &Path, n: u64, body: &Bytes) {
     let secs = t.elapsed().as_secs_f64();
     let (apparent, alloc) = disk_usage(&dir.join("sled"));
     println!(
-        "sled, windowed          : {:>9.0} msgs/s  {:>6.2} s  flushes {:>5}                on disk after ack-all: {:.1} MiB apparent, {:.1} MiB allocated",
+        "sled, windowed          : {:>9.0} msgs/s  {:>6.2} s  flushes {:>6}                 written {:.0} MiB  on disk after ack-all: {:.1} MiB apparent, {:.1} MiB allocated",
         n as f64 / secs,
         secs,
         flushes + 1,
+        mb(write_bytes() - w0),
         mb(apparent),
         mb(alloc)
     );

@@ -91,6 +91,8 @@ pub(crate) struct Connection {
     closing: Option<Instant>,
     last_read: Instant,
     last_write: Instant,
+    /// The last read filled most of the buffer: read in bigger chunks.
+    busy_reads: bool,
     /// Blocked by a resource alarm (publishers only).
     blocked: bool,
     alarm_reason: Option<String>,
@@ -130,8 +132,9 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         broker,
         peer,
         stream,
-        inbuf: hs.leftover,
-        out: BytesMut::with_capacity(16 * 1024),
+        // Idle connections should cost little: buffers grow on demand.
+        inbuf: if hs.leftover.is_empty() { BytesMut::new() } else { hs.leftover },
+        out: BytesMut::new(),
         frame_max: hs.frame_max,
         channel_max: hs.channel_max,
         heartbeat: hs.heartbeat,
@@ -147,6 +150,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         closing: None,
         last_read: now,
         last_write: now,
+        busy_reads: false,
         blocked: false,
         alarm_reason: None,
         has_published: false,
@@ -221,8 +225,8 @@ impl HsReader<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(e.text),
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(8192);
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(4096);
             }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) => return Err("client closed the socket".into()),
@@ -496,12 +500,17 @@ impl Connection {
             tokio::select! {
                 r = self.stream.readable(), if read_ok => {
                     if r.is_err() { return "socket error".into(); }
-                    if self.inbuf.capacity() - self.inbuf.len() < 16 * 1024 {
-                        self.inbuf.reserve(64 * 1024);
+                    // Small reads for quiet connections, large ones for busy.
+                    if self.inbuf.capacity() - self.inbuf.len() < 4096 {
+                        self.inbuf.reserve(if self.busy_reads { 64 * 1024 } else { 8 * 1024 });
                     }
+                    let room = self.inbuf.capacity() - self.inbuf.len();
                     match self.stream.try_read_buf(&mut self.inbuf) {
                         Ok(0) => return "client closed the TCP connection".into(),
-                        Ok(_) => self.last_read = Instant::now(),
+                        Ok(n) => {
+                            self.last_read = Instant::now();
+                            self.busy_reads = n * 4 >= room * 3;
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return format!("read error: {e}"),
                     }
@@ -516,6 +525,7 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(tick) => {
+                    self.shrink_idle_buffers();
                     if let Some(h) = hb {
                         if self.closing.is_none() {
                             if self.last_read.elapsed() > h * 2 {
@@ -582,6 +592,16 @@ impl Connection {
         }
     }
 
+    /// Gives back buffer memory of a connection that has gone quiet.
+    fn shrink_idle_buffers(&mut self) {
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+            self.inbuf = BytesMut::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+    }
+
     /// Writes as much of `out` as the socket takes without blocking.
     fn write_out(&mut self) -> std::io::Result<()> {
         while !self.out.is_empty() {
@@ -596,7 +616,7 @@ impl Connection {
             }
         }
         if self.out.is_empty() && self.out.capacity() > 4 * OUT_SOFT_LIMIT {
-            self.out = BytesMut::with_capacity(16 * 1024);
+            self.out = BytesMut::new();
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! | file | content |
 //! |---|---|
 //! | `00000000000000000001.seg` | append-only message records, numbered from 1; a new segment when `segment_size` would be exceeded, and on every open |
+//! | `LOCK` | empty; `flock`ed by the writer thread while the store is open |
 //! | `00000000000000000001.acks` | 17-byte records `u8 kind (1 ack, 2 delivered), u64 queue, u64 gid` for messages whose record is in segment 1 |
 //!
 //! A message record, all integers little-endian:
@@ -192,6 +193,9 @@ pub enum StoreError {
         "message store stopped accepting writes after an error it could not undo: {0}; restart the broker"
     )]
     Failed(String),
+    /// Another store (in this or another process) has the directory open.
+    #[error("message store directory {0} is in use by another warren process; stop it, or point this one at another data directory")]
+    InUse(PathBuf),
     /// The store was closed, or its writer thread stopped.
     #[error("message store is closed")]
     Closed,
@@ -283,6 +287,21 @@ impl MessageStore {
         opts: StoreOptions,
     ) -> Result<(MessageStore, Recovery), StoreError> {
         let dir = data_dir.join("msgs");
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        // Held by the writer thread until it stops: two stores appending to
+        // one directory would interleave records.
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse(dir)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", &lock_path, e)),
+        }
         let (segments, recovery, next_no) = recovery::recover(&dir)?;
         let shared = Arc::new(Shared {
             dir,
@@ -298,7 +317,7 @@ impl MessageStore {
         let live: u64 = shared.segments().iter().map(|s| s.index().live_refs).sum();
         shared.live_refs.store(live, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(opts.channel_capacity.max(1));
-        writer::spawn(Arc::clone(&shared), rx, &opts)?;
+        writer::spawn(Arc::clone(&shared), rx, &opts, lock)?;
         Ok((MessageStore { shared, tx }, recovery))
     }
 

@@ -431,6 +431,9 @@ fn closed_store_rejects_and_invalid_input_is_refused() {
         ));
         assert!(matches!(other.sync().await, Err(StoreError::Closed)));
         assert_eq!(other.read(1).unwrap(), parts(1, 1), "reads still work");
+        let (s, rec) = MessageStore::open(dir.path(), opts(1 << 20)).unwrap();
+        assert_eq!(gids_of(&rec, 3), vec![1]);
+        s.close().await.unwrap();
     });
 }
 

@@ -112,6 +112,7 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Op>,
     opts: &StoreOptions,
+    lock: File,
 ) -> Result<(), StoreError> {
     let next_no = shared
         .segments()
@@ -124,6 +125,7 @@ pub(crate) fn spawn(
         ack_files: HashMap::new(),
         buf: Vec::with_capacity(1 << 20),
         failed: None,
+        lock: Some(lock),
         shared,
     };
     w.active = Some(w.create_segment(next_no)?);
@@ -163,6 +165,8 @@ struct Writer {
     buf: Vec<u8>,
     /// Set when a failed batch could not be undone.
     failed: Option<String>,
+    /// The directory lock, released before `close` returns.
+    lock: Option<File>,
 }
 
 impl Writer {
@@ -195,6 +199,10 @@ impl Writer {
         if let Err(e) = &r {
             error!(error = %e, "message store: final sync failed");
         }
+        // Unlock before answering, so a reopen right after `close` succeeds.
+        self.ack_files.clear();
+        self.active = None;
+        drop(self.lock.take());
         for c in closers {
             let _ = c.send(r.clone());
         }
@@ -322,6 +330,10 @@ impl Writer {
         };
         for s in syncs {
             let _ = s.send(sync_result.clone());
+        }
+        if self.buf.capacity() > 16 << 20 {
+            // A batch of huge messages: do not keep its buffer forever.
+            self.buf = Vec::with_capacity(1 << 20);
         }
         if rolled || !touched.is_empty() {
             for seg in &touched {

@@ -78,7 +78,6 @@ async fn channel_max_is_negotiated_and_lapin_cannot_exceed_it() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: opening channel 11 with channel_max=10 gives 504 CHANNEL_ERROR instead of RabbitMQ's 530 NOT_ALLOWED"]
 async fn opening_more_channels_than_channel_max_closes_connection_with_530() {
     let b = TestBroker::start_with(|c| c.amqp.channel_max = 10).await;
     let mut raw = RawClient::handshake(b.addr, 0).await;

@@ -94,7 +94,6 @@ async fn oversized_frame_is_frame_error() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: frames up to frame_max + 8 bytes are refused; RabbitMQ tolerates a FRAME_SIZE_FUDGE of 8 octets"]
 async fn frame_slightly_over_frame_max_is_tolerated_like_rabbitmq() {
     // RabbitMQ accepts payloads up to frame_max (not frame_max - 8), because
     // many clients get the overhead wrong. A publish whose single body frame
@@ -249,7 +248,6 @@ async fn method_in_the_middle_of_content_is_unexpected_frame() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: UNEXPECTED_FRAME reply text has an extra ' (channel 1)' suffix that RabbitMQ does not write"]
 async fn method_in_the_middle_of_content_reply_text_matches_rabbitmq() {
     let b = TestBroker::start().await;
     let mut raw = RawClient::handshake(b.addr, 0).await;

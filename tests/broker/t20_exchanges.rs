@@ -67,7 +67,6 @@ async fn predeclared_exchanges_exist() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: redeclaring an existing amq.* exchange (equivalent args) is refused with 403; RabbitMQ only checks the amq. prefix on creation"]
 async fn redeclaring_existing_amq_exchange_is_allowed() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
@@ -213,7 +212,6 @@ async fn declaring_amq_prefixed_exchange_is_403() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: exchange.delete of amq.direct says \"exchange name ... contains reserved prefix\" instead of RabbitMQ's \"deletion of system exchange ... not allowed\""]
 async fn deleting_amq_exchange_is_403() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;

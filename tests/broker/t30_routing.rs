@@ -225,7 +225,6 @@ async fn topic_exchange_wildcard_edge_cases() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: an empty topic routing key is treated as one empty word, so '*' and '*.#' match it; RabbitMQ splits '' into zero words"]
 async fn topic_empty_routing_key_has_zero_words() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;

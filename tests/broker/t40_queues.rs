@@ -214,7 +214,6 @@ async fn redeclare_with_different_argument_value_is_406_code() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: when both sides have the arg with same type class, RabbitMQ prints bare values (received '20' but current is '10'); warren prints the typed form"]
 async fn redeclare_with_different_argument_value_is_406() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;

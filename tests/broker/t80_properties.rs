@@ -165,7 +165,6 @@ async fn empty_properties_and_empty_body() {
 }
 
 #[tokio::test]
-#[ignore = "warren bug: a user_id property different from the authenticated user is accepted; RabbitMQ closes the channel with 406"]
 async fn user_id_must_match_authenticated_user() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
