@@ -57,7 +57,12 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
 fn write_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("write_bytes: ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -263,11 +268,10 @@ fn main() {
     );
     rt.block_on(async {
         let run = |name: &str| {
-            let d = tempfile::Builder::new()
+            tempfile::Builder::new()
                 .prefix(name)
                 .tempdir_in(&base)
-                .expect("tempdir");
-            d
+                .expect("tempdir")
         };
         let d = run("seg-win");
         segment_store_windowed(d.path(), n, &body).await;

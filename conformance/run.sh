@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Conformance suite: drive an AMQP 0-9-1 broker with real client libraries
-# through the six RabbitMQ tutorials.
+# through the six RabbitMQ tutorials, Celery end to end, and the queue types.
 #
 # Usage: conformance/run.sh [--against warren|rabbitmq] [--fast] [--only SUBSTRING]
 #
 #   --against warren    (default) build target/release/warren and test it
 #   --against rabbitmq  start a private RabbitMQ node (Debian package) and test it
 #   --fast              only the pika (Python) tutorial scenarios (what CI runs)
+#                       (no queue types, Celery, amqp-tools, Java, Go or lapin)
 #   --only SUBSTRING    only scenarios whose name contains SUBSTRING
 #
 # Environment:
@@ -16,7 +17,10 @@
 #   KEEP_LOGS=1               keep the log directory even when everything passed
 #
 # Prints one line per scenario, "PASS <name>" or "FAIL <name> (<reason>)", then
-# "N passed, M failed"; exits non-zero if anything failed.
+# "N passed, M failed"; exits non-zero if anything failed.  A scenario marked
+# expected-to-fail against warren (4th field of the scenario table) prints
+# "XFAIL <name> (<why>; got: <reason>)" and is not counted as a failure; if it
+# passes it prints "XPASS <name> (...)" and counts as passed.
 set -u -o pipefail
 
 CONF_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +28,8 @@ REPO_DIR="$(cd "$CONF_DIR/.." && pwd)"
 CACHE="${WARREN_CONFORMANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warren-conformance}"
 SCENARIO_TIMEOUT="${SCENARIO_TIMEOUT:-60}"
 PIKA_VERSION="1.4.4"
+CELERY_VERSION="5.7.0"
+KOMBU_VERSION="5.7.0"
 
 AGAINST=warren
 FAST=0
@@ -54,10 +60,12 @@ FAILED=0
 log() { echo "run.sh: $*" >&2; }
 
 # ---------------------------------------------------------------------------
-# scenario table: "client<TAB>name<TAB>command" (command is run with bash -c)
+# scenario table: "client<TAB>name<TAB>command<TAB>xfail" (command is run with
+# bash -c; xfail, if not empty, says why the scenario is expected to fail
+# against warren for now -- it is ignored with --against rabbitmq)
 # ---------------------------------------------------------------------------
 SCENARIOS=()
-add() { SCENARIOS+=("$1"$'\t'"$2"$'\t'"$3"); }
+add() { SCENARIOS+=("$1"$'\t'"$2"$'\t'"$3"$'\t'"${4:-}"); }
 
 PY="$CACHE/venv/bin/python"
 for s in hello_world work_queues work_queues_redelivery publish_subscribe routing topics rpc rpc_direct_reply_to; do
@@ -73,11 +81,26 @@ if [ "$FAST" = 0 ]; then
     for s in hello_world work_queues publish_subscribe routing topics rpc rpc_direct_reply_to; do
         add go "go-${s//_/-}" "exec \"$CACHE/go/bin/tutorials\" $s"
     done
+    for s in hello_world work_queues publish_subscribe routing topics rpc rpc_direct_reply_to; do
+        add lapin "lapin-${s//_/-}" "exec \"$CACHE/lapin/target/release/lapin-tutorials\" $s"
+    done
+    # queue types through pika and kombu (python/queue_types.py)
+    XF_QUORUM="warren has no quorum queues yet"
+    XF_STREAM="warren has no stream queues yet"
+    for c in pika kombu; do
+        add "$c" "$c-queue-classic" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_classic"
+        add "$c" "$c-queue-quorum" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_quorum" "$XF_QUORUM"
+        add "$c" "$c-queue-stream" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_stream" "$XF_STREAM"
+    done
+    # Celery end to end with real worker processes (celery/scenarios.py)
+    for s in batch retry rpc_results group chord acks_late; do
+        add celery "celery-${s//_/-}" "exec \"$PY\" \"$CONF_DIR/celery/scenarios.py\" $s"
+    done
 fi
 
 SELECTED=()
 for entry in "${SCENARIOS[@]}"; do
-    IFS=$'\t' read -r _client sname _cmd <<<"$entry"
+    IFS=$'\t' read -r _client sname _cmd _xfail <<<"$entry"
     if [ -z "$ONLY" ] || [[ "$sname" == *"$ONLY"* ]]; then
         SELECTED+=("$entry")
     fi
@@ -146,7 +169,27 @@ prepare_client() { # prepare_client CLIENT FUNCTION
     fi
 }
 
+install_celery() { # celery + kombu in the same venv as pika
+    install_pika || return 1
+    if "$PY" -c "import celery, kombu, sys; sys.exit(not (celery.__version__ == '$CELERY_VERSION' and kombu.__version__ == '$KOMBU_VERSION'))" 2>/dev/null; then
+        return 0
+    fi
+    log "installing celery==$CELERY_VERSION kombu==$KOMBU_VERSION into $CACHE/venv"
+    "$CACHE/venv/bin/pip" install -q --disable-pip-version-check "celery==$CELERY_VERSION" "kombu==$KOMBU_VERSION" \
+        >"$WORK/pip-celery.log" 2>&1 || { cat "$WORK/pip-celery.log" >&2; return 1; }
+}
+
 prepare_pika() { install_pika; }
+prepare_kombu() { install_celery; }
+prepare_celery() { install_celery; }
+prepare_lapin() {
+    # standalone cargo project (own [workspace]); Cargo.lock is shipped and used
+    # with --locked so nothing is written into the repository
+    command -v cargo >/dev/null 2>&1 || { echo "cargo not found"; return 1; }
+    mkdir -p "$CACHE/lapin/target"
+    CARGO_TARGET_DIR="$CACHE/lapin/target" \
+        cargo build --release --locked --quiet --manifest-path "$CONF_DIR/lapin/Cargo.toml"
+}
 prepare_amqp_tools() { apt_install amqp-tools; }
 prepare_java() {
     apt_install librabbitmq-client-java libslf4j-java || return 1
@@ -170,6 +213,9 @@ prepare_client pika prepare_pika
 prepare_client amqp-tools prepare_amqp_tools
 prepare_client java prepare_java
 prepare_client go prepare_go
+prepare_client kombu prepare_kombu
+prepare_client celery prepare_celery
+prepare_client lapin prepare_lapin
 
 # ---------------------------------------------------------------------------
 # broker
@@ -278,6 +324,7 @@ if ! wait_port "$PORT" "$BOOT_TIMEOUT" "$BROKER_PID"; then
     exit 1
 fi
 export AMQP_URL="amqp://guest:guest@127.0.0.1:$PORT/%2f"
+export CONFORMANCE_LOGS="$LOGS"   # scenarios that start helper processes log there
 log "$AGAINST is up at $AMQP_URL; running ${#SELECTED[@]} scenarios (logs: $LOGS)"
 
 # ---------------------------------------------------------------------------
@@ -285,11 +332,13 @@ log "$AGAINST is up at $AMQP_URL; running ${#SELECTED[@]} scenarios (logs: $LOGS
 # ---------------------------------------------------------------------------
 PASSED=0
 NFAILED=0
+NXFAIL=0
 short_reason() { # last non-empty line of a log, squeezed and cut
     grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | tr -s '[:space:]' ' ' | sed 's/^ //; s/ $//' | cut -c1-240
 }
 for entry in "${SELECTED[@]}"; do
-    IFS=$'\t' read -r client sname cmd <<<"$entry"
+    IFS=$'\t' read -r client sname cmd xfail <<<"$entry"
+    [ "$AGAINST" = warren ] || xfail=""
     slog="$LOGS/$sname.log"
     if [[ " ${BUILD_FAILED[*]:-} " == *" $client "* ]]; then
         echo "FAIL $sname (could not prepare $client client: $(short_reason "$LOGS/prepare-$client.log"))"
@@ -304,7 +353,11 @@ for entry in "${SELECTED[@]}"; do
     timeout --kill-after=5 "$SCENARIO_TIMEOUT" bash -c "$cmd" >"$slog" 2>&1 </dev/null
     rc=$?
     if [ "$rc" = 0 ]; then
-        echo "PASS $sname"
+        if [ -n "$xfail" ]; then
+            echo "XPASS $sname (was expected to fail: $xfail; it passes now, so it counts as passed -- drop the mark in run.sh)"
+        else
+            echo "PASS $sname"
+        fi
         PASSED=$((PASSED + 1))
     else
         if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
@@ -313,12 +366,18 @@ for entry in "${SELECTED[@]}"; do
             reason="$(short_reason "$slog")"
             [ -n "$reason" ] || reason="exit code $rc"
         fi
-        echo "FAIL $sname ($reason)"
-        NFAILED=$((NFAILED + 1))
+        if [ -n "$xfail" ]; then
+            echo "XFAIL $sname ($xfail; got: $reason)"
+            NXFAIL=$((NXFAIL + 1))
+        else
+            echo "FAIL $sname ($reason)"
+            NFAILED=$((NFAILED + 1))
+        fi
     fi
 done
 
 [ "$NFAILED" = 0 ] || FAILED=1
+[ "$NXFAIL" = 0 ] || log "$NXFAIL expected failure(s) (XFAIL), not counted as failed"
 if [ "$FAILED" != 0 ] || [ "${KEEP_LOGS:-0}" = 1 ]; then
     log "logs kept: scenarios in $LOGS, broker in $BROKER_LOG"
 fi

@@ -473,6 +473,9 @@ impl Connection {
         alarm.mark_changed();
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)));
         let mut cmds: Vec<ConnCmd> = Vec::with_capacity(64);
+        // The heartbeat timer keeps its own schedule: other events must not
+        // push it back.
+        let mut next_tick = Instant::now() + hb.map_or(Duration::from_secs(3600), |h| h / 2);
         loop {
             // Frames already buffered (e.g. left from the handshake).
             if let Err(why) = self.process_input().await {
@@ -492,10 +495,9 @@ impl Connection {
             let read_ok = self.out.len() < OUT_HARD_LIMIT && !self.blocked;
             let inbox_ok = self.out.len() < OUT_SOFT_LIMIT && self.closing.is_none();
             let want_write = !self.out.is_empty();
-            let tick = match (hb, self.closing) {
-                (_, Some(d)) => d,
-                (Some(h), None) => Instant::now() + h / 2,
-                (None, None) => Instant::now() + Duration::from_secs(3600),
+            let tick = match self.closing {
+                Some(d) => d.min(next_tick),
+                None => next_tick,
             };
             tokio::select! {
                 r = self.stream.readable(), if read_ok => {
@@ -525,6 +527,7 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(tick) => {
+                    next_tick = Instant::now() + hb.map_or(Duration::from_secs(3600), |h| h / 2);
                     self.shrink_idle_buffers();
                     if let Some(h) = hb {
                         if self.closing.is_none() {
@@ -532,7 +535,7 @@ impl Connection {
                                 warn!("missed heartbeats from client, timeout: {}s; closing", h.as_secs());
                                 return "heartbeat timeout".into();
                             }
-                            if self.last_write.elapsed() >= h / 2 {
+                            if self.last_write.elapsed() >= h / 4 {
                                 frame::write_heartbeat(&mut self.out);
                             }
                         }

@@ -194,7 +194,9 @@ pub enum StoreError {
     )]
     Failed(String),
     /// Another store (in this or another process) has the directory open.
-    #[error("message store directory {0} is in use by another warren process; stop it, or point this one at another data directory")]
+    #[error(
+        "message store directory {0} is in use by another warren process; stop it, or point this one at another data directory"
+    )]
     InUse(PathBuf),
     /// The store was closed, or its writer thread stopped.
     #[error("message store is closed")]
@@ -300,7 +302,9 @@ impl MessageStore {
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse(dir)),
-            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", &lock_path, e)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::io("lock", &lock_path, e));
+            }
         }
         let (segments, recovery, next_no) = recovery::recover(&dir)?;
         let shared = Arc::new(Shared {

@@ -563,10 +563,12 @@ impl Model {
     }
 }
 
+type Outcome = (Gid, Result<(), StoreError>);
+
 fn run_model(ops: Vec<MOp>, segment_size: u64) {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
-    let completions: Arc<Mutex<Vec<(Gid, Result<(), StoreError>)>>> = Arc::default();
+    let completions: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let (mut s, _) = MessageStore::open(dir.path(), opts(segment_size)).unwrap();
     let mut m = Model {
         msgs: BTreeMap::new(),
@@ -746,7 +748,7 @@ fn crash_child(dir: &Path) {
             )
             .await
             .unwrap();
-            if g % 10 == 0 {
+            if g.is_multiple_of(10) {
                 s.ack(1, vec![g - 5]).await.unwrap();
             }
             gid += 1;

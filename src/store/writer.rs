@@ -12,7 +12,8 @@
 //!    records that are on disk;
 //! 4. apply acks and delivered marks in order, one `write` per ack file;
 //!    fsync ack files only when a `sync`/`close` is in the batch;
-//! 5. run completions; delete segments nothing refers to any more.
+//! 5. run append completions; delete segments nothing refers to any more;
+//!    answer `sync` requests.
 //!
 //! If writing or syncing appends fails, every segment touched by the batch
 //! is truncated back to where the batch started and every append of the
@@ -244,11 +245,12 @@ impl Writer {
                     }
                     let len = segment::record_len(queues.len(), &parts) as u64;
                     let used = self.active().size + self.buf.len() as u64;
-                    if used > 0 && used + len > self.segment_size {
-                        if let Err(e) = self.roll(&mut sealed) {
-                            err = Some(e);
-                            continue;
-                        }
+                    if used > 0
+                        && used + len > self.segment_size
+                        && let Err(e) = self.roll(&mut sealed)
+                    {
+                        err = Some(e);
+                        continue;
                     }
                     let a = self.active.as_ref().map(|a| (Arc::clone(&a.seg), a.size));
                     let Some((seg, size)) = a else { continue };
@@ -277,10 +279,10 @@ impl Writer {
                 }
             }
         }
-        if err.is_none() {
-            if let Some(a) = self.active.as_ref().filter(|a| a.size > a.batch_start) {
-                err = self.fsync(&a.file, &a.seg).err();
-            }
+        if err.is_none()
+            && let Some(a) = self.active.as_ref().filter(|a| a.size > a.batch_start)
+        {
+            err = self.fsync(&a.file, &a.seg).err();
         }
         if let Some(e) = &err {
             if self.failed.is_none() {
@@ -310,10 +312,10 @@ impl Writer {
         } else {
             self.settle(settles, &mut ack_err)
         };
-        if !syncs.is_empty() || !closers.is_empty() {
-            if let Err(e) = self.sync_acks() {
-                ack_err.get_or_insert(e);
-            }
+        if (!syncs.is_empty() || !closers.is_empty())
+            && let Err(e) = self.sync_acks()
+        {
+            ack_err.get_or_insert(e);
         }
 
         // 5. Completions, then reclaim space.
@@ -324,22 +326,23 @@ impl Writer {
         for d in dones {
             d.complete(append_result.clone());
         }
+        if self.buf.capacity() > 16 << 20 {
+            // A batch of huge messages: do not keep its buffer forever.
+            self.buf = Vec::with_capacity(1 << 20);
+        }
+        // Before answering `sync`, so its caller sees the space reclaimed.
+        if rolled || !touched.is_empty() {
+            for seg in &touched {
+                seg.index_mut().maybe_compact();
+            }
+            self.reclaim();
+        }
         let sync_result = match err.or(ack_err) {
             Some(e) => Err(e),
             None => Ok(()),
         };
         for s in syncs {
             let _ = s.send(sync_result.clone());
-        }
-        if self.buf.capacity() > 16 << 20 {
-            // A batch of huge messages: do not keep its buffer forever.
-            self.buf = Vec::with_capacity(1 << 20);
-        }
-        if rolled || !touched.is_empty() {
-            for seg in &touched {
-                seg.index_mut().maybe_compact();
-            }
-            self.reclaim();
         }
         closers
     }
@@ -353,13 +356,11 @@ impl Writer {
         let shared = Arc::clone(&self.shared);
         let a = self.active();
         let r = write_segment(&shared, &mut a.file, &buf);
-        match &r {
-            Ok(()) => {
-                a.size += buf.len() as u64;
-                a.seg.seg_bytes.store(a.size, Ordering::Relaxed);
-            }
-            // Unknown how much landed; undo() cuts back to batch_start.
-            Err(_) => {}
+        // On error it is unknown how much landed; undo() cuts back to
+        // batch_start.
+        if r.is_ok() {
+            a.size += buf.len() as u64;
+            a.seg.seg_bytes.store(a.size, Ordering::Relaxed);
         }
         let path = a.seg.path.clone();
         self.buf = buf;
