@@ -276,11 +276,11 @@ fn main() {
         let d = run("seg-win");
         segment_store_windowed(d.path(), n, &body).await;
         drop(d);
-        let d = run("sled-win");
-        sled_windowed(d.path(), n, &body).await;
-        drop(d);
         let d = run("seg-pipe");
         segment_store_pipelined(d.path(), n, &body).await;
+        drop(d);
+        let d = run("sled-win");
+        sled_windowed(d.path(), n, &body).await;
         drop(d);
         let d = run("seg-rec");
         segment_store_recovery(d.path(), n, &body).await;

@@ -15,6 +15,8 @@
 #                             (default ~/.cache/warren-conformance)
 #   SCENARIO_TIMEOUT          per-scenario time limit in seconds (default 60)
 #   KEEP_LOGS=1               keep the log directory even when everything passed
+#   WARREN_BIN=PATH           test this prebuilt warren binary instead of building
+#                             target/release/warren from the work tree
 #
 # Prints one line per scenario, "PASS <name>" or "FAIL <name> (<reason>)", then
 # "N passed, M failed"; exits non-zero if anything failed.  A scenario marked
@@ -258,7 +260,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 PORT="$(free_port)"
-if [ "$AGAINST" = warren ]; then
+if [ "$AGAINST" = warren ] && [ -n "${WARREN_BIN:-}" ]; then
+    if [ ! -x "$WARREN_BIN" ]; then
+        FAILED=1
+        echo "FAIL broker-start (WARREN_BIN=$WARREN_BIN is not an executable file)"
+        echo "0 passed, 1 failed"
+        exit 1
+    fi
+    log "using prebuilt warren binary $WARREN_BIN (WARREN_BIN; no build)"
+elif [ "$AGAINST" = warren ]; then
+    WARREN_BIN="$REPO_DIR/target/release/warren"
     log "building warren (cargo build --release --bin warren)"
     if ! (cd "$REPO_DIR" && cargo build --release --bin warren) >"$WORK/cargo-build.log" 2>&1; then
         tail -30 "$WORK/cargo-build.log" >&2
@@ -268,9 +279,11 @@ if [ "$AGAINST" = warren ]; then
         echo "0 passed, 1 failed"
         exit 1
     fi
+fi
+if [ "$AGAINST" = warren ]; then
     BROKER_LOG="$WORK/warren.log"
     mkdir -p "$WORK/warren-data"
-    "$REPO_DIR/target/release/warren" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data" \
+    "$WARREN_BIN" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data" \
         >"$BROKER_LOG" 2>&1 </dev/null &
     BROKER_PID=$!
     BOOT_TIMEOUT=30

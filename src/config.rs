@@ -49,6 +49,9 @@ pub struct AmqpConfig {
 pub struct StorageConfig {
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Message store segment file size (bytes); whole segments are reclaimed
+    /// once every message in them is acked.
+    pub segment_size: u64,
 }
 
 /// Logging settings.
@@ -108,6 +111,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("data"),
+            segment_size: 64 << 20,
         }
     }
 }

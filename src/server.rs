@@ -2,7 +2,12 @@
 //! returns a [`ServerHandle`] with the bound address. `main.rs` and the tests
 //! both use it.
 
-use crate::broker::Broker;
+use crate::broker::persist::{self, QueueDef, Storage};
+use crate::broker::{Broker, VHost};
+use crate::queue::args::QueueArgs;
+use crate::queue::{QueueRef, actor};
+use crate::store::defs::{Definitions, Table};
+use crate::store::{MessageStore, StoreOptions};
 use crate::config::Config;
 use crate::protocol::connection;
 use std::net::SocketAddr;
@@ -33,9 +38,75 @@ pub enum StartError {
     Bind {
         /// Address tried.
         addr: String,
-        /// OS error.
+                /// OS error.
         source: std::io::Error,
     },
+    /// The data directory or the stores in it could not be opened.
+    #[error("cannot open the data directory {dir}: {why}")]
+    Storage {
+        /// Data directory.
+        dir: String,
+        /// What went wrong (already phrased for an operator).
+        why: String,
+    },
+}
+
+/// Opens the stores under the data directory and rebuilds every durable
+/// vhost, exchange, queue (with its messages) and binding.
+async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<Arc<Broker>, StartError> {
+    let dir = config.storage.data_dir.clone();
+    let err = |why: String| StartError::Storage { dir: dir.display().to_string(), why };
+    std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let defs = Definitions::open(&dir).map_err(|e| err(e.to_string()))?;
+    let opts = StoreOptions { segment_size: config.storage.segment_size, ..StoreOptions::default() };
+    let (msgs, mut recovery) = MessageStore::open(&dir, opts).map_err(|e| err(e.to_string()))?;
+    let queue_defs: Vec<QueueDef> = defs.list(Table::Queues).map_err(|e| err(e.to_string()))?.into_iter().map(|(_, q)| q).collect();
+    let first_id = queue_defs.iter().map(|q| q.id).max().unwrap_or(0) + 1;
+    let storage = Storage { msgs, defs: defs.clone() };
+    let broker = Broker::new(config.clone(), shutdown, Some(storage.clone()), first_id, recovery.max_gid + 1);
+    if !config.auth.default_vhost.is_empty() {
+        storage.put_vhost(&config.auth.default_vhost).await.map_err(|e| err(e.to_string()))?;
+    }
+    persist::recover_definitions(&broker, &defs).map_err(|e| err(e.to_string()))?;
+    let mut queues = 0usize;
+    let mut messages = 0usize;
+    for qd in queue_defs {
+        let vhost = broker.vhosts.entry(qd.vhost.clone()).or_insert_with(|| VHost::new(&qd.vhost)).value().clone();
+        let args = QueueArgs::parse(&qd.arguments, &qd.name, &qd.vhost).unwrap_or_else(|e| {
+            warn!(queue = %qd.name, vhost = %qd.vhost, "stored queue arguments no longer valid ({}); using defaults", e.text);
+            QueueArgs { queue_type: "classic".into(), ..Default::default() }
+        });
+        let recovered = recovery.queues.remove(&qd.id).unwrap_or_default();
+        messages += recovered.len();
+        let q = actor::spawn(
+            |tx| QueueRef::new(qd.id, qd.name.clone(), qd.vhost.clone(), true, None, qd.auto_delete, qd.arguments.clone(), args, tx),
+            actor::QueueInit {
+                vhost: vhost.clone(),
+                inbox: config.queue.inbox_capacity,
+                window: config.queue.max_in_memory,
+                storage: Some(storage.clone()),
+                recovered,
+            },
+        );
+        vhost.queues.insert(qd.name.clone(), q);
+        queues += 1;
+    }
+    persist::recover_bindings(&broker, &defs).map_err(|e| err(e.to_string()))?;
+    // Messages of queues that no longer exist (deleted while the broker
+    // was down, or exclusive queues): forget them.
+    for (qid, msgs) in recovery.queues.drain() {
+        let gids: Vec<u64> = msgs.iter().map(|m| m.gid).collect();
+        let _ = storage.msgs.drop_queue(qid, gids).await;
+    }
+    info!(
+        queues,
+        messages,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered {queues} durable queues with {messages} messages from {}",
+        dir.display()
+    );
+    Ok(broker)
 }
 
 /// Binds and starts serving. Returns once the listener accepts connections.
@@ -50,8 +121,8 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     let amqp_addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let broker = Broker::new(config.clone(), shutdown_rx.clone());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+    let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
     let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
     Ok(ServerHandle {
@@ -72,6 +143,14 @@ impl ServerHandle {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while self.shutdown.receiver_count() > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(st) = &self.broker.storage {
+            if let Err(e) = st.msgs.sync().await {
+                error!("final sync of the message store failed: {e}");
+            }
+            if let Err(e) = st.defs.flush().await {
+                error!("final flush of the definitions store failed: {e}");
+            }
         }
         info!("Warren stopped");
     }

@@ -47,6 +47,10 @@ def check(cond, msg):
 
 def expect_eq(what, got, want):
     if got != want:
+        if isinstance(got, list) and isinstance(want, list) and len(repr(want)) > 120:
+            i = next((k for k, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+            raise Fail(f"{what}: {len(want)} expected, {len(got)} got; first difference at index {i}: "
+                       f"expected {want[i:i + 3]!r}, got {got[i:i + 3]!r}")
         raise Fail(f"{what}: expected {want!r}, got {got!r}")
 
 

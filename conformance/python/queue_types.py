@@ -9,9 +9,10 @@ stream.  The same checks run through both clients (a small adapter per client):
 
 classic  durable queue declared with x-queue-type=classic (twice: idempotent);
          redeclare with x-queue-type=quorum -> 406; 20 persistent messages;
-         basic.get + reject/nack(requeue) of the first -> same message again,
-         redelivered=True; then a consumer with prefetch 5 and manual acks gets
-         the exact 20 bodies in publish order (delivery_mode 2); depth 0 after.
+         basic.get + reject/nack(requeue) of the first -> the same message
+         again at the head, redelivered=True, acked; then a consumer with
+         prefetch 5 and manual acks gets the other 19 bodies in publish order
+         (delivery_mode 2, not redelivered); depth 0 after.
 quorum   the same with x-queue-type=quorum, plus: a non-durable quorum queue ->
          406; redeclare as classic -> 406; the requeued message is not
          fetched again at once (RabbitMQ 3.10 quorum queues re-enqueue it at
@@ -51,6 +52,10 @@ def check(cond, msg):
 
 def expect_eq(what, got, want):
     if got != want:
+        if isinstance(got, list) and isinstance(want, list) and len(repr(want)) > 120:
+            i = next((k for k, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+            raise Fail(f"{what}: {len(want)} expected, {len(got)} got; first difference at index {i}: "
+                       f"expected {want[i:i + 3]!r}, got {got[i:i + 3]!r}")
         raise Fail(f"{what}: expected {want!r}, got {got!r}")
 
 

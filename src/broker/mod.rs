@@ -7,6 +7,7 @@
 
 pub mod exchange;
 pub mod headers;
+pub mod persist;
 pub mod topic;
 
 use crate::auth::Users;
@@ -188,34 +189,43 @@ impl VHost {
         }
     }
 
-    /// Removes a deleted queue from the registry and from every binding.
-    /// Auto-delete exchanges left without bindings go too.
-    pub fn forget_queue(&self, q: &QueueRef) {
+        /// Removes a deleted queue from the registry and from every binding.
+    /// Auto-delete exchanges left without bindings go too; returns the
+    /// durable exchanges removed that way (to forget in the store).
+    pub fn forget_queue(&self, q: &QueueRef) -> Vec<String> {
         self.queues.remove_if(&q.name, |_, v| v.id == q.id);
+        let mut gone = Vec::new();
         let exchanges: Vec<Arc<Exchange>> =
             self.exchanges.iter().map(|e| e.value().clone()).collect();
         for ex in exchanges {
             let (removed, left) = ex.unbind_all(true, &q.name);
             if removed > 0 && left == 0 && ex.auto_delete {
-                self.delete_exchange(&ex.name);
+                gone.extend(self.delete_exchange(&ex.name));
             }
         }
+        gone
     }
 
-    /// Removes an exchange, its bindings, and bindings to it.
-    pub fn delete_exchange(&self, name: &str) {
+    /// Removes an exchange, its bindings, and bindings to it. Returns the
+    /// durable exchanges removed (this one and auto-deleted ones).
+    pub fn delete_exchange(&self, name: &str) -> Vec<String> {
         let Some((_, ex)) = self.exchanges.remove(name) else {
-            return;
+            return Vec::new();
         };
         ex.mark_deleted();
+        let mut gone = Vec::new();
+        if ex.durable {
+            gone.push(ex.name.clone());
+        }
         let exchanges: Vec<Arc<Exchange>> =
             self.exchanges.iter().map(|e| e.value().clone()).collect();
         for other in exchanges {
             let (removed, left) = other.unbind_all(false, name);
             if removed > 0 && left == 0 && other.auto_delete {
-                self.delete_exchange(&other.name);
+                gone.extend(self.delete_exchange(&other.name));
             }
         }
+        gone
     }
 }
 
@@ -231,6 +241,9 @@ pub struct Broker {
     /// Direct reply-to keys → channel.
     pub direct_reply: DashMap<String, ReplyTarget>,
     ids: AtomicU64,
+    gids: AtomicU64,
+    /// Durable storage (None only in tests of pure routing).
+    pub storage: Option<persist::Storage>,
     /// Set when the broker is shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Resource alarm: `Some(reason)` while publishers must be blocked
@@ -240,13 +253,21 @@ pub struct Broker {
 
 impl Broker {
     /// A broker with the default vhost and user from config.
-    pub fn new(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Arc<Broker> {
+    pub fn new(
+        config: Arc<Config>,
+        shutdown: watch::Receiver<bool>,
+        storage: Option<persist::Storage>,
+        first_id: u64,
+        first_gid: u64,
+    ) -> Arc<Broker> {
         let users = Users::new(&config.auth);
         let b = Broker {
             vhosts: DashMap::new(),
             users,
             direct_reply: DashMap::new(),
-            ids: AtomicU64::new(1),
+            ids: AtomicU64::new(first_id.max(1)),
+            gids: AtomicU64::new(first_gid.max(1)),
+            storage,
             shutdown,
             alarm: watch::channel(None).0,
             config,
@@ -263,6 +284,11 @@ impl Broker {
     /// A fresh broker-wide id (connections, queues, consumers).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh id for a stored message (unique across restarts).
+    pub fn next_gid(&self) -> u64 {
+        self.gids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Raises (`Some(reason)`) or clears (`None`) the resource alarm:

@@ -6,7 +6,7 @@
 //! else in between is 505 UNEXPECTED_FRAME. Handlers return `AmqpError`; the
 //! connection decides whether that closes the channel or the connection.
 
-use super::connection::Connection;
+use super::connection::{Connection, PendingStore};
 use super::error::{AmqpError, code, short};
 use super::frame::{self, ContentHeader, RawFrame};
 use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
@@ -309,7 +309,8 @@ impl Connection {
                 let m = frame::parse_method(&f.payload)?;
                 let (cid, mid) = (m.get_amqp_class_id(), m.get_amqp_method_id());
                 self.flush_pending().await.map_err(AmqpError::internal)?;
-                self.handle_method(ch, m).await.map_err(|e| e.on(cid, mid))
+                let span = tracing::debug_span!("ch", ch);
+                tracing::Instrument::instrument(self.handle_method(ch, m), span).await.map_err(|e| e.on(cid, mid))
             }
             frame::FRAME_HEADER => {
                 let max = self.broker.config.amqp.max_message_size;
@@ -497,13 +498,29 @@ impl Connection {
             }
             return Ok(());
         }
+                // Persistent messages routed to durable queues are written to the
+        // store once (for all those queues) and confirmed after the group
+        // commit; the store counts as one more party to the confirm.
+        let mut gid = 0;
+        if msg.is_persistent() && self.broker.storage.is_some() {
+            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored()).map(|q| q.id).collect();
+            if !stored.is_empty() {
+                gid = self.broker.next_gid();
+                self.pend_store(PendingStore {
+                    gid,
+                    queues: stored,
+                    msg: msg.clone(),
+                    confirm: seq.map(|s| (ch, s)),
+                });
+            }
+        }
         if let Some(s) = seq {
-            self.chan(ch)?
-                .unconfirmed
-                .insert(s, (targets.len() as u32, false));
+            let parties = targets.len() as u32 + u32::from(gid != 0);
+            self.chan(ch)?.unconfirmed.insert(s, (parties, false));
         }
         for q in &targets {
-            self.pend_publish(ch, q, msg.clone(), seq);
+            let g = if q.is_stored() { gid } else { 0 };
+            self.pend_publish(ch, q, msg.clone(), g, seq);
         }
         Ok(())
     }
@@ -860,13 +877,14 @@ impl Connection {
                         d.internal,
                         d.arguments.clone(),
                     ));
-                    let existing = self
-                        .vhost
-                        .exchanges
-                        .entry(name.to_string())
-                        .or_insert(new)
-                        .value()
-                        .clone();
+                    let existing = self.vhost.exchanges.entry(name.to_string()).or_insert(new.clone()).value().clone();
+                    if Arc::ptr_eq(&existing, &new) && new.durable {
+                        if let Some(st) = &self.broker.storage {
+                            st.put_exchange(&vname, &new).await.map_err(|e| {
+                                AmqpError::internal(format!("cannot record durable exchange '{name}': {e}"))
+                            })?;
+                        }
+                    }
                     let ineq = |arg: &str, got: String, cur: String| {
                         AmqpError::precondition(format!(
                             "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vname}': received '{got}' but current is '{cur}'"
@@ -942,7 +960,8 @@ impl Connection {
                             self.vname()
                         )));
                     }
-                    self.vhost.delete_exchange(name);
+                                        let gone = self.vhost.delete_exchange(name);
+                    self.forget_exchanges(gone).await;
                 }
                 if !d.nowait {
                     self.write_method(
@@ -953,12 +972,15 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Bind(b) => {
-                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
-                src.bind(Binding {
+                                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                let binding = Binding {
                     dest: Destination::Exchange(dst),
                     routing_key: b.routing_key.to_string(),
                     arguments: b.arguments.clone(),
-                })?;
+                };
+                if src.bind(binding.clone())? {
+                    self.persist_binding(&src, &binding, true).await?;
+                }
                 if !b.nowait {
                     self.write_method(
                         ch,
@@ -968,15 +990,20 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Unbind(b) => {
-                let (src, _) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
-                let (removed, left) = src.unbind(
-                    false,
-                    b.destination.as_str(),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                );
+                                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                let (removed, left) =
+                    src.unbind(false, b.destination.as_str(), b.routing_key.as_str(), &b.arguments);
+                if removed {
+                    let binding = Binding {
+                        dest: Destination::Exchange(dst),
+                        routing_key: b.routing_key.to_string(),
+                        arguments: b.arguments.clone(),
+                    };
+                    self.persist_binding(&src, &binding, false).await?;
+                }
                 if removed && left == 0 && src.auto_delete {
-                    self.vhost.delete_exchange(&src.name);
+                    let gone = self.vhost.delete_exchange(&src.name);
+                    self.forget_exchanges(gone).await;
                 }
                 if !b.nowait {
                     self.write_method(
@@ -990,6 +1017,29 @@ impl Connection {
                 code::COMMAND_INVALID,
                 "unexpected exchange method from client",
             )),
+        }
+    }
+
+        /// Records (or forgets) a binding in the store when it is durable.
+    async fn persist_binding(&self, src: &Exchange, b: &Binding, add: bool) -> Result<(), AmqpError> {
+        let Some(st) = &self.broker.storage else { return Ok(()) };
+        if !crate::broker::persist::binding_is_durable(src, &b.dest) {
+            return Ok(());
+        }
+        let def = crate::broker::persist::BindingDef::of(self.vname(), &src.name, b);
+        let r = if add { st.put_binding(&def).await } else { st.delete_binding(&def).await };
+        r.map_err(|e| AmqpError::internal(format!("cannot record binding from '{}': {e}", src.name)))
+    }
+
+    /// Forgets deleted durable exchanges in the store.
+    async fn forget_exchanges(&self, names: Vec<String>) {
+        let Some(st) = &self.broker.storage else { return };
+        for n in names {
+            if let Err(e) = st.delete_exchange(self.vname(), &n).await {
+                tracing::error!(
+                    "cannot remove exchange '{n}' from the definitions store: {e}; it may reappear after a restart"
+                );
+            }
         }
     }
 
@@ -1021,11 +1071,14 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
-                ex.bind(Binding {
+                                let binding = Binding {
                     dest: Destination::Queue(q),
                     routing_key: b.routing_key.to_string(),
                     arguments: b.arguments.clone(),
-                })?;
+                };
+                if ex.bind(binding.clone())? {
+                    self.persist_binding(&ex, &binding, true).await?;
+                }
                 if !b.nowait {
                     self.write_method(
                         ch,
@@ -1043,10 +1096,18 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
-                let (removed, left) =
-                    ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
+                                let (removed, left) = ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
+                if removed {
+                    let binding = Binding {
+                        dest: Destination::Queue(q.clone()),
+                        routing_key: b.routing_key.to_string(),
+                        arguments: b.arguments.clone(),
+                    };
+                    self.persist_binding(&ex, &binding, false).await?;
+                }
                 if removed && left == 0 && ex.auto_delete {
-                    self.vhost.delete_exchange(&ex.name);
+                    let gone = self.vhost.delete_exchange(&ex.name);
+                    self.forget_exchanges(gone).await;
                 }
                 self.write_method(
                     ch,
@@ -1154,16 +1215,31 @@ impl Connection {
                             tx,
                         )
                     },
-                    &vhost,
-                    broker.config.queue.inbox_capacity,
-                    broker.config.queue.max_in_memory,
+                                        actor::QueueInit {
+                        vhost: vhost.clone(),
+                        inbox: broker.config.queue.inbox_capacity,
+                        window: broker.config.queue.max_in_memory,
+                        storage: broker.storage.clone(),
+                        recovered: Vec::new(),
+                    },
                 );
-                let winner = vhost
-                    .queues
-                    .entry(name.clone())
-                    .or_insert(created.clone())
-                    .value()
-                    .clone();
+                let winner = vhost.queues.entry(name.clone()).or_insert(created.clone()).value().clone();
+                if winner.id == created.id && created.is_stored() {
+                    if let Some(st) = &broker.storage {
+                        let def = crate::broker::persist::QueueDef {
+                            vhost: vname.clone(),
+                            name: name.clone(),
+                            id,
+                            auto_delete: d.auto_delete,
+                            arguments: d.arguments.clone(),
+                        };
+                        st.put_queue(&def).await.map_err(|e| {
+                            AmqpError::internal(format!(
+                                "cannot record durable queue '{name}' in the definitions store: {e}"
+                            ))
+                        })?;
+                    }
+                }
                 if winner.id == created.id && d.exclusive {
                     self.exclusive_queues.push(created.clone());
                 } else if winner.id != created.id {

@@ -49,22 +49,32 @@ pub struct ClientCaps {
 /// each queue as one command per queue.
 #[derive(Default)]
 pub(crate) struct Pending {
+    stores: Vec<PendingStore>,
     publishes: Vec<PendingPublish>,
     settles: Vec<(Arc<QueueRef>, Outcome, Vec<MsgId>)>,
     credits: Vec<(Arc<QueueRef>, ConsumerId, u32)>,
 }
 
+/// A persistent message bound for durable queues: written to the store
+/// before the queues see it; its confirm waits for the group commit.
+pub(crate) struct PendingStore {
+    pub gid: u64,
+    pub queues: Vec<u64>,
+    pub msg: Arc<Message>,
+    pub confirm: Option<(u16, u64)>,
+}
+
 struct PendingPublish {
     channel: u16,
     queue: Arc<QueueRef>,
-    msgs: Vec<Arc<Message>>,
+    msgs: Vec<(Arc<Message>, u64)>,
     seqs: Vec<u64>,
     confirm: bool,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.publishes.is_empty() && self.settles.is_empty() && self.credits.is_empty()
+        self.stores.is_empty() && self.publishes.is_empty() && self.settles.is_empty() && self.credits.is_empty()
     }
 }
 
@@ -850,6 +860,27 @@ impl Connection {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        // Store first: the queues must never see (and ack) a message the
+        // store has not been asked to write.
+        if let Some(storage) = self.broker.storage.clone() {
+            for s in pending.stores {
+                let done: Option<crate::store::Completion> = s.confirm.map(|(channel, seq)| {
+                    let tx = self.tx.clone();
+                    Box::new(move |r: Result<(), crate::store::StoreError>| {
+                        if let Err(e) = &r {
+                            tracing::error!("persisting a message failed, publisher gets basic.nack: {e}");
+                        }
+                        let _ = tx.send(ConnCmd::Confirm { channel, seqs: vec![seq], nack: r.is_err() });
+                    }) as crate::store::Completion
+                });
+                if let Err(e) = storage.msgs.append(s.gid, s.queues, s.msg.parts(), done).await {
+                    tracing::error!("cannot persist message: {e}");
+                    if let Some((channel, seq)) = s.confirm {
+                        self.on_confirms(channel, &[seq], true);
+                    }
+                }
+            }
+        }
         for p in pending.publishes {
             let confirm = p.confirm.then(|| ConfirmTo {
                 conn: self.tx.clone(),
@@ -879,12 +910,18 @@ impl Connection {
         Ok(())
     }
 
+        /// Queues a message for the store in this read's batch.
+    pub fn pend_store(&mut self, item: PendingStore) {
+        self.pending.stores.push(item);
+    }
+
     /// Queues a message for `queue` in this read's batch.
     pub fn pend_publish(
         &mut self,
         channel: u16,
         queue: &Arc<QueueRef>,
         msg: Arc<Message>,
+        gid: u64,
         seq: Option<u64>,
     ) {
         let entry = match self
@@ -906,7 +943,7 @@ impl Connection {
                 &mut self.pending.publishes[last]
             }
         };
-        entry.msgs.push(msg);
+                entry.msgs.push((msg, gid));
         if let Some(s) = seq {
             entry.seqs.push(s);
         }

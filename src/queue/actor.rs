@@ -5,20 +5,43 @@
 //! connection as one batch. It never waits on a connection (connection
 //! inboxes are unbounded and bounded in practice by prefetch and flow
 //! credit), so a slow or dead client cannot stall a queue.
+//!
+//! For a durable queue it also keeps the store in step: acked and discarded
+//! messages are forgotten, first deliveries are marked (so a restart sets
+//! redelivered), and bodies beyond the in-memory window are dropped once the
+//! store has them and read back ahead of delivery. Publishes are written to
+//! the store by the publishing connection, before they reach the queue.
 
 use super::core::{ConsumeRefused, ConsumerId, Envelope, Outcome, QueueCore};
+use super::message::Message;
 use super::{QueueCmd, QueueRef};
+use crate::broker::persist::Storage;
 use crate::broker::{ConnCmd, ConnTx, VHost};
 use crate::protocol::error::AmqpError;
+use crate::store::RecoveredMessage;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
-use tracing::{debug, trace};
+use tracing::{debug, error, trace, warn};
 
 struct Link {
     conn: ConnTx,
     channel: u16,
     tag: Arc<str>,
+}
+
+/// How to start a queue actor.
+pub struct QueueInit {
+    /// Its vhost.
+    pub vhost: Arc<VHost>,
+    /// Inbox capacity.
+    pub inbox: usize,
+    /// Ready bodies kept in memory.
+    pub window: usize,
+    /// Storage, for durable queues.
+    pub storage: Option<Storage>,
+    /// Messages found in the store at start.
+    pub recovered: Vec<RecoveredMessage>,
 }
 
 /// Owns one queue's state. Built and started by [`spawn`].
@@ -29,25 +52,33 @@ pub struct QueueActor {
     links: HashMap<ConsumerId, Link>,
     ever_consumed: bool,
     out: Vec<(ConsumerId, Envelope)>,
+    storage: Option<Storage>,
+    /// Store ids to forget / mark delivered after this batch.
+    forget: Vec<u64>,
+    delivered: Vec<u64>,
 }
 
 /// Creates a queue: its registry entry and its actor task.
-pub fn spawn(
-    make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef,
-    vhost: &Arc<VHost>,
-    inbox: usize,
-    window: usize,
-) -> Arc<QueueRef> {
-    let (tx, rx) = mpsc::channel(inbox.max(1));
+pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueInit) -> Arc<QueueRef> {
+    let (tx, rx) = mpsc::channel(init.inbox.max(1));
     let q = Arc::new(make(tx));
-    let actor = QueueActor {
+    let storage = if q.is_stored() { init.storage } else { None };
+    let mut core = QueueCore::new(init.window);
+    for r in &init.recovered {
+        core.enqueue_envelope(None, r.gid, r.size, r.delivered);
+    }
+    let mut actor = QueueActor {
         q: q.clone(),
-        vhost: Arc::downgrade(vhost),
-        core: QueueCore::new(window),
+        vhost: Arc::downgrade(&init.vhost),
+        core,
         links: HashMap::new(),
         ever_consumed: false,
         out: Vec::new(),
+        storage,
+        forget: Vec::new(),
+        delivered: Vec::new(),
     };
+    actor.page();
     let span = tracing::debug_span!("queue", name = %q.name, vhost = %q.vhost);
     tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
     q
@@ -66,14 +97,16 @@ impl QueueActor {
                 break;
             }
             for cmd in cmds.drain(..) {
-                if let Flow::Stop = self.handle(cmd) {
+                if let Flow::Stop = self.handle(cmd).await {
                     debug!("queue deleted");
                     return;
                 }
             }
             self.dispatch();
+            self.sync_store().await;
+            self.page();
             if self.should_auto_delete() {
-                self.delete();
+                self.delete().await;
                 return;
             }
         }
@@ -83,29 +116,54 @@ impl QueueActor {
         self.q.auto_delete && self.ever_consumed && self.core.consumer_count() == 0
     }
 
-    fn handle(&mut self, cmd: QueueCmd) -> Flow {
+    /// Tells the store what this batch settled and delivered.
+    async fn sync_store(&mut self) {
+        let Some(st) = &self.storage else {
+            self.forget.clear();
+            self.delivered.clear();
+            return;
+        };
+        if !self.forget.is_empty() {
+            let gids = std::mem::take(&mut self.forget);
+            if let Err(e) = st.msgs.ack(self.q.id, gids).await {
+                warn!("could not record acks in the message store: {e}");
+            }
+        }
+        if !self.delivered.is_empty() {
+            let gids = std::mem::take(&mut self.delivered);
+            if let Err(e) = st.msgs.delivered(self.q.id, gids).await {
+                warn!("could not record deliveries in the message store: {e}");
+            }
+        }
+    }
+
+    /// Keeps at most the window of ready bodies in memory.
+    fn page(&mut self) {
+        let Some(st) = &self.storage else { return };
+        let msgs = &st.msgs;
+        let ready = self.core.ready_mut();
+        ready.page_out(|gid| msgs.contains(gid));
+        let lost = ready.page_in(|gid| load(msgs, gid));
+        for e in lost {
+            error!(gid = e.gid, "a stored message of this queue could not be read back and is lost; check the data directory for damage");
+            self.forget.push(e.gid);
+        }
+    }
+
+    async fn handle(&mut self, cmd: QueueCmd) -> Flow {
         match cmd {
             QueueCmd::Publish { msgs, confirm } => {
                 trace!(n = msgs.len(), "enqueue");
-                for m in msgs {
-                    self.core.enqueue(m, 0);
+                for (m, gid) in msgs {
+                    self.core.enqueue(m, gid);
                 }
                 if let Some(c) = confirm {
-                    // In-memory enqueue is final: confirm at once. Durable
-                    // queues confirm after their store flush instead.
-                    let _ = c.conn.send(ConnCmd::Confirm {
-                        channel: c.channel,
-                        seqs: c.seqs,
-                        nack: false,
-                    });
+                    // Enqueued: this queue's part of the confirm. Stored
+                    // messages also wait for the store's group commit.
+                    let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: c.seqs, nack: false });
                 }
             }
-            QueueCmd::Consume {
-                spec,
-                conn,
-                tag,
-                reply,
-            } => {
+            QueueCmd::Consume { spec, conn, tag, reply } => {
                 let id = spec.id;
                 let channel = spec.owner.channel;
                 let res = match self.core.add_consumer(spec) {
@@ -116,10 +174,7 @@ impl QueueActor {
                     }
                     Err(ConsumeRefused::ExclusiveInUse) => Err(AmqpError::new(
                         crate::protocol::error::code::ACCESS_REFUSED,
-                        format!(
-                            "queue '{}' in vhost '{}' in exclusive use",
-                            self.q.name, self.q.vhost
-                        ),
+                        format!("queue '{}' in vhost '{}' in exclusive use", self.q.name, self.q.vhost),
                     )),
                 };
                 let _ = reply.send(res);
@@ -134,14 +189,23 @@ impl QueueActor {
             QueueCmd::Settle { ids, outcome } => {
                 // Discarded messages are dropped here; dead-lettering hooks in
                 // at this point once queues have a dead-letter exchange.
-                let _ = self.core.settle(&ids, outcome);
+                let settled = self.core.settle(&ids, outcome);
+                self.forget.extend(settled.removed_gids);
             }
-            QueueCmd::Get {
-                owner,
-                no_ack,
-                reply,
-            } => {
-                let _ = reply.send(self.core.get(owner, no_ack));
+            QueueCmd::Get { owner, no_ack, reply } => {
+                let mut got = self.core.get(owner, no_ack);
+                if let Some((env, _)) = got.as_mut() {
+                    if !self.fill_body(env) {
+                        got = None;
+                    } else if env.gid != 0 {
+                        if no_ack {
+                            self.forget.push(env.gid);
+                        } else if !env.redelivered {
+                            self.delivered.push(env.gid);
+                        }
+                    }
+                }
+                let _ = reply.send(got);
             }
             QueueCmd::Credit { consumer, n } => self.core.credit(consumer, n),
             QueueCmd::ChannelClosed { owner } => {
@@ -150,28 +214,20 @@ impl QueueActor {
                 }
             }
             QueueCmd::Purge { reply } => {
-                let _ = reply.send(self.core.purge().len() as u64);
+                let purged = self.core.purge();
+                self.forget.extend(purged.iter().map(|e| e.gid).filter(|g| *g != 0));
+                let _ = reply.send(purged.len() as u64);
             }
             QueueCmd::Stats { reply } => {
                 let _ = reply.send(self.core.counts());
             }
             QueueCmd::Kick => {}
-            QueueCmd::Delete {
-                if_unused,
-                if_empty,
-                reply,
-            } => {
+            QueueCmd::Delete { if_unused, if_empty, reply } => {
                 let counts = self.core.counts();
                 let refused = if if_unused && counts.consumers > 0 {
-                    Some(format!(
-                        "queue '{}' in vhost '{}' in use",
-                        self.q.name, self.q.vhost
-                    ))
+                    Some(format!("queue '{}' in vhost '{}' in use", self.q.name, self.q.vhost))
                 } else if if_empty && counts.ready > 0 {
-                    Some(format!(
-                        "queue '{}' in vhost '{}' not empty",
-                        self.q.name, self.q.vhost
-                    ))
+                    Some(format!("queue '{}' in vhost '{}' not empty", self.q.name, self.q.vhost))
                 } else {
                     None
                 };
@@ -181,7 +237,7 @@ impl QueueActor {
                     }
                     return Flow::Continue;
                 }
-                self.delete();
+                self.delete().await;
                 if let Some(r) = reply {
                     let _ = r.send(Ok(counts.ready));
                 }
@@ -191,17 +247,48 @@ impl QueueActor {
         Flow::Continue
     }
 
-    /// Removes the queue from its vhost and tells consumers it is gone.
-    fn delete(&mut self) {
+    /// Removes the queue from its vhost and the store, and tells consumers
+    /// it is gone.
+    async fn delete(&mut self) {
         self.q.mark_deleted();
+        let mut dropped_exchanges = Vec::new();
         if let Some(vhost) = self.vhost.upgrade() {
-            vhost.forget_queue(&self.q);
+            dropped_exchanges = vhost.forget_queue(&self.q);
         }
         for (id, link) in self.links.drain() {
-            let _ = link.conn.send(ConnCmd::ConsumerCancelled {
-                channel: link.channel,
-                consumer: id,
-            });
+            let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: id });
+        }
+        if let Some(st) = &self.storage {
+            let mut gids = self.core.stored_gids();
+            gids.append(&mut self.forget);
+            if let Err(e) = st.msgs.drop_queue(self.q.id, gids).await {
+                warn!("could not drop the deleted queue's messages from the store: {e}");
+            }
+            if let Err(e) = st.delete_queue(&self.q.vhost, &self.q.name, self.q.id).await {
+                error!("could not remove the deleted queue from the definitions store: {e}; it may reappear after a restart");
+            }
+            for x in dropped_exchanges {
+                let _ = st.delete_exchange(&self.q.vhost, &x).await;
+            }
+        }
+    }
+
+    /// Reads a paged-out body back. False if it cannot be read (logged).
+    fn fill_body(&mut self, env: &mut Envelope) -> bool {
+        if env.msg.is_some() {
+            return true;
+        }
+        let loaded = self.storage.as_ref().and_then(|st| load(&st.msgs, env.gid));
+        match loaded {
+            Some(m) => {
+                env.msg = Some(m);
+                true
+            }
+            None => {
+                error!(gid = env.gid, "a stored message of this queue could not be read back and is lost; check the data directory for damage");
+                self.forget.push(env.gid);
+                false
+            }
         }
     }
 
@@ -211,11 +298,24 @@ impl QueueActor {
             return;
         }
         let mut batches: Vec<(ConsumerId, Vec<Envelope>)> = Vec::new();
-        for (cid, env) in self.out.drain(..) {
+        let out = std::mem::take(&mut self.out);
+        let mut unreadable = Vec::new();
+        for (cid, mut env) in out {
+            if !self.fill_body(&mut env) {
+                unreadable.push(env.id);
+                continue;
+            }
+            if env.gid != 0 && !env.redelivered {
+                self.delivered.push(env.gid);
+            }
             match batches.iter_mut().find(|(c, _)| *c == cid) {
                 Some((_, v)) => v.push(env),
                 None => batches.push((cid, vec![env])),
             }
+        }
+        if !unreadable.is_empty() {
+            // Gone from disk: settle them so they leave the queue.
+            self.core.settle(&unreadable, Outcome::Ack);
         }
         for (cid, msgs) in batches {
             let Some(link) = self.links.get(&cid) else {
@@ -239,5 +339,17 @@ impl QueueActor {
                 self.core.settle(&ids, Outcome::Undeliverable);
             }
         }
+        // No-ack deliveries are settled as they go out.
+        self.forget_no_ack_deliveries();
     }
+
+    fn forget_no_ack_deliveries(&mut self) {
+        self.forget.extend(self.core.take_no_ack_gids());
+    }
+}
+
+/// Reads one stored message back.
+fn load(store: &crate::store::MessageStore, gid: u64) -> Option<Arc<Message>> {
+    let parts = store.read(gid).ok()?;
+    Message::from_parts(parts).map(Arc::new)
 }

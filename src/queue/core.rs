@@ -137,6 +137,17 @@ pub enum Outcome {
     Undeliverable,
 }
 
+/// What a settle removed from the queue.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Discarded (nack/reject without requeue) envelopes.
+    pub discarded: Vec<Envelope>,
+    /// Store ids of every message that left the queue for good.
+    pub removed_gids: Vec<u64>,
+    /// Ids that were not outstanding.
+    pub unknown: usize,
+}
+
 /// Why a consumer could not be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConsumeRefused {
@@ -167,6 +178,8 @@ pub struct QueueCore {
     rr: usize,
     next_id: MsgId,
     has_exclusive_consumer: bool,
+    /// Stored messages handed to no-ack consumers: gone for good.
+    no_ack_gids: Vec<u64>,
 }
 
 impl QueueCore {
@@ -300,6 +313,9 @@ impl QueueCore {
             };
             if c.spec.no_ack {
                 c.flow -= 1;
+                if env.gid != 0 {
+                    self.no_ack_gids.push(env.gid);
+                }
             } else {
                 c.unacked += 1;
                 self.unacked.insert(
@@ -332,25 +348,34 @@ impl QueueCore {
         Some((env, self.ready.len() as u64))
     }
 
-    /// Settles deliveries. Returns the envelopes that were discarded (for
-    /// dead-lettering) and the number of ids that were not outstanding.
-    pub fn settle(&mut self, ids: &[MsgId], outcome: Outcome) -> (Vec<Envelope>, usize) {
-        let mut discarded = Vec::new();
-        let mut unknown = 0;
+    /// Settles deliveries. Returns what left the queue for good (acked or
+    /// discarded: the store forgets them; discarded ones may be
+    /// dead-lettered) and the number of ids that were not outstanding.
+    pub fn settle(&mut self, ids: &[MsgId], outcome: Outcome) -> Settled {
+        let mut out = Settled::default();
         for id in ids {
             let Some(u) = self.unacked.remove(id) else {
-                unknown += 1;
+                out.unknown += 1;
                 continue;
             };
             self.release_credit(&u);
             match outcome {
-                Outcome::Ack => {}
-                Outcome::Discard => discarded.push(u.env),
+                Outcome::Ack => {
+                    if u.env.gid != 0 {
+                        out.removed_gids.push(u.env.gid);
+                    }
+                }
+                Outcome::Discard => {
+                    if u.env.gid != 0 {
+                        out.removed_gids.push(u.env.gid);
+                    }
+                    out.discarded.push(u.env);
+                }
                 Outcome::Requeue => self.requeue(u.env, true),
                 Outcome::Undeliverable => self.requeue(u.env, false),
             }
         }
-        (discarded, unknown)
+        out
     }
 
     /// A channel closed: every delivery it held goes back to the queue, and
@@ -379,6 +404,11 @@ impl QueueCore {
     /// Drops every ready message; returns them (the store forgets them).
     pub fn purge(&mut self) -> Vec<Envelope> {
         self.ready.drain_all()
+    }
+
+    /// Store ids of messages delivered to no-ack consumers since the last call.
+    pub fn take_no_ack_gids(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.no_ack_gids)
     }
 
     /// Every stored message id the queue still references (ready and
@@ -569,8 +599,8 @@ mod tests {
                     Op::Ack(i) | Op::Requeue(i) | Op::Discard(i) if !held.is_empty() => {
                         let (_, id) = held.remove(i % held.len());
                         let outcome = match op { Op::Ack(_) => Outcome::Ack, Op::Requeue(_) => Outcome::Requeue, _ => Outcome::Discard };
-                        let (_, unknown) = q.settle(&[id], outcome);
-                        prop_assert_eq!(unknown, 0);
+                        let settled = q.settle(&[id], outcome);
+                        prop_assert_eq!(settled.unknown, 0);
                         if outcome != Outcome::Requeue { gone += 1; }
                     }
                     Op::Close(ch) => {

@@ -43,3 +43,30 @@ impl Message {
         self.body.len() as u64
     }
 }
+
+impl Message {
+    /// Rebuilds a message read back from the store.
+    pub fn from_parts(p: crate::store::MessageParts) -> Option<Message> {
+        let (rest, properties) = amq_protocol::protocol::basic::parse_properties(&p.raw_properties[..]).ok()?;
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(Message {
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            properties,
+            raw_properties: p.raw_properties,
+            body: p.body,
+        })
+    }
+
+    /// The parts the store keeps.
+    pub fn parts(&self) -> crate::store::MessageParts {
+        crate::store::MessageParts {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            raw_properties: self.raw_properties.clone(),
+            body: self.body.clone(),
+        }
+    }
+}

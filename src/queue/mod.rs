@@ -32,8 +32,8 @@ pub struct ConfirmTo {
 pub enum QueueCmd {
     /// Enqueue a batch of messages from one channel.
     Publish {
-        /// Messages in publish order.
-        msgs: Vec<Arc<Message>>,
+        /// Messages in publish order, with their store id (0 = not stored).
+        msgs: Vec<(Arc<Message>, u64)>,
         /// Confirm target, when the channel is in confirm mode.
         confirm: Option<ConfirmTo>,
     },
@@ -156,6 +156,12 @@ impl QueueRef {
             tx,
             deleted: AtomicBool::new(false),
         }
+    }
+
+    /// Whether its persistent messages and definition go to the store
+    /// (durable and not exclusive: exclusive queues never survive a restart).
+    pub fn is_stored(&self) -> bool {
+        self.durable && self.exclusive_owner.is_none()
     }
 
     /// True once deleted.

@@ -117,6 +117,8 @@ pub struct RecoveredMessage {
     /// It had been delivered to a consumer before the restart, so the next
     /// delivery must carry redelivered=true.
     pub delivered: bool,
+    /// Body size in bytes.
+    pub size: u32,
 }
 
 /// What [`MessageStore::open`] found.
@@ -374,6 +376,12 @@ impl MessageStore {
     pub fn read(&self, gid: Gid) -> Result<MessageParts, StoreError> {
         let (seg, offset) = self.shared.find(gid).ok_or(StoreError::NotFound(gid))?;
         seg.read_at(gid, offset)
+    }
+
+    /// True once the message's record is written (readable with
+    /// [`read`](Self::read)): a queue may then drop the body from memory.
+    pub fn contains(&self, gid: Gid) -> bool {
+        self.shared.find(gid).is_some()
     }
 
     /// Resolves once everything queued before it is durable, acks and

@@ -64,10 +64,11 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery, u64), 
                 }
                 live += 1;
                 let delivered = delivered.contains(&(q, gid));
-                rec.queues
-                    .entry(q)
-                    .or_default()
-                    .push(RecoveredMessage { gid, delivered });
+                rec.queues.entry(q).or_default().push(RecoveredMessage {
+                    gid,
+                    delivered,
+                    size: body_len.min(u64::from(u32::MAX)) as u32,
+                });
             }
             if live > 0 {
                 index.insert(gid, offset, live);

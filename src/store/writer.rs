@@ -400,12 +400,24 @@ impl Writer {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io("create", &path, e))?;
-        let read = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
         // The new file's name must survive a crash before any record in it
         // is confirmed.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::io("fsync directory", &dir, e))?;
+        let read = File::open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))
+            .and_then(|read| {
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| StoreError::io("fsync directory", &dir, e))?;
+                Ok(read)
+            });
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave no empty file behind: the next roll retries this number.
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let seg = Arc::new(Segment::new(no, path, read, SegIndex::default(), 0, 0));
         self.shared.segments_mut().push(Arc::clone(&seg));
         trace!(segment = no, "message store: new segment");
