@@ -1,0 +1,10 @@
+//! Durability through the real binary: restart, crash (SIGKILL), unacked
+//! redelivery, confirms under fast consumers, paging.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../common/process.rs"]
+mod process;
+
+mod t10_restart;
+mod t20_crash;
