@@ -268,8 +268,13 @@ if [ "$AGAINST" = warren ] && [ -n "${WARREN_BIN:-}" ]; then
         exit 1
     fi
     log "using prebuilt warren binary $WARREN_BIN (WARREN_BIN; no build)"
+    # warren reads ./etc/warren.toml when present: run a prebuilt binary in the
+    # empty temp dir, so that the work tree's config (which may be newer than
+    # that binary) is not read and it runs on its built-in defaults + flags
+    WARREN_CWD="$WORK"
 elif [ "$AGAINST" = warren ]; then
     WARREN_BIN="$REPO_DIR/target/release/warren"
+    WARREN_CWD="$REPO_DIR"   # with the repository's etc/warren.toml, whatever the caller's cwd
     log "building warren (cargo build --release --bin warren)"
     if ! (cd "$REPO_DIR" && cargo build --release --bin warren) >"$WORK/cargo-build.log" 2>&1; then
         tail -30 "$WORK/cargo-build.log" >&2
@@ -283,7 +288,7 @@ fi
 if [ "$AGAINST" = warren ]; then
     BROKER_LOG="$WORK/warren.log"
     mkdir -p "$WORK/warren-data"
-    "$WARREN_BIN" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data" \
+    (cd "$WARREN_CWD" && exec "$WARREN_BIN" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data") \
         >"$BROKER_LOG" 2>&1 </dev/null &
     BROKER_PID=$!
     BOOT_TIMEOUT=30

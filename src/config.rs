@@ -17,8 +17,37 @@ pub struct Config {
     pub log: LogConfig,
     /// Default user and vhost.
     pub auth: AuthConfig,
-    /// Queue tuning.
+        /// Queue tuning.
     pub queue: QueueConfig,
+    /// Resource alarms.
+    pub resources: ResourceConfig,
+}
+
+/// Resource alarm settings (RabbitMQ's vm_memory_high_watermark and
+/// disk_free_limit).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Fraction of physical memory above which publishers are blocked.
+    pub memory_high_watermark: f64,
+    /// Absolute limit in bytes; when set (> 0) it wins over the fraction.
+    pub memory_high_watermark_bytes: u64,
+    /// Free disk space (bytes) under the data directory below which
+    /// publishers are blocked.
+    pub disk_free_limit: u64,
+    /// How often memory and disk are checked (ms).
+    pub check_interval_ms: u64,
+}
+
+impl Default for ResourceConfig {
+    fn default() -> Self {
+        ResourceConfig {
+            memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: 0,
+            disk_free_limit: 50_000_000,
+            check_interval_ms: 1000,
+        }
+    }
 }
 
 /// AMQP listener settings.
@@ -153,6 +182,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             queue: QueueConfig::default(),
+            resources: ResourceConfig::default(),
         }
     }
 }

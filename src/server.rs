@@ -123,6 +123,19 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
         .map_err(|source| StartError::Bind { addr, source })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
+        let res = &config.resources;
+    let mem_limit = if res.memory_high_watermark_bytes > 0 {
+        res.memory_high_watermark_bytes
+    } else {
+        (crate::broker::alarms::total_memory_bytes() as f64 * res.memory_high_watermark) as u64
+    };
+    broker.limits.set_memory_bytes(mem_limit);
+    broker.limits.set_disk_free_bytes(res.disk_free_limit);
+    tokio::spawn(crate::broker::alarms::monitor(
+        broker.clone(),
+        config.storage.data_dir.clone(),
+        Duration::from_millis(res.check_interval_ms.max(10)),
+    ));
     let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
     Ok(ServerHandle {

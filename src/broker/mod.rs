@@ -5,6 +5,7 @@
 //! connection task). Guards are never held across `.await`: clone the `Arc`
 //! out, then use it.
 
+pub mod alarms;
 pub mod exchange;
 pub mod headers;
 pub mod persist;
@@ -242,6 +243,8 @@ pub struct Broker {
     pub direct_reply: DashMap<String, ReplyTarget>,
     ids: AtomicU64,
     gids: AtomicU64,
+        /// Resource limits and their last readings.
+    pub limits: alarms::Limits,
     /// Durable storage (None only in tests of pure routing).
     pub storage: Option<persist::Storage>,
     /// Set when the broker is shutting down.
@@ -267,7 +270,8 @@ impl Broker {
             direct_reply: DashMap::new(),
             ids: AtomicU64::new(first_id.max(1)),
             gids: AtomicU64::new(first_gid.max(1)),
-            storage,
+                        storage,
+            limits: alarms::Limits::default(),
             shutdown,
             alarm: watch::channel(None).0,
             config,

@@ -234,7 +234,9 @@ fn acked_segments_are_deleted_and_space_reclaimed() {
         assert!(peak_segments >= 2, "never rolled: {peak_segments}");
         assert_eq!(st.live_refs, 0);
         assert_eq!(st.segments, 1, "only the active segment is left: {st:?}");
-        assert!(st.bytes_on_disk <= 2 << 20, "{st:?}");
+        // Fully acked segments are gone, including a fully acked active one
+        // past a quarter of segment_size.
+        assert!(st.bytes_on_disk < (1 << 20) / 4 + (64 << 10), "{st:?}");
         assert!(
             dir_bytes(dir.path()) <= 2 << 20,
             "{} bytes on disk",

@@ -335,6 +335,7 @@ impl Writer {
             for seg in &touched {
                 seg.index_mut().maybe_compact();
             }
+            self.retire_empty_active();
             self.reclaim();
         }
         let sync_result = match err.or(ack_err) {
@@ -561,6 +562,24 @@ impl Writer {
             }
         }
         r
+    }
+
+    /// When every message in a sizeable active segment has been acked
+    /// (consumers keeping up), start a new one so this one can be deleted:
+    /// after everything is acked the directory holds at most a quarter
+    /// segment, not a full one.
+    fn retire_empty_active(&mut self) {
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        if a.size == 0 || a.size < self.segment_size / 4 || a.seg.index().live_refs > 0 {
+            return;
+        }
+        let next = a.seg.no + 1;
+        match self.create_segment(next) {
+            Ok(new) => self.active = Some(new),
+            Err(e) => warn!(error = %e, "message store: could not start a new segment; will retry"),
+        }
     }
 
     /// Deletes sealed segments with no live reference.

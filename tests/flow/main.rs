@@ -5,3 +5,4 @@
 mod common;
 
 mod t10_alarm;
+mod t20_resource_limits;
