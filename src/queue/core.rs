@@ -165,8 +165,10 @@ pub struct Counts {
     pub unacked: u64,
     /// Consumers attached.
     pub consumers: u64,
-    /// Bytes of ready message bodies.
+        /// Bytes of ready message bodies.
     pub ready_bytes: u64,
+    /// Ready messages whose body is held in memory (the rest are paged out).
+    pub in_memory: u64,
 }
 
 /// The queue state machine.
@@ -229,7 +231,8 @@ impl QueueCore {
             ready: self.ready.len() as u64,
             unacked: self.unacked.len() as u64,
             consumers: self.consumers.len() as u64,
-            ready_bytes: self.ready.bytes(),
+                        ready_bytes: self.ready.bytes(),
+            in_memory: self.ready.in_memory() as u64,
         }
     }
 

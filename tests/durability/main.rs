@@ -8,3 +8,4 @@ mod process;
 
 mod t10_restart;
 mod t20_crash;
+mod t30_paging;
