@@ -82,7 +82,28 @@ impl Definitions {
     /// Opens (or creates) `<data_dir>/defs`. Fails if another process holds it.
     pub fn open(data_dir: &Path) -> Result<Definitions, StoreError> {
         let path = data_dir.join("defs");
-        let db = sled::open(&path).map_err(|e| defs_err(&format!("open {}", path.display()), e))?;
+        // sled flocks the directory. Retry briefly: a Definitions closing in
+        // this process (sled's flusher thread lets go a moment after the
+        // last handle) or a child being spawned may hold it for a moment.
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(&path) {
+                Ok(db) => break db,
+                // sled reports it as ErrorKind::Other with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && tries < 100 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(defs_err(
+                        &format!("open {} (is another warren using it?)", path.display()),
+                        e,
+                    ));
+                }
+            }
+        };
         Ok(Definitions { db })
     }
 

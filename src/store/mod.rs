@@ -301,11 +301,21 @@ impl MessageStore {
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError::io("open", &lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse(dir)),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(StoreError::io("lock", &lock_path, e));
+        // Retry briefly: a store closing in this process, or a child being
+        // spawned (it holds a copy of every fd until it execs), may hold the
+        // lock for a moment.
+        let mut tries = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse(dir)),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(StoreError::io("lock", &lock_path, e));
+                }
             }
         }
         let (segments, recovery, next_no) = recovery::recover(&dir)?;
