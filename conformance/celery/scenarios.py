@@ -148,7 +148,7 @@ class Worker:
             kids = children_of(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)  # warm shutdown
             try:
-                self.proc.wait(8)
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
                 pass
             for p in [self.proc.pid] + kids:
