@@ -874,3 +874,49 @@ pub fn idle(plan: &Plan) -> std::result::Result<i32, Error> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirm_tracker_counts_exactly() {
+        let mut t = ConfirmTracker::default();
+        assert_eq!(t.on(1, false), 1);
+        assert_eq!(t.on(3, false), 1); // out of order single
+        assert_eq!(t.on(3, false), 0); // duplicate
+        assert_eq!(t.on(5, true), 3); // 2, 4, 5 (3 already counted)
+        assert_eq!(t.on(4, false), 0); // below watermark
+        assert_eq!(t.on(6, false), 1);
+        assert_eq!(t.on(10, true), 4);
+        assert_eq!(t.watermark, 10);
+        assert!(t.singles.is_empty());
+    }
+
+    #[test]
+    fn delivery_assembly_and_malformed_input() {
+        let mut d = Delivery::default();
+        // deliver: class 60 method 60, ctag "t", tag 7, redelivered, exch, rk
+        let mut p = vec![0, 60, 0, 60, 1, b't'];
+        p.extend_from_slice(&7u64.to_be_bytes());
+        d.start(&p).unwrap();
+        assert_eq!(d.tag, 7);
+        let mut h = vec![0, 60, 0, 0];
+        h.extend_from_slice(&10u64.to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        assert!(!d.header(&h).unwrap());
+        let ts = 12345u64.to_be_bytes();
+        assert!(!d.body(&ts[..5]).unwrap());
+        let mut rest = ts[5..].to_vec();
+        rest.extend_from_slice(&[1, 2]);
+        assert!(d.body(&rest).unwrap());
+        assert_eq!(d.timestamp(20000), Some(12345));
+        assert_eq!(d.timestamp(100), None);
+        // malformed: truncated deliver, body without header, oversize body
+        assert!(Delivery::default().start(&[0, 60, 0, 60, 9]).is_err());
+        assert!(Delivery::default().body(&[1]).is_err());
+        d.start(&p).unwrap();
+        d.header(&h).unwrap();
+        assert!(d.body(&[0u8; 11]).is_err());
+    }
+}
