@@ -701,8 +701,11 @@ pub fn put_body(out: &mut Vec<u8>, ch: u16, body: &[u8], frame_max: u32) -> usiz
     first
 }
 
+/// (correlation-id, reply-to)
+pub type CorrReply<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
 /// Parse correlation-id and reply-to from a content header payload.
-pub fn header_props(p: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
+pub fn header_props(p: &[u8]) -> Option<CorrReply<'_>> {
     let flags = be16(p, 12)?;
     let mut i = 14usize;
     let shortstr = |i: &mut usize| -> Option<&[u8]> {

@@ -262,11 +262,10 @@ impl Plan {
         if self.cli.fanout > 0 {
             return self.cli.routing_key.clone().unwrap_or_default();
         }
-        if let Some(k) = &self.cli.routing_key {
-            if self.queues.len() == 1 {
+        if let Some(k) = &self.cli.routing_key
+            && self.queues.len() == 1 {
                 return k.clone();
             }
-        }
         self.queues[i % self.queues.len()].clone()
     }
     pub fn consumer_queue(&self, i: usize) -> &str {
@@ -634,11 +633,10 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
             if n_cons == 0 {
                 break;
             }
-            if let Some(exp) = expected_consume {
-                if c >= exp && cli.cmessages == 0 {
+            if let Some(exp) = expected_consume
+                && c >= exp && cli.cmessages == 0 {
                     break;
                 }
-            }
             if c != last_progress.1 {
                 last_progress = (now, c);
             } else if cli.cmessages == 0 && now - last_progress.0 > 5_000_000_000 {
@@ -658,11 +656,10 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         let _ = h.join();
     }
     let (cpu1, maxrss) = cpu_and_rss();
-    if cli.delete_queues && !cli.rpc {
-        if let Err(e) = delete_queues(&plan) {
+    if cli.delete_queues && !cli.rpc
+        && let Err(e) = delete_queues(&plan) {
             eprintln!("warren-perf: deleting queues failed: {e}");
         }
-    }
 
     // Summary
     let t = totals(&all);

@@ -24,11 +24,10 @@ pub fn serve(port: u16, body_size: usize) -> Result<i32> {
     for s in l.incoming() {
         let Ok(s) = s else { continue };
         std::thread::spawn(move || {
-            if let Err(e) = handle(s, body_size) {
-                if !matches!(&e, Error::Io(_, ioe) if ioe.kind() == io::ErrorKind::UnexpectedEof) {
+            if let Err(e) = handle(s, body_size)
+                && !matches!(&e, Error::Io(_, ioe) if ioe.kind() == io::ErrorKind::UnexpectedEof) {
                     eprintln!("null broker: connection ended: {e}");
                 }
-            }
         });
     }
     Ok(0)
