@@ -118,7 +118,11 @@ pub struct QueueConfig {
     /// Ready message bodies each queue keeps in memory; beyond this,
     /// persistent messages of durable queues live only in the store and are
     /// read back ahead of delivery.
-    pub max_in_memory: usize,
+        pub max_in_memory: usize,
+    /// Flow control: when a queue with consumers has more ready messages
+    /// than this, its publishers are slowed until it drains (RabbitMQ's
+    /// credit flow plays this role).
+    pub flow_control_threshold: u64,
 }
 
 impl Default for AmqpConfig {
@@ -170,6 +174,7 @@ impl Default for QueueConfig {
             inbox_capacity: 1024,
             no_ack_window: 2000,
             max_in_memory: 20_000,
+            flow_control_threshold: 50_000,
         }
     }
 }

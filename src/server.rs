@@ -87,6 +87,7 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
                 window: config.queue.max_in_memory,
                 storage: Some(storage.clone()),
                 recovered,
+                flow_threshold: config.queue.flow_control_threshold,
             },
         );
         vhost.queues.insert(qd.name.clone(), q);

@@ -1221,6 +1221,7 @@ impl Connection {
                         window: broker.config.queue.max_in_memory,
                         storage: broker.storage.clone(),
                         recovered: Vec::new(),
+                        flow_threshold: broker.config.queue.flow_control_threshold,
                     },
                 );
                 let winner = vhost.queues.entry(name.clone()).or_insert(created.clone()).value().clone();

@@ -33,6 +33,11 @@ use tracing::{debug, info, warn};
 const OUT_SOFT_LIMIT: usize = 1 << 20;
 /// Stop reading the socket while this much is unwritten.
 const OUT_HARD_LIMIT: usize = 8 << 20;
+/// How long a throttled publisher waits between reads (flow control): it
+/// starts short and doubles while the queue stays over its threshold.
+const FLOW_PAUSE_MIN: Duration = Duration::from_millis(1);
+/// The longest pause: a publisher is slowed, never stopped.
+const FLOW_PAUSE_MAX: Duration = Duration::from_millis(500);
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -101,6 +106,11 @@ pub(crate) struct Connection {
     closing: Option<Instant>,
     last_read: Instant,
     last_write: Instant,
+        /// Queues this connection published to in its last batch (flow control).
+    recent_targets: Vec<Arc<QueueRef>>,
+    /// While a recent target is overloaded, reads wait until this instant.
+    throttle_until: Option<Instant>,
+    throttle_pause: Duration,
     /// The last read filled most of the buffer: read in bigger chunks.
     busy_reads: bool,
     /// Blocked by a resource alarm (publishers only).
@@ -160,6 +170,9 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         closing: None,
         last_read: now,
         last_write: now,
+                recent_targets: Vec::new(),
+        throttle_until: None,
+        throttle_pause: Duration::ZERO,
         busy_reads: false,
         blocked: false,
         alarm_reason: None,
@@ -502,13 +515,38 @@ impl Connection {
                     return "client did not answer connection.close in time".into();
                 }
             }
-            let read_ok = self.out.len() < OUT_HARD_LIMIT && !self.blocked;
+                        // Flow control: a publisher to a queue that is not keeping up
+            // reads one buffer per pause. The pause is bounded, so it can
+            // slow a publisher but never deadlock one that also consumes.
+            let now = Instant::now();
+            let throttled = match self.throttle_until {
+                Some(t) if now < t => true,
+                Some(_) => {
+                    self.throttle_until = None;
+                    false
+                }
+                None => {
+                    if self.recent_targets.iter().any(|q| q.is_overloaded()) {
+                        // Back off harder the longer the queue stays over.
+                        self.throttle_pause = (self.throttle_pause * 2).clamp(FLOW_PAUSE_MIN, FLOW_PAUSE_MAX);
+                        self.throttle_until = Some(now + self.throttle_pause);
+                        true
+                    } else {
+                        self.throttle_pause = Duration::ZERO;
+                        false
+                    }
+                }
+            };
+            let read_ok = self.out.len() < OUT_HARD_LIMIT && !self.blocked && !throttled;
             let inbox_ok = self.out.len() < OUT_SOFT_LIMIT && self.closing.is_none();
             let want_write = !self.out.is_empty();
-            let tick = match self.closing {
+                        let mut tick = match self.closing {
                 Some(d) => d.min(next_tick),
                 None => next_tick,
             };
+            if let Some(t) = self.throttle_until {
+                tick = tick.min(t);
+            }
             tokio::select! {
                 r = self.stream.readable(), if read_ok => {
                     if r.is_err() { return "socket error".into(); }
@@ -537,6 +575,10 @@ impl Connection {
                     }
                 }
                 _ = tokio::time::sleep_until(tick) => {
+                    if Instant::now() < next_tick {
+                        // A flow-control pause ended; nothing else is due.
+                        continue;
+                    }
                     next_tick = Instant::now() + hb.map_or(Duration::from_secs(3600), |h| h / 2);
                     self.shrink_idle_buffers();
                     if let Some(h) = hb {
@@ -859,7 +901,13 @@ impl Connection {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
+                let pending = std::mem::take(&mut self.pending);
+        self.recent_targets.clear();
+        for p in &pending.publishes {
+            if !self.recent_targets.iter().any(|q| q.id == p.queue.id) {
+                self.recent_targets.push(p.queue.clone());
+            }
+        }
         // Store first: the queues must never see (and ack) a message the
         // store has not been asked to write.
         if let Some(storage) = self.broker.storage.clone() {

@@ -40,8 +40,10 @@ pub struct QueueInit {
     pub window: usize,
     /// Storage, for durable queues.
     pub storage: Option<Storage>,
-    /// Messages found in the store at start.
+        /// Messages found in the store at start.
     pub recovered: Vec<RecoveredMessage>,
+    /// Ready messages above which publishers are slowed (when consumers are attached).
+    pub flow_threshold: u64,
 }
 
 /// Owns one queue's state. Built and started by [`spawn`].
@@ -54,8 +56,9 @@ pub struct QueueActor {
     out: Vec<(ConsumerId, Envelope)>,
     storage: Option<Storage>,
     /// Store ids to forget / mark delivered after this batch.
-    forget: Vec<u64>,
+        forget: Vec<u64>,
     delivered: Vec<u64>,
+    flow_threshold: u64,
 }
 
 /// Creates a queue: its registry entry and its actor task.
@@ -75,8 +78,9 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
         ever_consumed: false,
         out: Vec::new(),
         storage,
-        forget: Vec::new(),
+                forget: Vec::new(),
         delivered: Vec::new(),
+        flow_threshold: init.flow_threshold,
     };
     actor.page();
     let span = tracing::debug_span!("queue", name = %q.name, vhost = %q.vhost);
@@ -102,13 +106,27 @@ impl QueueActor {
                     return;
                 }
             }
-            self.dispatch();
+                        self.dispatch();
             self.sync_store().await;
             self.page();
+            self.update_flow();
             if self.should_auto_delete() {
                 self.delete().await;
                 return;
             }
+        }
+    }
+
+        /// Flow control: while the backlog is over the threshold and consumers
+    /// are attached (so it is draining, just not fast enough), publishers to
+    /// this queue slow down. Without consumers a backlog is expected; the
+    /// memory alarm and paging bound it instead.
+    fn update_flow(&mut self) {
+        let c = self.core.counts();
+        let over = c.consumers > 0 && c.ready > self.flow_threshold;
+        if over != self.q.is_overloaded() {
+            trace!(over, ready = c.ready, "flow control");
+            self.q.set_overloaded(over);
         }
     }
 

@@ -128,6 +128,9 @@ pub struct QueueRef {
     /// The actor's inbox (bounded: a full inbox is backpressure).
     pub tx: mpsc::Sender<QueueCmd>,
     deleted: AtomicBool,
+    /// Set by the actor while its backlog is over the flow-control threshold
+    /// and consumers are attached: publishers to it slow down.
+    overloaded: AtomicBool,
 }
 
 impl QueueRef {
@@ -155,6 +158,7 @@ impl QueueRef {
             args,
             tx,
             deleted: AtomicBool::new(false),
+            overloaded: AtomicBool::new(false),
         }
     }
 
@@ -162,6 +166,17 @@ impl QueueRef {
     /// (durable and not exclusive: exclusive queues never survive a restart).
     pub fn is_stored(&self) -> bool {
         self.durable && self.exclusive_owner.is_none()
+    }
+
+    /// Publishers should slow down (see [`QueueRef::set_overloaded`]).
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Flow control, set by the actor: the queue is growing faster than its
+    /// consumers drain it.
+    pub fn set_overloaded(&self, v: bool) {
+        self.overloaded.store(v, Ordering::Relaxed);
     }
 
     /// True once deleted.

@@ -6,3 +6,4 @@ mod common;
 
 mod t10_alarm;
 mod t20_resource_limits;
+mod t30_flow_control;

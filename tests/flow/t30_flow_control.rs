@@ -1,0 +1,59 @@
+use crate::common::*;
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A publisher faster than the queue's consumer is slowed down so the
+/// backlog stays near the flow-control threshold instead of growing without
+/// bound; nothing is lost.
+#[tokio::test]
+async fn fast_publisher_is_slowed_to_consumer_speed() {
+    let b = TestBroker::start_with(|c| c.queue.flow_control_threshold = 500).await;
+    let broker = b.handle.as_ref().unwrap().broker.clone();
+    let pconn = b.connect().await;
+    let cconn = b.connect().await;
+    let pch = pconn.create_channel().await.unwrap();
+    let cch = cconn.create_channel().await.unwrap();
+    pch.queue_declare("flow".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    cch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+    let mut c = cch.basic_consume("flow".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let total = 6000u32;
+    let consumer = tokio::spawn(async move {
+        let mut next = 0u32;
+        while next < total {
+            let d = c.next().await.unwrap().unwrap();
+            assert_eq!(d.data, next.to_be_bytes(), "in order, nothing lost");
+            next += 1;
+            if next % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    let q = broker.vhost("/").unwrap().queue("flow").unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let q2 = q.clone();
+    let watcher = tokio::spawn(async move {
+        let mut max = 0;
+        while !d2.load(Ordering::Relaxed) {
+            if let Some(c) = q2.stats().await {
+                max = max.max(c.ready);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        max
+    });
+    for i in 0..total {
+        pch.basic_publish("".into(), "flow".into(), BasicPublishOptions::default(), &i.to_be_bytes(), BasicProperties::default()).await.unwrap();
+    }
+    within(60, consumer).await.unwrap();
+    done.store(true, Ordering::Relaxed);
+    let max = watcher.await.unwrap();
+    assert!(max < 3000, "backlog stayed bounded near the threshold (max ready {max} of {total})");
+    assert!(!q.is_overloaded());
+}
