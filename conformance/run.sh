@@ -88,11 +88,10 @@ if [ "$FAST" = 0 ]; then
     done
     # queue types through pika and kombu (python/queue_types.py)
     XF_QUORUM="warren has no quorum queues yet"
-    XF_STREAM="warren has no stream queues yet"
     for c in pika kombu; do
         add "$c" "$c-queue-classic" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_classic"
         add "$c" "$c-queue-quorum" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_quorum" "$XF_QUORUM"
-        add "$c" "$c-queue-stream" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_stream" "$XF_STREAM"
+        add "$c" "$c-queue-stream" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_stream"
     done
     # Celery end to end with real worker processes (celery/scenarios.py)
     for s in batch retry rpc_results group chord acks_late; do

@@ -21,6 +21,46 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Resource alarms.
     pub resources: ResourceConfig,
+    /// Management HTTP API.
+    pub mgmt: MgmtConfig,
+    /// Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Management HTTP API (RabbitMQ's management plugin paths).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MgmtConfig {
+    /// Serve the API at all.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub bind: String,
+    /// Port (0 picks a free one).
+    pub port: u16,
+}
+
+impl Default for MgmtConfig {
+    fn default() -> Self {
+        MgmtConfig { enabled: true, bind: "127.0.0.1".into(), port: 15672 }
+    }
+}
+
+/// Prometheus `/metrics` endpoint (RabbitMQ's rabbitmq_prometheus port).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve metrics at all.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub bind: String,
+    /// Port (0 picks a free one).
+    pub port: u16,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true, bind: "127.0.0.1".into(), port: 15692 }
+    }
 }
 
 /// Resource alarm settings (RabbitMQ's vm_memory_high_watermark and
@@ -112,9 +152,10 @@ pub struct QueueConfig {
     /// Capacity of each queue's inbox (batches). A full inbox makes
     /// publishers wait: that is the backpressure.
     pub inbox_capacity: usize,
-    /// Deliveries in flight to a no-ack consumer's connection before the
-    /// queue waits for the connection to write them.
-    pub no_ack_window: u32,
+    /// Deliveries in flight to a consumer's connection (not yet written to
+    /// the socket) before the queue waits for the connection: bounds memory
+    /// even for consumers with unlimited prefetch.
+    pub delivery_window: u32,
     /// Ready message bodies each queue keeps in memory; beyond this,
     /// persistent messages of durable queues live only in the store and are
     /// read back ahead of delivery.
@@ -172,7 +213,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             inbox_capacity: 1024,
-            no_ack_window: 2000,
+            delivery_window: 2000,
             max_in_memory: 20_000,
             flow_control_threshold: 50_000,
         }
@@ -188,6 +229,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             queue: QueueConfig::default(),
             resources: ResourceConfig::default(),
+            mgmt: MgmtConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -236,9 +279,9 @@ impl Config {
                 "amqp.channel_max must be at least 1".into(),
             ));
         }
-        if self.queue.inbox_capacity == 0 || self.queue.no_ack_window == 0 {
+        if self.queue.inbox_capacity == 0 || self.queue.delivery_window == 0 {
             return Err(ConfigError::Invalid(
-                "queue.inbox_capacity and queue.no_ack_window must be at least 1".into(),
+                "queue.inbox_capacity and queue.delivery_window must be at least 1".into(),
             ));
         }
         Ok(())

@@ -7,7 +7,8 @@
 //!   machines, AMQP errors. Never touches storage.
 //! - [`broker`]: vhosts, exchanges, bindings, routing, the queue registry.
 //! - [`queue`]: the deterministic queue core and the queue actor.
-//! - [`auth`]: users and password hashes.
+//! - [`auth`]: users, password hashes, per-vhost permissions.
+//! - [`mgmt`]: the management HTTP API and Prometheus metrics.
 //! - [`config`]: the typed configuration.
 //!
 //! ARCHITECTURE.md at the repository root has the task table and the life of
@@ -21,6 +22,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod mgmt;
 pub mod protocol;
 pub mod queue;
 pub mod server;

@@ -24,6 +24,12 @@ struct Args {
     /// Log filter: error, warn, info, debug, trace (default info).
     #[arg(long)]
     log_level: Option<String>,
+    /// Management HTTP API port (default 15672; 0 picks a free port).
+    #[arg(long)]
+    mgmt_port: Option<u16>,
+    /// Prometheus metrics port (default 15692; 0 picks a free port).
+    #[arg(long)]
+    metrics_port: Option<u16>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +52,12 @@ fn main() -> std::process::ExitCode {
     }
     if let Some(l) = args.log_level {
         cfg.log.level = l;
+    }
+    if let Some(p) = args.mgmt_port {
+        cfg.mgmt.port = p;
+    }
+    if let Some(p) = args.metrics_port {
+        cfg.metrics.port = p;
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

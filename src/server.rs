@@ -22,6 +22,10 @@ use tracing::{Instrument, error, info, info_span, warn};
 pub struct ServerHandle {
     /// Where AMQP clients connect.
     pub amqp_addr: SocketAddr,
+    /// Where the management HTTP API listens (None when disabled).
+    pub mgmt_addr: Option<SocketAddr>,
+    /// Where Prometheus metrics are served (None when disabled).
+    pub metrics_addr: Option<SocketAddr>,
     /// The broker state (for in-process inspection by tests and management).
     pub broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
@@ -39,6 +43,18 @@ pub enum StartError {
         /// Address tried.
         addr: String,
                 /// OS error.
+        source: std::io::Error,
+    },
+    /// The management or metrics HTTP listener could not be bound.
+    #[error("cannot listen for the {what} on {addr}: {source} (choose another port with {flag}, or 0 for a free one)")]
+    HttpBind {
+        /// Which listener.
+        what: &'static str,
+        /// Address tried.
+        addr: String,
+        /// The flag that changes its port.
+        flag: &'static str,
+        /// OS error.
         source: std::io::Error,
     },
     /// The data directory or the stores in it could not be opened.
@@ -68,6 +84,7 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
     if !config.auth.default_vhost.is_empty() {
         storage.put_vhost(&config.auth.default_vhost).await.map_err(|e| err(e.to_string()))?;
     }
+    crate::auth::store::recover(&broker.users, &defs).await.map_err(|e| err(e.to_string()))?;
     persist::recover_definitions(&broker, &defs).map_err(|e| err(e.to_string()))?;
     let mut queues = 0usize;
     let mut messages = 0usize;
@@ -77,6 +94,24 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
             warn!(queue = %qd.name, vhost = %qd.vhost, "stored queue arguments no longer valid ({}); using defaults", e.text);
             QueueArgs { queue_type: "classic".into(), ..Default::default() }
         });
+        if args.queue_type == "stream" {
+            let init = crate::queue::stream::StreamInit {
+                vhost: vhost.clone(),
+                inbox: config.queue.inbox_capacity,
+                data_dir: config.storage.data_dir.clone(),
+                storage: Some(storage.clone()),
+                fresh: false,
+            };
+            let make = |tx| QueueRef::new(qd.id, qd.name.clone(), qd.vhost.clone(), true, None, qd.auto_delete, qd.arguments.clone(), args, tx);
+            match crate::queue::stream::spawn(make, init) {
+                Ok(q) => {
+                    vhost.queues.insert(qd.name.clone(), q);
+                    queues += 1;
+                }
+                Err(e) => error!(queue = %qd.name, vhost = %qd.vhost, "cannot recover stream: {}", e.text),
+            }
+            continue;
+        }
         let recovered = recovery.queues.remove(&qd.id).unwrap_or_default();
         messages += recovered.len();
         let q = actor::spawn(
@@ -88,6 +123,7 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
                 storage: Some(storage.clone()),
                 recovered,
                 flow_threshold: config.queue.flow_control_threshold,
+                gids: Some({ let b = broker.clone(); Arc::new(move || b.next_gid()) }),
             },
         );
         vhost.queues.insert(qd.name.clone(), q);
@@ -137,10 +173,13 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
         config.storage.data_dir.clone(),
         Duration::from_millis(res.check_interval_ms.max(10)),
     ));
+    let (mgmt_addr, metrics_addr) = crate::mgmt::serve(&broker, shutdown_rx.clone()).await?;
     let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
     Ok(ServerHandle {
         amqp_addr,
+        mgmt_addr,
+        metrics_addr,
         broker,
         shutdown,
         accept,

@@ -3,12 +3,21 @@
 //! Passwords are kept as salted SHA-256 hashes in RabbitMQ's format
 //! (base64 of 4-byte salt + sha256(salt + password)), so a definitions file
 //! exported from RabbitMQ carries hashes Warren can check.
+//!
+//! Per-vhost permissions (configure/write/read regular expressions) live in
+//! [`permissions`]; [`store`] persists users and permissions in the
+//! definitions store and recovers them at start.
+
+pub mod permissions;
+pub mod store;
 
 use crate::config::AuthConfig;
 use dashmap::DashMap;
+use permissions::Permission;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 /// A user account.
 #[derive(Debug, Clone)]
@@ -19,14 +28,22 @@ pub struct User {
     pub password_hash: Vec<u8>,
     /// Tags (administrator, monitoring, ...).
     pub tags: Vec<String>,
-    /// Vhosts this user may open.
-    pub vhosts: HashSet<String>,
+}
+
+impl User {
+    /// Has this tag.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
 }
 
 /// All users.
 #[derive(Debug, Default)]
 pub struct Users {
     users: DashMap<String, User>,
+    /// (user, vhost) → permission. A user may open a vhost iff it has an
+    /// entry here, as in RabbitMQ.
+    perms: DashMap<(String, String), Arc<Permission>>,
     loopback_only: HashSet<String>,
 }
 
@@ -85,6 +102,7 @@ impl Users {
     pub fn new(cfg: &AuthConfig) -> Users {
         let u = Users {
             users: DashMap::new(),
+            perms: DashMap::new(),
             loopback_only: cfg.loopback_users.iter().cloned().collect(),
         };
         if !cfg.default_user.is_empty() {
@@ -98,29 +116,89 @@ impl Users {
         u
     }
 
-    /// Adds or replaces a user.
+    /// Adds or replaces a user (keeping its permissions).
     pub fn add(&self, name: &str, password: &str, tags: Vec<String>) {
-        let vhosts = self
-            .users
-            .get(name)
-            .map(|u| u.vhosts.clone())
-            .unwrap_or_default();
+        self.add_hashed(name, hash_password(password), tags);
+    }
+
+    /// Adds or replaces a user with an already hashed password (definitions
+    /// import, recovery). An empty hash means password logins are refused.
+    pub fn add_hashed(&self, name: &str, password_hash: Vec<u8>, tags: Vec<String>) {
         self.users.insert(
             name.to_string(),
             User {
                 name: name.to_string(),
-                password_hash: hash_password(password),
+                password_hash,
                 tags,
-                vhosts,
             },
         );
     }
 
-    /// Lets a user open a vhost.
+    /// Gives a user full permissions (".*" ".*" ".*") on a vhost.
     pub fn grant(&self, user: &str, vhost: &str) {
-        if let Some(mut u) = self.users.get_mut(user) {
-            u.vhosts.insert(vhost.to_string());
+        if let Ok(p) = Permission::new(".*", ".*", ".*") {
+            self.set_permission(user, vhost, p);
         }
+    }
+
+    /// One user.
+    pub fn get(&self, name: &str) -> Option<User> {
+        self.users.get(name).map(|u| u.clone())
+    }
+
+    /// Every user, sorted by name.
+    pub fn list(&self) -> Vec<User> {
+        let mut v: Vec<User> = self.users.iter().map(|u| u.value().clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Removes a user and its permissions; false if there was none.
+    pub fn remove(&self, name: &str) -> bool {
+        self.perms.retain(|(u, _), _| u != name);
+        self.users.remove(name).is_some()
+    }
+
+    /// Removes every user and permission (before recovery replaces them).
+    pub fn clear(&self) {
+        self.users.clear();
+        self.perms.clear();
+    }
+
+    /// Sets a user's permissions on a vhost.
+    pub fn set_permission(&self, user: &str, vhost: &str, p: Permission) {
+        self.perms
+            .insert((user.to_string(), vhost.to_string()), Arc::new(p));
+    }
+
+    /// Clears a user's permissions on a vhost; false if it had none.
+    pub fn clear_permission(&self, user: &str, vhost: &str) -> bool {
+        self.perms
+            .remove(&(user.to_string(), vhost.to_string()))
+            .is_some()
+    }
+
+    /// Forgets every permission on a vhost (the vhost was deleted).
+    pub fn clear_vhost(&self, vhost: &str) {
+        self.perms.retain(|(_, v), _| v != vhost);
+    }
+
+    /// A user's permissions on a vhost.
+    pub fn permission(&self, user: &str, vhost: &str) -> Option<Arc<Permission>> {
+        self.perms
+            .get(&(user.to_string(), vhost.to_string()))
+            .map(|p| p.value().clone())
+    }
+
+    /// Every (user, vhost, permission), sorted.
+    pub fn permissions(&self) -> Vec<(String, String, Arc<Permission>)> {
+        let mut v: Vec<_> = self
+            .perms
+            .iter()
+            .map(|e| (e.key().0.clone(), e.key().1.clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+        v
     }
 
     /// Checks credentials for a connection from a loopback or remote peer.
@@ -135,7 +213,7 @@ impl Users {
             .get(name)
             .map(|u| u.clone())
             .ok_or(LoginError::BadCredentials)?;
-        if !check_password(&u.password_hash, password) {
+        if password.is_empty() || !check_password(&u.password_hash, password) {
             return Err(LoginError::BadCredentials);
         }
         if !from_loopback && self.loopback_only.contains(name) {
@@ -146,9 +224,10 @@ impl Users {
 
     /// May this user open this vhost?
     pub fn can_access(&self, user: &str, vhost: &str) -> bool {
-        self.users
-            .get(user)
-            .is_some_and(|u| u.vhosts.contains(vhost))
+        self.users.contains_key(user)
+            && self
+                .perms
+                .contains_key(&(user.to_string(), vhost.to_string()))
     }
 }
 

@@ -6,6 +6,7 @@
 //! out, then use it.
 
 pub mod alarms;
+pub mod conns;
 pub mod exchange;
 pub mod headers;
 pub mod persist;
@@ -241,6 +242,8 @@ pub struct Broker {
     pub users: Users,
     /// Direct reply-to keys → channel.
     pub direct_reply: DashMap<String, ReplyTarget>,
+    /// Open AMQP connections by id (management, metrics).
+    pub connections: DashMap<u64, conns::ConnInfo>,
     ids: AtomicU64,
     gids: AtomicU64,
         /// Resource limits and their last readings.
@@ -268,6 +271,7 @@ impl Broker {
             vhosts: DashMap::new(),
             users,
             direct_reply: DashMap::new(),
+            connections: DashMap::new(),
             ids: AtomicU64::new(first_id.max(1)),
             gids: AtomicU64::new(first_gid.max(1)),
                         storage,

@@ -395,6 +395,16 @@ impl Connection {
         };
         let mut properties = header.properties;
         let mut raw_properties = header.raw_properties;
+                if let Some(exp) = properties.expiration() {
+            let why = match exp.as_str().parse::<i64>() {
+                Ok(n) if n < 0 => Some(format!("{{value_negative,{n}}}")),
+                Ok(_) => None,
+                Err(_) => Some("no_integer".to_string()),
+            };
+            if let Some(why) = why {
+                return Err(AmqpError::precondition(format!("invalid expiration '{exp}': {why}")).on(60, 40));
+            }
+        }
         if let Some(uid) = properties.user_id() {
             if uid.as_str() != self.user {
                 return Err(AmqpError::precondition(format!(
@@ -442,6 +452,8 @@ impl Connection {
                 return Ok(e.clone());
             }
         }
+        // Checked on a cache miss only: the cached exchange was authorised.
+        self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, name)?;
         let ex = self.find_exchange(name)?;
         if ex.internal {
             return Err(AmqpError::new(
@@ -503,7 +515,7 @@ impl Connection {
         // commit; the store counts as one more party to the confirm.
         let mut gid = 0;
         if msg.is_persistent() && self.broker.storage.is_some() {
-            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored()).map(|q| q.id).collect();
+            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored() && !q.is_stream()).map(|q| q.id).collect();
             if !stored.is_empty() {
                 gid = self.broker.next_gid();
                 self.pend_store(PendingStore {
@@ -519,7 +531,7 @@ impl Connection {
             self.chan(ch)?.unconfirmed.insert(s, (parties, false));
         }
         for q in &targets {
-            let g = if q.is_stored() { gid } else { 0 };
+            let g = if q.is_stored() && !q.is_stream() { gid } else { 0 };
             self.pend_publish(ch, q, msg.clone(), g, seq);
         }
         Ok(())
@@ -618,6 +630,7 @@ impl Connection {
             .entry(queue.id)
             .or_insert_with(|| queue.clone());
         let n = msgs.len() as u32;
+        crate::mgmt::stats::count_deliveries(&queue, &msgs);
         for env in msgs {
             let Some(m) = &env.msg else {
                 // The queue always loads bodies before delivering; if one
@@ -648,9 +661,8 @@ impl Connection {
                 });
             }
         }
-        if no_ack {
-            self.pend_credit(&queue, consumer, n);
-        }
+                // Written: the queue may send more (flow credit, every consumer).
+        self.pend_credit(&queue, consumer, n);
         for (q, id) in std::mem::take(&mut self.pending_undeliverable) {
             self.pend_settle(&q, Outcome::Undeliverable, id);
         }
@@ -861,6 +873,7 @@ impl Connection {
                             format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
                         ));
                     }
+                    self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Exchange, name)?;
                     if let Some(ae) = d.arguments.inner().get("alternate-exchange") {
                         if crate::broker::headers::value_str(ae).is_none() {
                             return Err(AmqpError::precondition(format!(
@@ -953,6 +966,7 @@ impl Connection {
                         ),
                     ));
                 }
+                self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Exchange, name)?;
                 if let Some(ex) = self.vhost.exchange(name) {
                     if d.if_unused && ex.binding_count() > 0 {
                         return Err(AmqpError::precondition(format!(
@@ -972,6 +986,8 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Bind(b) => {
+                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, b.destination.as_str())?;
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.source.as_str())?;
                                 let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
                 let binding = Binding {
                     dest: Destination::Exchange(dst),
@@ -990,6 +1006,8 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Unbind(b) => {
+                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, b.destination.as_str())?;
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.source.as_str())?;
                                 let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
                 let (removed, left) =
                     src.unbind(false, b.destination.as_str(), b.routing_key.as_str(), &b.arguments);
@@ -1064,6 +1082,8 @@ impl Connection {
             q_m::AMQPMethod::Declare(d) => self.queue_declare(ch, d).await,
             q_m::AMQPMethod::Bind(b) => {
                 let q = self.find_queue(ch, b.queue.as_str())?;
+                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.exchange.as_str())?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
                     return Err(AmqpError::new(
@@ -1089,6 +1109,8 @@ impl Connection {
             }
             q_m::AMQPMethod::Unbind(b) => {
                 let q = self.find_queue(ch, b.queue.as_str())?;
+                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.exchange.as_str())?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
                     return Err(AmqpError::new(
@@ -1117,6 +1139,7 @@ impl Connection {
             }
             q_m::AMQPMethod::Purge(p) => {
                 let q = self.find_queue(ch, p.queue.as_str())?;
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
                 let (tx, rx) = oneshot::channel();
                 let n = if q.send(QueueCmd::Purge { reply: tx }).await {
                     rx.await.unwrap_or(0)
@@ -1139,6 +1162,7 @@ impl Connection {
                 } else {
                     d.queue.to_string()
                 };
+                self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Queue, &name)?;
                 let mut count = 0;
                 if let Some(q) = self.vhost.queue(&name) {
                     self.check_exclusive(&q)?;
@@ -1193,6 +1217,7 @@ impl Connection {
                 format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
+        self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Queue, &name)?;
         let args = QueueArgs::parse(&d.arguments, &name, &vname)?;
         let q = match self.vhost.queue(&name) {
             Some(q) => q,
@@ -1201,7 +1226,18 @@ impl Connection {
                 let vhost = self.vhost.clone();
                 let owner = d.exclusive.then_some(self.id);
                 let id = broker.next_id();
-                let created = actor::spawn(
+                let created = if args.queue_type == "stream" {
+                    crate::queue::stream::check_declare(&name, &vname, d.durable, d.exclusive, d.auto_delete)?;
+                    let make = |tx| QueueRef::new(id, name.clone(), vname.clone(), d.durable, owner, d.auto_delete, d.arguments.clone(), args, tx);
+                    let init = crate::queue::stream::StreamInit {
+                        vhost: vhost.clone(),
+                        inbox: broker.config.queue.inbox_capacity,
+                        data_dir: broker.config.storage.data_dir.clone(),
+                        storage: broker.storage.clone(),
+                        fresh: true,
+                    };
+                    crate::queue::stream::spawn(make, init)?
+                } else { actor::spawn(
                     |tx| {
                         QueueRef::new(
                             id,
@@ -1221,9 +1257,10 @@ impl Connection {
                         window: broker.config.queue.max_in_memory,
                         storage: broker.storage.clone(),
                         recovered: Vec::new(),
+                        gids: Some({ let b = broker.clone(); Arc::new(move || b.next_gid()) }),
                         flow_threshold: broker.config.queue.flow_control_threshold,
                     },
-                );
+                ) };
                 let winner = vhost.queues.entry(name.clone()).or_insert(created.clone()).value().clone();
                 if winner.id == created.id && created.is_stored() {
                     if let Some(st) = &broker.storage {
@@ -1271,7 +1308,9 @@ impl Connection {
         if q.exclusive_owner.is_some() != d.exclusive {
             return Err(AmqpError::queue_locked(&vname, &name));
         }
-        check_equivalent(&q.arguments, &d.arguments, &name, &vname)?;
+                check_equivalent(&q.arguments, &d.arguments, &name, &vname)?;
+        // A redeclare counts as use (x-expires).
+        let _ = q.tx.try_send(QueueCmd::Touch);
         let c = q.stats().await.unwrap_or_default();
         self.chan(ch)?.last_queue = Some(name.clone());
         self.write_declare_ok(ch, &name, c.ready, c.consumers, d.nowait);
@@ -1358,6 +1397,10 @@ impl Connection {
             }
             basic::AMQPMethod::Get(g) => {
                 let q = self.find_queue(ch, g.queue.as_str())?;
+                if q.is_stream() {
+                    return Err(AmqpError::new(code::NOT_IMPLEMENTED, format!("basic.get not supported by stream queues queue '{}' in vhost '{}'", q.name, q.vhost)));
+                }
+                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
                 let (tx, rx) = oneshot::channel();
                 let owner = Owner {
                     conn: self.id,
@@ -1375,6 +1418,9 @@ impl Connection {
                 } else {
                     None
                 };
+                if let Some((env, _)) = &got {
+                    crate::mgmt::stats::count_deliveries(&q, std::slice::from_ref(env));
+                }
                 match got {
                     None => {
                         self.write_method(
@@ -1530,6 +1576,7 @@ impl Connection {
             );
         } else {
             let q = self.find_queue(ch, c.queue.as_str())?;
+            self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
             let id = self.broker.next_id();
             let conn_id = self.id;
             let chan = self.chan(ch)?;
@@ -1543,7 +1590,7 @@ impl Connection {
                 no_ack: c.no_ack,
                 exclusive: c.exclusive,
                 shared: chan.shared.clone(),
-                flow_window: self.broker.config.queue.no_ack_window,
+                flow_window: self.broker.config.queue.delivery_window,
             };
             let (tx, rx) = oneshot::channel();
             let sent = q
@@ -1552,6 +1599,7 @@ impl Connection {
                     conn: self.tx.clone(),
                     tag: tag.clone().into(),
                     reply: tx,
+                    args: c.arguments.clone(),
                 })
                 .await;
             if !sent {

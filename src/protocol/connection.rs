@@ -119,6 +119,8 @@ pub(crate) struct Connection {
     /// Has published at least once: only publishers stop being read while
     /// blocked, as in RabbitMQ.
     pub has_published: bool,
+    /// Open channel numbers as shown by management (broker.connections).
+    channel_list: Arc<std::sync::Mutex<Vec<u16>>>,
 }
 
 /// Serves one accepted socket until it closes. Never panics on client input.
@@ -147,6 +149,26 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
     );
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
+    let local = stream.local_addr().unwrap_or(peer);
+    let channel_list = Arc::new(std::sync::Mutex::new(Vec::new()));
+    broker.connections.insert(
+        id,
+        crate::broker::conns::ConnInfo {
+            id,
+            name: crate::broker::conns::ConnInfo::name_of(peer, local),
+            peer,
+            local,
+            user: hs.user.clone(),
+            vhost: hs.vhost.name.clone(),
+            client_properties: hs.client_properties,
+            connected_at: crate::broker::conns::now_ms(),
+            frame_max: hs.frame_max,
+            channel_max: hs.channel_max,
+            heartbeat: hs.heartbeat,
+            channels: channel_list.clone(),
+            tx: tx.clone(),
+        },
+    );
     let mut conn = Connection {
         id,
         broker,
@@ -177,9 +199,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
         blocked: false,
         alarm_reason: None,
         has_published: false,
+        channel_list,
     };
     let why = conn.run().await;
     conn.cleanup().await;
+    conn.broker.connections.remove(&id);
     info!(peer = %conn.peer, user = %conn.user, "connection closed: {why}");
 }
 
@@ -191,6 +215,7 @@ struct Handshake {
     user: String,
     caps: ClientCaps,
     leftover: BytesMut,
+    client_properties: FieldTable,
 }
 
 fn server_properties() -> FieldTable {
@@ -486,6 +511,7 @@ async fn handshake(
         user,
         caps,
         leftover: rd.buf,
+        client_properties: start_ok.client_properties,
     })
 }
 
@@ -554,8 +580,19 @@ impl Connection {
                     if self.inbuf.capacity() - self.inbuf.len() < 4096 {
                         self.inbuf.reserve(if self.busy_reads { 64 * 1024 } else { 8 * 1024 });
                     }
-                    let room = self.inbuf.capacity() - self.inbuf.len();
-                    match self.stream.try_read_buf(&mut self.inbuf) {
+                                        let room = self.inbuf.capacity() - self.inbuf.len();
+                    // Under flow control, take small bites so a throttled
+                    // publisher gets few messages in per pause.
+                    let res = if self.throttle_pause > Duration::ZERO {
+                        let mut bite = [0u8; 2048];
+                        self.stream.try_read(&mut bite).map(|n| {
+                            self.inbuf.extend_from_slice(&bite[..n]);
+                            n
+                        })
+                    } else {
+                        self.stream.try_read_buf(&mut self.inbuf)
+                    };
+                    match res {
                         Ok(0) => return "client closed the TCP connection".into(),
                         Ok(n) => {
                             self.last_read = Instant::now();
@@ -681,7 +718,10 @@ impl Connection {
         loop {
             let f = match frame::cut_frame(&mut self.inbuf, self.frame_max) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    self.sync_channel_list();
+                    return Ok(());
+                }
                 Err(e) => {
                     // The stream is no longer in sync: close and discard the rest.
                     self.inbuf.clear();
@@ -929,7 +969,9 @@ impl Connection {
                 }
             }
         }
-        for p in pending.publishes {
+                for p in pending.publishes {
+            p.queue.metrics.published.fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            p.queue.inflight.fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let confirm = p.confirm.then(|| ConfirmTo {
                 conn: self.tx.clone(),
                 channel: p.channel,
@@ -950,6 +992,9 @@ impl Connection {
             }
         }
         for (q, outcome, ids) in pending.settles {
+            if outcome == Outcome::Ack {
+                q.metrics.acked.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let _ = q.send(QueueCmd::Settle { ids, outcome }).await;
         }
         for (q, consumer, n) in pending.credits {
@@ -1046,6 +1091,16 @@ impl Connection {
             .await
             {
                 let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            }
+        }
+    }
+
+    /// Refreshes the channel numbers management shows, when they changed.
+    fn sync_channel_list(&self) {
+        if let Ok(mut l) = self.channel_list.lock() {
+            if l.len() != self.channels.len() {
+                *l = self.channels.keys().copied().collect();
+                l.sort_unstable();
             }
         }
     }

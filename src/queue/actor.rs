@@ -12,7 +12,8 @@
 //! store has them and read back ahead of delivery. Publishes are written to
 //! the store by the publishing connection, before they reach the queue.
 
-use super::core::{ConsumeRefused, ConsumerId, Envelope, Outcome, QueueCore};
+use super::core::{Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Limits, Outcome, QueueCore};
+use super::deadletter;
 use super::message::Message;
 use super::{QueueCmd, QueueRef};
 use crate::broker::persist::Storage;
@@ -42,8 +43,11 @@ pub struct QueueInit {
     pub storage: Option<Storage>,
         /// Messages found in the store at start.
     pub recovered: Vec<RecoveredMessage>,
-    /// Ready messages above which publishers are slowed (when consumers are attached).
+        /// Ready messages above which publishers are slowed (when consumers are attached).
     pub flow_threshold: u64,
+    /// Hands out store ids (the broker's counter), for dead-lettered
+    /// persistent messages.
+    pub gids: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 /// Owns one queue's state. Built and started by [`spawn`].
@@ -56,9 +60,27 @@ pub struct QueueActor {
     out: Vec<(ConsumerId, Envelope)>,
     storage: Option<Storage>,
     /// Store ids to forget / mark delivered after this batch.
-        forget: Vec<u64>,
+            forget: Vec<u64>,
     delivered: Vec<u64>,
     flow_threshold: u64,
+    /// Last consumer activity, basic.get or redeclare (ms), for x-expires.
+    last_used: u64,
+    /// Source of store ids for dead-lettered persistent messages.
+    gids: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn sleep_until_ms(deadline: Option<u64>) {
+    let now = now_ms();
+    let wait = deadline.map_or(3_600_000, |d| d.saturating_sub(now));
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+}
+
+fn vhost_broker_gid(gids: &Option<Arc<dyn Fn() -> u64 + Send + Sync>>) -> Option<u64> {
+    gids.as_ref().map(|f| f())
 }
 
 /// Creates a queue: its registry entry and its actor task.
@@ -80,9 +102,19 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
         storage,
                 forget: Vec::new(),
         delivered: Vec::new(),
-        flow_threshold: init.flow_threshold,
+                flow_threshold: init.flow_threshold,
+        last_used: now_ms(),
+        gids: init.gids,
     };
+    actor.core.set_limits(Limits {
+        message_ttl: q.args.message_ttl,
+        max_length: q.args.max_length,
+        max_length_bytes: q.args.max_length_bytes,
+        overflow: q.args.overflow,
+        delivery_limit: q.args.delivery_limit,
+    });
     actor.page();
+    actor.update_flow();
     let span = tracing::debug_span!("queue", name = %q.name, vhost = %q.vhost);
     tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
     q
@@ -94,11 +126,17 @@ enum Flow {
 }
 
 impl QueueActor {
-    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+        async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut cmds = Vec::with_capacity(64);
         loop {
-            if rx.recv_many(&mut cmds, 64).await == 0 {
-                break;
+            let deadline = self.next_deadline();
+            tokio::select! {
+                n = rx.recv_many(&mut cmds, 64) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                _ = sleep_until_ms(deadline), if deadline.is_some() => {}
             }
             for cmd in cmds.drain(..) {
                 if let Flow::Stop = self.handle(cmd).await {
@@ -106,13 +144,98 @@ impl QueueActor {
                     return;
                 }
             }
-                        self.dispatch();
+            // Consumers first (a message due to expire now still goes to a
+            // waiting consumer, as in RabbitMQ), then expiry.
+            self.dispatch();
+            let expired = self.core.expire(now_ms());
+            self.dead_letter(expired).await;
             self.sync_store().await;
             self.page();
             self.update_flow();
-            if self.should_auto_delete() {
+            if self.should_auto_delete() || self.unused_expired() {
                 self.delete().await;
                 return;
+            }
+        }
+    }
+
+    /// When the actor must wake up without a command: the next message
+    /// expiry or the queue's own expiry (x-expires).
+    fn next_deadline(&self) -> Option<u64> {
+        let q_exp = self.q.args.expires.filter(|_| self.core.consumer_count() == 0).map(|e| self.last_used + e);
+        match (self.core.next_expiry(), q_exp) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// x-expires: no consumers, no basic.get and no redeclare for that long.
+    fn unused_expired(&self) -> bool {
+        match self.q.args.expires {
+            Some(e) => self.core.consumer_count() == 0 && now_ms() >= self.last_used + e,
+            None => false,
+        }
+    }
+
+    /// Sends messages that left the queue unacked to the dead-letter
+    /// exchange (or drops them when there is none), forgetting their old
+    /// store records.
+    async fn dead_letter(&mut self, dead: Vec<(Envelope, DeadReason)>) {
+        if dead.is_empty() {
+            return;
+        }
+        let dlx = self.q.args.dead_letter_exchange.clone();
+        let vhost = self.vhost.upgrade();
+        let now_secs = now_ms() / 1000;
+        for (mut env, reason) in dead {
+            if env.gid != 0 {
+                self.forget.push(env.gid);
+            }
+            let (Some(dlx), Some(vhost)) = (dlx.as_deref(), vhost.as_ref()) else { continue };
+            if !self.fill_body(&mut env) {
+                continue;
+            }
+            let Some(msg) = env.msg else { continue };
+            let Some(ex) = vhost.exchange(dlx) else {
+                trace!(dlx, "dead-letter exchange does not exist; message dropped");
+                continue;
+            };
+            let out = deadletter::dead_lettered(&msg, &self.q.name, reason, now_secs, dlx, self.q.args.dead_letter_routing_key.as_deref());
+            let mut targets = Vec::new();
+            vhost.route(&ex, out.routing_key_str(), out.properties.headers().as_ref(), &mut targets);
+            if reason != DeadReason::Rejected {
+                targets.retain(|t| !deadletter::is_cycle(&out, &t.name));
+            }
+            if targets.is_empty() {
+                continue;
+            }
+            let out = Arc::new(out);
+            let mut gid = 0;
+            if out.is_persistent() {
+                if let Some(st) = &self.storage {
+                    let stored: Vec<u64> = targets.iter().filter(|t| t.is_stored()).map(|t| t.id).collect();
+                    if !stored.is_empty() {
+                        if let Some(b) = vhost_broker_gid(&self.gids) {
+                            gid = b;
+                            if let Err(e) = st.msgs.append(gid, stored, out.parts(), None).await {
+                                warn!("could not persist a dead-lettered message: {e}");
+                                gid = 0;
+                            }
+                        }
+                    }
+                }
+            }
+            for t in targets {
+                let g = if t.is_stored() { gid } else { 0 };
+                let cmd = QueueCmd::Publish { msgs: vec![(out.clone(), g)], confirm: None };
+                // Never wait on another queue from here: two queues that
+                // dead-letter into each other would deadlock.
+                if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
+                    let t = t.clone();
+                    tokio::spawn(async move {
+                        let _ = t.tx.send(cmd).await;
+                    });
+                }
             }
         }
     }
@@ -121,13 +244,11 @@ impl QueueActor {
     /// are attached (so it is draining, just not fast enough), publishers to
     /// this queue slow down. Without consumers a backlog is expected; the
     /// memory alarm and paging bound it instead.
-    fn update_flow(&mut self) {
-        let c = self.core.counts();
-        let over = c.consumers > 0 && c.ready > self.flow_threshold;
-        if over != self.q.is_overloaded() {
-            trace!(over, ready = c.ready, "flow control");
-            self.q.set_overloaded(over);
-        }
+            fn update_flow(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.q.ready_gauge.store(self.core.ready_len() as u64, Relaxed);
+        self.q.consumers_gauge.store(self.core.consumer_count() as u64, Relaxed);
+        self.q.flow_threshold.store(self.flow_threshold, Relaxed);
     }
 
     fn should_auto_delete(&self) -> bool {
@@ -170,20 +291,50 @@ impl QueueActor {
 
     async fn handle(&mut self, cmd: QueueCmd) -> Flow {
         match cmd {
-            QueueCmd::Publish { msgs, confirm } => {
+                                    QueueCmd::Publish { msgs, confirm } => {
                 trace!(n = msgs.len(), "enqueue");
-                for (m, gid) in msgs {
-                    self.core.enqueue(m, gid);
+                let _ = self.q.inflight.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |v| Some(v.saturating_sub(msgs.len() as u64)),
+                );
+                let now = now_ms();
+                let mut rejected = Vec::new();
+                let mut dead = Vec::new();
+                for (i, (m, gid)) in msgs.into_iter().enumerate() {
+                    let (admission, mut gone) = self.core.publish(m, gid, now);
+                    if admission == Admission::Rejected {
+                        rejected.push(i);
+                        if gid != 0 && gone.is_empty() {
+                            self.forget.push(gid);
+                        }
+                    }
+                    dead.append(&mut gone);
                 }
                 if let Some(c) = confirm {
-                    // Enqueued: this queue's part of the confirm. Stored
-                    // messages also wait for the store's group commit.
-                    let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: c.seqs, nack: false });
+                    // Enqueued: this queue's part of the confirm (stored
+                    // messages also wait for the store's group commit).
+                    // Refused by a length limit: basic.nack.
+                    if rejected.is_empty() {
+                        let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: c.seqs, nack: false });
+                    } else {
+                        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+                        for (i, s) in c.seqs.into_iter().enumerate() {
+                            if rejected.contains(&i) { nacks.push(s) } else { acks.push(s) }
+                        }
+                        let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: nacks, nack: true });
+                        if !acks.is_empty() {
+                            let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: acks, nack: false });
+                        }
+                    }
                 }
+                self.dead_letter(dead).await;
             }
-            QueueCmd::Consume { spec, conn, tag, reply } => {
+            QueueCmd::Touch => self.last_used = now_ms(),
+            QueueCmd::Consume { spec, conn, tag, reply, .. } => {
                 let id = spec.id;
                 let channel = spec.owner.channel;
+                                self.last_used = now_ms();
                 let res = match self.core.add_consumer(spec) {
                     Ok(()) => {
                         self.links.insert(id, Link { conn, channel, tag });
@@ -197,20 +348,25 @@ impl QueueActor {
                 };
                 let _ = reply.send(res);
             }
-            QueueCmd::Cancel { consumer, reply } => {
+                        QueueCmd::Cancel { consumer, reply } => {
+                self.last_used = now_ms();
                 self.core.remove_consumer(consumer);
                 self.links.remove(&consumer);
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
             }
-            QueueCmd::Settle { ids, outcome } => {
-                // Discarded messages are dropped here; dead-lettering hooks in
-                // at this point once queues have a dead-letter exchange.
+                        QueueCmd::Settle { ids, outcome } => {
                 let settled = self.core.settle(&ids, outcome);
-                self.forget.extend(settled.removed_gids);
+                let mut dead = settled.dead;
+                dead.extend(settled.discarded.into_iter().map(|e| (e, DeadReason::Rejected)));
+                // dead_letter forgets the store records of what it handles.
+                let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
+                self.forget.extend(settled.removed_gids.into_iter().filter(|g| !handled.contains(g)));
+                self.dead_letter(dead).await;
             }
-            QueueCmd::Get { owner, no_ack, reply } => {
+                        QueueCmd::Get { owner, no_ack, reply } => {
+                self.last_used = now_ms();
                 let mut got = self.core.get(owner, no_ack);
                 if let Some((env, _)) = got.as_mut() {
                     if !self.fill_body(env) {
@@ -240,6 +396,26 @@ impl QueueActor {
                 let _ = reply.send(self.core.counts());
             }
             QueueCmd::Kick => {}
+            QueueCmd::Peek { count, reply } => {
+                let envs: Vec<(Option<Arc<Message>>, u64, bool)> =
+                    self.core.ready_mut().iter().take(count).map(|e| (e.msg.clone(), e.gid, e.redelivered)).collect();
+                let msgs = envs
+                    .into_iter()
+                    .filter_map(|(m, gid, r)| {
+                        let m = m.or_else(|| self.storage.as_ref().and_then(|st| load(&st.msgs, gid)))?;
+                        Some((m, r))
+                    })
+                    .collect();
+                let _ = reply.send(msgs);
+            }
+            QueueCmd::Consumers { reply } => {
+                let infos = self
+                    .links
+                    .values()
+                    .map(|l| super::ConsumerInfo { tag: l.tag.to_string(), channel: l.channel, conn: l.conn.clone() })
+                    .collect();
+                let _ = reply.send(infos);
+            }
             QueueCmd::Delete { if_unused, if_empty, reply } => {
                 let counts = self.core.counts();
                 let refused = if if_unused && counts.consumers > 0 {
@@ -323,8 +499,13 @@ impl QueueActor {
                 unreadable.push(env.id);
                 continue;
             }
-            if env.gid != 0 && !env.redelivered {
+                        if env.gid != 0 && !env.redelivered {
                 self.delivered.push(env.gid);
+            }
+            if env.delivery_count > 0 {
+                if let Some(m) = &env.msg {
+                    env.msg = Some(Arc::new(deadletter::with_delivery_count(m, env.delivery_count)));
+                }
             }
             match batches.iter_mut().find(|(c, _)| *c == cid) {
                 Some((_, v)) => v.push(env),

@@ -57,6 +57,8 @@ const EQUIVALENCE_CHECKED: &[&str] = &[
     "x-queue-type",
     "x-single-active-consumer",
     "x-delivery-limit",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
 ];
 
 /// Legacy arguments accepted but ignored, so older apps keep working.
@@ -208,13 +210,13 @@ impl QueueArgs {
                 },
                 "x-queue-type" => {
                     let t = string(k, v)?;
-                    if t != "classic" {
+                    if t != "classic" && t != "stream" {
                         return Err(invalid(
                             name,
                             vhost,
                             k,
                             format!(
-                                "queue type '{t}' is not available on this Warren node (supported: classic)"
+                                "queue type '{t}' is not available on this Warren node (supported: classic, stream)"
                             ),
                         ));
                     }

@@ -8,7 +8,8 @@
 
 use super::message::Message;
 use super::ready::ReadyList;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -41,6 +42,8 @@ pub struct Envelope {
     pub delivery_count: u16,
     /// Set once the message has been delivered and returned.
     pub redelivered: bool,
+    /// When it expires (ms since the Unix epoch), 0 = never.
+    pub expires: u64,
 }
 
 /// A channel-wide prefetch limit (basic.qos with global=true), shared by the
@@ -105,11 +108,14 @@ struct ConsumerState {
 }
 
 impl ConsumerState {
+        /// Flow credit bounds what is in flight to the connection for every
+    /// consumer (so an unlimited prefetch cannot pull a whole backlog into
+    /// memory); prefetch bounds what is unacked.
     fn has_credit(&self) -> bool {
-        if self.spec.no_ack {
-            return self.flow > 0;
+        if self.flow == 0 {
+            return false;
         }
-        if self.spec.prefetch != 0 && self.unacked >= self.spec.prefetch {
+        if !self.spec.no_ack && self.spec.prefetch != 0 && self.unacked >= self.spec.prefetch {
             return false;
         }
         true
@@ -144,6 +150,8 @@ pub struct Settled {
     pub discarded: Vec<Envelope>,
     /// Store ids of every message that left the queue for good.
     pub removed_gids: Vec<u64>,
+    /// Messages that must be dead-lettered (delivery limit, expired while out).
+    pub dead: Vec<(Envelope, DeadReason)>,
     /// Ids that were not outstanding.
     pub unknown: usize,
 }
@@ -182,6 +190,58 @@ pub struct QueueCore {
     has_exclusive_consumer: bool,
     /// Stored messages handed to no-ack consumers: gone for good.
     no_ack_gids: Vec<u64>,
+    limits: Limits,
+    /// Per-message expiries (queue-wide TTL expires in order at the head).
+    expiries: BinaryHeap<Reverse<(u64, MsgId)>>,
+}
+
+/// Why a message left the queue unacked (RabbitMQ's x-death reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Rejected or nacked without requeue.
+    Rejected,
+    /// Its TTL ran out.
+    Expired,
+    /// Dropped or refused by a length limit.
+    MaxLen,
+    /// Returned more often than the delivery limit allows.
+    DeliveryLimit,
+}
+
+impl DeadReason {
+    /// The reason as written in x-death.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Expired => "expired",
+            DeadReason::MaxLen => "maxlen",
+            DeadReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// The queue's lifecycle settings (from arguments and policies).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// x-message-ttl (ms).
+    pub message_ttl: Option<u64>,
+    /// x-max-length.
+    pub max_length: Option<u64>,
+    /// x-max-length-bytes.
+    pub max_length_bytes: Option<u64>,
+    /// x-overflow.
+    pub overflow: super::args::Overflow,
+    /// x-delivery-limit.
+    pub delivery_limit: Option<u64>,
+}
+
+/// Whether a publish was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Enqueued.
+    Accepted,
+    /// Refused by a reject-publish length limit (nack the publisher).
+    Rejected,
 }
 
 impl QueueCore {
@@ -216,8 +276,89 @@ impl QueueCore {
             size,
             delivery_count: u16::from(redelivered),
             redelivered,
+            expires: 0,
         });
         id
+    }
+
+        /// Sets lifecycle limits (at creation, or when a policy changes).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The current limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Publishes a message at time `now` (ms since the epoch): computes its
+    /// expiry (the smaller of the queue TTL and its own `expiration`) and
+    /// applies the length limits. Returns whether it was taken, and any
+    /// messages that left the queue because of it (drop-head victims, or the
+    /// refused message itself with reject-publish-dlx).
+    pub fn publish(&mut self, msg: Arc<Message>, gid: u64, now: u64) -> (Admission, Vec<(Envelope, DeadReason)>) {
+        let size = msg.body.len().min(u32::MAX as usize) as u32;
+        let per_msg = msg.properties.expiration().as_ref().and_then(|e| e.as_str().parse::<u64>().ok());
+        let ttl = match (self.limits.message_ttl, per_msg) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expires = ttl.map_or(0, |t| now.saturating_add(t).max(1));
+        let mut dead = Vec::new();
+        let over = |q: &Self, extra_n: u64, extra_b: u64| {
+            q.limits.max_length.is_some_and(|m| q.ready.len() as u64 + extra_n > m)
+                || q.limits.max_length_bytes.is_some_and(|m| q.ready.bytes() + extra_b > m)
+        };
+        use super::args::Overflow;
+        if self.limits.overflow != Overflow::DropHead && over(self, 1, u64::from(size)) {
+            if self.limits.overflow == Overflow::RejectPublishDlx {
+                let env = Envelope { id: 0, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires };
+                dead.push((env, DeadReason::MaxLen));
+            }
+            return (Admission::Rejected, dead);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ready.push_back(Envelope { id, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires });
+        if per_msg.is_some() && expires != 0 {
+            self.expiries.push(Reverse((expires, id)));
+        }
+        while over(self, 0, 0) {
+            match self.ready.pop_front() {
+                Some(e) => dead.push((e, DeadReason::MaxLen)),
+                None => break,
+            }
+        }
+        (Admission::Accepted, dead)
+    }
+
+    /// Removes ready messages whose TTL has run out by `now`, wherever they
+    /// sit in the queue (not only at the head).
+    pub fn expire(&mut self, now: u64) -> Vec<(Envelope, DeadReason)> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, id))) = self.expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop();
+            if let Some(e) = self.ready.remove_id(id) {
+                out.push((e, DeadReason::Expired));
+            }
+        }
+        for e in self.ready.pop_front_while(|e| e.expires != 0 && e.expires <= now) {
+            out.push((e, DeadReason::Expired));
+        }
+        out
+    }
+
+    /// The next time a ready message expires, if any.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let heap = self.expiries.peek().map(|Reverse((at, _))| *at);
+        let head = self.ready.front().map(|e| e.expires).filter(|e| *e != 0);
+        match (heap, head) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The ready list, for paging by the actor.
@@ -234,6 +375,11 @@ impl QueueCore {
                         ready_bytes: self.ready.bytes(),
             in_memory: self.ready.in_memory() as u64,
         }
+    }
+
+        /// Number of ready messages (cheap).
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
     }
 
     /// Number of consumers.
@@ -314,8 +460,8 @@ impl QueueCore {
             let Some(env) = self.ready.pop_front() else {
                 break;
             };
+                        c.flow -= 1;
             if c.spec.no_ack {
-                c.flow -= 1;
                 if env.gid != 0 {
                     self.no_ack_gids.push(env.gid);
                 }
@@ -374,7 +520,19 @@ impl QueueCore {
                     }
                     out.discarded.push(u.env);
                 }
-                Outcome::Requeue => self.requeue(u.env, true),
+                                Outcome::Requeue => {
+                    let count = u64::from(u.env.delivery_count) + 1;
+                    if self.limits.delivery_limit.is_some_and(|l| count > l) {
+                        let mut env = u.env;
+                        env.delivery_count = env.delivery_count.saturating_add(1);
+                        if env.gid != 0 {
+                            out.removed_gids.push(env.gid);
+                        }
+                        out.dead.push((env, DeadReason::DeliveryLimit));
+                    } else {
+                        self.requeue(u.env, true);
+                    }
+                }
                 Outcome::Undeliverable => self.requeue(u.env, false),
             }
         }
@@ -473,7 +631,7 @@ mod tests {
             no_ack: false,
             exclusive: false,
             shared: None,
-            flow_window: 0,
+            flow_window: 1_000_000,
         }
     }
 

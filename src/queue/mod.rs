@@ -4,8 +4,10 @@
 pub mod actor;
 pub mod args;
 pub mod core;
+pub mod deadletter;
 pub mod message;
 pub mod ready;
+pub mod stream;
 
 use crate::broker::ConnTx;
 use crate::protocol::error::AmqpError;
@@ -13,7 +15,7 @@ use amq_protocol::types::FieldTable;
 use core::{ConsumerId, ConsumerSpec, Counts, Envelope, MsgId, Outcome, Owner};
 use message::Message;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a queue sends publisher confirms for a batch.
@@ -47,6 +49,8 @@ pub enum QueueCmd {
         tag: Arc<str>,
         /// Reply.
         reply: oneshot::Sender<Result<(), AmqpError>>,
+        /// basic.consume arguments (stream queues read x-stream-offset & co).
+        args: FieldTable,
     },
     /// Detach a consumer (basic.cancel).
     Cancel {
@@ -102,8 +106,47 @@ pub enum QueueCmd {
         /// Reply.
         reply: oneshot::Sender<Counts>,
     },
-    /// Re-run dispatch (a channel-wide prefetch limit freed up).
+        /// Re-run dispatch (a channel-wide prefetch limit freed up).
     Kick,
+    /// The queue was redeclared: it counts as used (x-expires).
+    Touch,
+    /// Management: copies of the first `count` ready messages, left in place.
+    Peek {
+        /// How many.
+        count: usize,
+        /// (message, redelivered) in queue order.
+        reply: oneshot::Sender<Vec<(Arc<Message>, bool)>>,
+    },
+    /// Management: the attached consumers.
+    Consumers {
+        /// Reply.
+        reply: oneshot::Sender<Vec<ConsumerInfo>>,
+    },
+}
+
+/// A consumer as management shows it.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    /// Consumer tag.
+    pub tag: String,
+    /// Channel number.
+    pub channel: u16,
+    /// Its connection's inbox (identifies the connection in the registry).
+    pub conn: ConnTx,
+}
+
+/// Totals since the queue started, for management and metrics; counted by
+/// the connections that publish to, deliver from and ack to the queue.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Messages enqueued.
+    pub published: std::sync::atomic::AtomicU64,
+    /// Messages delivered to consumers or fetched with basic.get.
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Of those, redeliveries.
+    pub redelivered: std::sync::atomic::AtomicU64,
+    /// Messages acked.
+    pub acked: std::sync::atomic::AtomicU64,
 }
 
 /// The registry entry for a queue: its static properties and its inbox.
@@ -128,9 +171,19 @@ pub struct QueueRef {
     /// The actor's inbox (bounded: a full inbox is backpressure).
     pub tx: mpsc::Sender<QueueCmd>,
     deleted: AtomicBool,
-    /// Set by the actor while its backlog is over the flow-control threshold
-    /// and consumers are attached: publishers to it slow down.
-    overloaded: AtomicBool,
+        /// Flow-control gauges: ready messages and consumers (written by the
+    /// actor after each batch), messages sent but not yet taken from the
+    /// inbox (added by publishers, subtracted by the actor), and the
+    /// threshold. Publishers read them before reading more from their socket.
+    pub ready_gauge: AtomicU64,
+    /// See `ready_gauge`.
+    pub inflight: AtomicU64,
+    /// See `ready_gauge`.
+    pub consumers_gauge: AtomicU64,
+    /// See `ready_gauge` (0 = no flow control).
+    pub flow_threshold: AtomicU64,
+    /// Message totals (management and metrics).
+    pub metrics: QueueMetrics,
 }
 
 impl QueueRef {
@@ -158,7 +211,11 @@ impl QueueRef {
             args,
             tx,
             deleted: AtomicBool::new(false),
-            overloaded: AtomicBool::new(false),
+            ready_gauge: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            consumers_gauge: AtomicU64::new(0),
+            flow_threshold: AtomicU64::new(0),
+            metrics: QueueMetrics::default(),
         }
     }
 
@@ -168,15 +225,20 @@ impl QueueRef {
         self.durable && self.exclusive_owner.is_none()
     }
 
-    /// Publishers should slow down (see [`QueueRef::set_overloaded`]).
+    /// Publishers should slow down: the queue has consumers (so it is
+    /// draining, just not fast enough) and its backlog, counting what is
+    /// still in its inbox, is over the flow-control threshold.
     pub fn is_overloaded(&self) -> bool {
-        self.overloaded.load(Ordering::Relaxed)
+        let t = self.flow_threshold.load(Ordering::Relaxed);
+        t > 0
+            && self.consumers_gauge.load(Ordering::Relaxed) > 0
+            && self.ready_gauge.load(Ordering::Relaxed) + self.inflight.load(Ordering::Relaxed) > t
     }
 
-    /// Flow control, set by the actor: the queue is growing faster than its
-    /// consumers drain it.
-    pub fn set_overloaded(&self, v: bool) {
-        self.overloaded.store(v, Ordering::Relaxed);
+    /// A stream queue (x-queue-type=stream): its actor is `stream::actor`,
+    /// and its messages never go to the message store.
+    pub fn is_stream(&self) -> bool {
+        self.args.queue_type == "stream"
     }
 
     /// True once deleted.

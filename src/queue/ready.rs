@@ -96,6 +96,24 @@ impl ReadyList {
         }
     }
 
+        /// Removes the message with this id, wherever it is.
+    pub fn remove_id(&mut self, id: MsgId) -> Option<Envelope> {
+        let e = if let Ok(i) = self.head.binary_search_by_key(&id, |e| e.id) {
+            self.head.remove(i)
+        } else if let Ok(i) = self.tail.binary_search_by_key(&id, |e| e.id) {
+            if i < self.cursor {
+                self.cursor -= 1;
+            }
+            self.tail.remove(i)
+        } else {
+            None
+        };
+        if let Some(e) = &e {
+            self.bytes -= u64::from(e.size);
+        }
+        e
+    }
+
     /// Removes everything; returns what was removed.
     pub fn drain_all(&mut self) -> Vec<Envelope> {
         self.bytes = 0;

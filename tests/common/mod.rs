@@ -13,14 +13,16 @@ use warren::server::{self, ServerHandle};
 pub struct TestBroker {
     pub handle: Option<ServerHandle>,
     pub addr: SocketAddr,
+    /// Management API address (mgmt and metrics listen on free ports).
+    pub mgmt_addr: Option<SocketAddr>,
+    /// Prometheus metrics address.
+    pub metrics_addr: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
 fn init_logs() {
     if std::env::var("WARREN_TEST_VERBOSE").is_ok() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug")
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("debug").try_init();
     }
 }
 
@@ -34,11 +36,17 @@ impl TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = Config::default();
         cfg.amqp.port = 0;
+        cfg.mgmt.port = 0;
+        cfg.metrics.port = 0;
         cfg.storage.data_dir = dir.path().to_path_buf();
+        cfg.mgmt.port = 0;
+        cfg.metrics.port = 0;
         tweak(&mut cfg);
         let handle = server::start(Arc::new(cfg)).await.expect("server starts");
         let addr = handle.amqp_addr;
         TestBroker {
+            mgmt_addr: handle.mgmt_addr,
+            metrics_addr: handle.metrics_addr,
             handle: Some(handle),
             addr,
             dir,
@@ -64,9 +72,7 @@ impl TestBroker {
 
 /// Waits for `fut` at most `secs` seconds, failing the test otherwise.
 pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .expect("timed out")
+    tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("timed out")
 }
 
 // ---------------------------------------------------------------------------
@@ -120,10 +126,7 @@ pub async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<String> {
     settle().await;
     let mut out = Vec::new();
     while let Some(m) = ch
-        .basic_get(
-            queue.into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
         .await
         .expect("basic.get")
     {
@@ -187,10 +190,7 @@ pub enum RawEvent {
 /// Encodes one frame.
 pub fn encode_frame(f: &AMQPFrame) -> Vec<u8> {
     let ctx = WriteContext::from(Vec::new());
-    gen_frame::<Vec<u8>>(f)(ctx)
-        .expect("gen frame")
-        .into_inner()
-        .0
+    gen_frame::<Vec<u8>>(f)(ctx).expect("gen frame").into_inner().0
 }
 
 /// Encodes a frame from its parts (type, channel, payload), with a chosen end octet.
@@ -221,9 +221,7 @@ impl RawClient {
         let mut c = RawClient::connect(addr).await;
         c.send(AMQP_HEADER).await;
         match c.method().await {
-            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => {
-                c.server_properties = s.server_properties
-            }
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => c.server_properties = s.server_properties,
             other => panic!("expected connection.start, got {other:?}"),
         }
         c.send_method(
@@ -252,9 +250,7 @@ impl RawClient {
         c.tune = Some(tune);
         c.send_method(
             0,
-            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open {
-                virtual_host: "/".into(),
-            })),
+            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open { virtual_host: "/".into() })),
         )
         .await;
         match c.method().await {
@@ -280,11 +276,8 @@ impl RawClient {
     /// Opens channel `ch` and waits for open-ok.
     pub async fn open_channel(&mut self, ch: u16) {
         use amq_protocol::protocol::channel as chan_m;
-        self.send_method(
-            ch,
-            AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})),
-        )
-        .await;
+        self.send_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})))
+            .await;
         match self.method().await {
             (c, AMQPClass::Channel(chan_m::AMQPMethod::OpenOk(_))) if c == ch => {}
             other => panic!("expected channel.open-ok on {ch}, got {other:?}"),
@@ -300,8 +293,7 @@ impl RawClient {
                 return RawEvent::Bytes(b);
             }
             if self.buf.len() >= 7 {
-                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]])
-                    as usize;
+                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
                 if self.buf.len() >= size + 8 {
                     let bytes: Vec<u8> = self.buf.drain(..size + 8).collect();
                     match parse_frame(&bytes[..]) {
@@ -341,21 +333,10 @@ impl RawClient {
     pub async fn expect_connection_close(&mut self) -> (u16, String, u16, u16) {
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(
-                    0,
-                    AMQPClass::Connection(conn_m::AMQPMethod::Close(c)),
-                )) => {
-                    self.send_method(
-                        0,
-                        AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
-                    )
-                    .await;
-                    return (
-                        c.reply_code,
-                        c.reply_text.to_string(),
-                        c.class_id,
-                        c.method_id,
-                    );
+                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(c)))) => {
+                    self.send_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})))
+                        .await;
+                    return (c.reply_code, c.reply_text.to_string(), c.class_id, c.method_id);
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected connection.close, got {other:?}"),
@@ -368,20 +349,11 @@ impl RawClient {
         use amq_protocol::protocol::channel as chan_m;
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(
-                    c,
-                    AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)),
-                )) if c == ch => {
+                RawEvent::Frame(AMQPFrame::Method(c, AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)))) if c == ch => {
                     return (cl.reply_code, cl.reply_text.to_string());
                 }
-                RawEvent::Frame(AMQPFrame::Method(
-                    0,
-                    AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)),
-                )) => {
-                    panic!(
-                        "expected channel.close, got connection.close {} {}",
-                        cl.reply_code, cl.reply_text
-                    )
+                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)))) => {
+                    panic!("expected channel.close, got connection.close {} {}", cl.reply_code, cl.reply_text)
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected channel.close, got {other:?}"),
@@ -444,8 +416,7 @@ impl ChannelWatch {
                 match self.0.next().await {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
-                        break amqp_error(&e)
-                            .unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}"));
+                        break amqp_error(&e).unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}"));
                     }
                     None => panic!("channel ended without an error"),
                 }

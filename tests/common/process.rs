@@ -25,7 +25,17 @@ impl WarrenProcess {
         let log = data_dir.with_extension(format!("log-{}", std::process::id()));
         let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-            .args(["--bind", "127.0.0.1", "--port", "0", "--data-dir"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--mgmt-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env("NO_COLOR", "1")
@@ -46,7 +56,11 @@ impl WarrenProcess {
                 }
                 if !sent {
                     if let Some(i) = line.find("connections on ") {
-                        let addr = line[i + "connections on ".len()..].split_whitespace().next().unwrap_or("").to_string();
+                        let addr = line[i + "connections on ".len()..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
                         let _ = tx.send(addr);
                         sent = true;
                     }
@@ -54,10 +68,18 @@ impl WarrenProcess {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("warren did not become ready; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+            panic!(
+                "warren did not become ready; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
         });
         let addr: SocketAddr = addr.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("address");
-        WarrenProcess { child, addr, data_dir: data_dir.to_path_buf(), log }
+        WarrenProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        }
     }
 
     pub fn url(&self) -> String {

@@ -21,7 +21,7 @@ async fn fast_publisher_is_slowed_to_consumer_speed() {
     pch.queue_declare("flow".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
     cch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
     let mut c = cch.basic_consume("flow".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
-    let total = 6000u32;
+    let total = 30000u32;
     let consumer = tokio::spawn(async move {
         let mut next = 0u32;
         while next < total {
@@ -54,6 +54,6 @@ async fn fast_publisher_is_slowed_to_consumer_speed() {
     within(60, consumer).await.unwrap();
     done.store(true, Ordering::Relaxed);
     let max = watcher.await.unwrap();
-    assert!(max < 3000, "backlog stayed bounded near the threshold (max ready {max} of {total})");
+    assert!(max < 12000, "backlog stayed bounded near the threshold (max ready {max} of {total})");
     assert!(!q.is_overloaded());
 }

@@ -161,6 +161,10 @@ pub struct Conn {
     pub frame_max: u32,
     wbuf: Vec<u8>,
     what: String,
+    /// Arguments sent with queue.declare (e.g. x-queue-type=stream).
+    pub declare_args: FieldTable,
+    /// Arguments sent with basic.consume (e.g. x-stream-offset).
+    pub consume_args: FieldTable,
 }
 
 pub const RBUF: usize = 1 << 20;
@@ -204,6 +208,8 @@ impl Conn {
             rbuf: vec![0; RBUF],
             rstart: 0,
             rend: 0,
+            declare_args: FieldTable::default(),
+            consume_args: FieldTable::default(),
             frame_max: 131072,
             wbuf: Vec::with_capacity(4096),
             what: addr,
@@ -444,7 +450,7 @@ impl Conn {
                 exclusive,
                 auto_delete,
                 nowait: false,
-                arguments: FieldTable::default(),
+                arguments: self.declare_args.clone(),
             })),
             "queue.declare",
         )?;
@@ -541,7 +547,7 @@ impl Conn {
                 no_ack,
                 exclusive,
                 nowait: false,
-                arguments: FieldTable::default(),
+                arguments: self.consume_args.clone(),
             })),
             "basic.consume",
         )?;

@@ -94,6 +94,13 @@ pub struct Cli {
     /// Delete the queues at the end of the run
     #[arg(long = "delete-queues")]
     pub delete_queues: bool,
+    /// Declare the queues as streams (durable, x-queue-type=stream)
+    #[arg(long = "stream")]
+    pub stream: bool,
+    /// Consumers read a stream from this x-stream-offset (first, last, next,
+    /// an offset, or an interval like 10m); needs --qos > 0
+    #[arg(long = "stream-offset", value_name = "SPEC")]
+    pub stream_offset: Option<String>,
     /// Print the final summary as one JSON object line on stdout (rate lines go to stderr)
     #[arg(long = "json")]
     pub json: bool,
@@ -340,7 +347,13 @@ fn declare(plan: &Plan) -> Result<(), Error> {
     for (i, q) in plan.queues.iter().enumerate() {
         // auto-delete: a queue goes away when its last consumer leaves, so runs don't
         // inherit each other's backlog (a queue that never had a consumer stays).
-        conn.queue_declare(1, q, c.persistent, false, true)?;
+        if c.stream {
+            // Streams are durable and never auto-delete.
+            conn.declare_args.insert("x-queue-type".into(), amq_protocol::types::AMQPValue::LongString("stream".into()));
+            conn.queue_declare(1, q, true, false, false)?;
+        } else {
+            conn.queue_declare(1, q, c.persistent, false, true)?;
+        }
         if !plan.exchange.is_empty() {
             let rk = if c.fanout > 0 {
                 String::new()

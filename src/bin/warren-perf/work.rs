@@ -247,6 +247,14 @@ pub fn consumer(plan: &Plan, idx: usize, st: &Stats, shared: &Shared) -> Result<
     if cli.qos > 0 {
         c.qos(1, cli.qos)?;
     }
+    if let Some(spec) = &cli.stream_offset {
+        use amq_protocol::types::AMQPValue;
+        let v = match spec.parse::<i64>() {
+            Ok(n) => AMQPValue::LongLongInt(n),
+            Err(_) => AMQPValue::LongString(spec.as_str().into()),
+        };
+        c.consume_args.insert("x-stream-offset".into(), v);
+    }
     c.consume(1, &queue, &format!("warren-perf-{idx}"), cli.autoack, false)?;
     let stream = c
         .stream

@@ -1,0 +1,426 @@
+//! Broker operations the management API performs, shared by its handlers
+//! and by definitions import. Each mirrors what a channel does for the same
+//! AMQP method (same checks, same persistence), without a connection.
+
+use super::ApiError;
+use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::broker::persist::{BindingDef, QueueDef, binding_is_durable};
+use crate::broker::{Broker, VHost};
+use crate::queue::args::QueueArgs;
+use crate::queue::core::{Envelope, Outcome, Owner};
+use crate::queue::message::Message;
+use crate::queue::{QueueCmd, QueueRef, actor};
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// The vhost, or 404.
+pub fn vhost(b: &Broker, name: &str) -> Result<Arc<VHost>, ApiError> {
+    b.vhost(name).ok_or_else(ApiError::not_found)
+}
+
+/// Creates a vhost (idempotent); true when it is new.
+pub async fn add_vhost(b: &Broker, name: &str) -> Result<bool, ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::bad_request("vhost name must not be empty"));
+    }
+    let mut created = false;
+    b.vhosts.entry(name.to_string()).or_insert_with(|| {
+        created = true;
+        VHost::new(name)
+    });
+    if let Some(st) = &b.storage {
+        st.put_vhost(name).await?;
+    }
+    Ok(created)
+}
+
+/// Deletes a vhost with all its queues, exchanges, bindings and permissions.
+pub async fn delete_vhost(b: &Broker, name: &str) -> Result<(), ApiError> {
+    let (_, v) = b.vhosts.remove(name).ok_or_else(ApiError::not_found)?;
+    let queues: Vec<Arc<QueueRef>> = v.queues.iter().map(|q| q.value().clone()).collect();
+    for q in queues {
+        delete_queue_ref(&q, false, false).await?;
+    }
+    // Close connections to it, as RabbitMQ does.
+    for c in b.connections.iter().filter(|c| c.vhost == name) {
+        let _ = c.tx.send(crate::broker::ConnCmd::ForceClose {
+            reason: format!("vhost '{name}' is deleted"),
+        });
+    }
+    b.users.clear_vhost(name);
+    if let Some(st) = &b.storage {
+        use crate::store::defs::{Definitions, Table};
+        for (k, _) in st
+            .defs
+            .list_prefix::<serde_json::Value>(Table::Exchanges, &Definitions::key(&[name, ""]))?
+        {
+            st.defs.delete(Table::Exchanges, &k).await?;
+        }
+        for (k, bd) in st.defs.list::<BindingDef>(Table::Bindings)? {
+            if bd.vhost == name {
+                st.defs.delete(Table::Bindings, &k).await?;
+            }
+        }
+        for (k, p) in st.defs.list::<super::definitions::PolicyDef>(Table::Policies)? {
+            if p.vhost == name {
+                st.defs.delete(Table::Policies, &k).await?;
+            }
+        }
+        crate::auth::store::delete_vhost_permissions(&st.defs, name).await?;
+        st.defs.delete(Table::VHosts, name).await?;
+    }
+    Ok(())
+}
+
+/// exchange.declare (not passive).
+#[allow(clippy::too_many_arguments)]
+pub async fn declare_exchange(
+    b: &Broker,
+    vhost_name: &str,
+    name: &str,
+    kind: &str,
+    durable: bool,
+    auto_delete: bool,
+    internal: bool,
+    arguments: FieldTable,
+) -> Result<(), ApiError> {
+    let v = vhost(b, vhost_name)?;
+    let k = ExchangeKind::parse(kind).ok_or_else(|| ApiError::bad_request(format!("unknown exchange type '{kind}'")))?;
+    if name.is_empty() || (name.starts_with("amq.") && v.exchange(name).is_none()) {
+        return Err(ApiError::bad_request(format!("exchange name '{name}' is reserved")));
+    }
+    let new = Arc::new(Exchange::new(name, k, durable, auto_delete, internal, arguments));
+    let existing = v.exchanges.entry(name.to_string()).or_insert(new.clone()).value().clone();
+    if !Arc::ptr_eq(&existing, &new) {
+        if existing.kind != k || existing.durable != durable || existing.auto_delete != auto_delete || existing.internal != internal {
+            return Err(ApiError::bad_request(format!(
+                "PRECONDITION_FAILED - inequivalent arg for exchange '{name}' in vhost '{vhost_name}'"
+            )));
+        }
+        return Ok(());
+    }
+    if durable {
+        if let Some(st) = &b.storage {
+            st.put_exchange(vhost_name, &new).await?;
+        }
+    }
+    Ok(())
+}
+
+/// exchange.delete.
+pub async fn delete_exchange(b: &Broker, vhost_name: &str, name: &str, if_unused: bool) -> Result<(), ApiError> {
+    let v = vhost(b, vhost_name)?;
+    let ex = v.exchange(name).ok_or_else(ApiError::not_found)?;
+    if name.is_empty() || name.starts_with("amq.") {
+        return Err(ApiError::bad_request(format!(
+            "deletion of system exchange '{name}' in vhost '{vhost_name}' not allowed"
+        )));
+    }
+    if if_unused && ex.binding_count() > 0 {
+        return Err(ApiError::bad_request(format!("exchange '{name}' in vhost '{vhost_name}' in use")));
+    }
+    let gone = v.delete_exchange(name);
+    if let Some(st) = &b.storage {
+        for n in gone {
+            st.delete_exchange(vhost_name, &n).await?;
+        }
+    }
+    Ok(())
+}
+
+/// queue.declare (not passive, not exclusive): creates or checks equivalence.
+pub async fn declare_queue(
+    b: &Arc<Broker>,
+    vhost_name: &str,
+    name: &str,
+    durable: bool,
+    auto_delete: bool,
+    arguments: FieldTable,
+) -> Result<Arc<QueueRef>, ApiError> {
+    let v = vhost(b, vhost_name)?;
+    if name.is_empty() || name.starts_with("amq.") {
+        return Err(ApiError::bad_request(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    let args = QueueArgs::parse(&arguments, name, vhost_name)?;
+    if let Some(q) = v.queue(name) {
+        if q.durable != durable || q.auto_delete != auto_delete {
+            return Err(ApiError::bad_request(format!(
+                "PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{name}' in vhost '{vhost_name}'"
+            )));
+        }
+        crate::queue::args::check_equivalent(&q.arguments, &arguments, name, vhost_name)?;
+        return Ok(q);
+    }
+    let id = b.next_id();
+    let created = actor::spawn(
+        |tx| {
+            QueueRef::new(
+                id,
+                name.to_string(),
+                vhost_name.to_string(),
+                durable,
+                None,
+                auto_delete,
+                arguments.clone(),
+                args,
+                tx,
+            )
+        },
+        actor::QueueInit {
+            vhost: v.clone(),
+            inbox: b.config.queue.inbox_capacity,
+            window: b.config.queue.max_in_memory,
+            storage: b.storage.clone(),
+            recovered: Vec::new(),
+            flow_threshold: b.config.queue.flow_control_threshold,
+            gids: Some({
+                let b = b.clone();
+                Arc::new(move || b.next_gid())
+            }),
+        },
+    );
+    let winner = v.queues.entry(name.to_string()).or_insert(created.clone()).value().clone();
+    if winner.id != created.id {
+        let _ = created
+            .send(QueueCmd::Delete {
+                if_unused: false,
+                if_empty: false,
+                reply: None,
+            })
+            .await;
+        return Ok(winner);
+    }
+    if created.is_stored() {
+        if let Some(st) = &b.storage {
+            let def = QueueDef {
+                vhost: vhost_name.into(),
+                name: name.into(),
+                id,
+                auto_delete,
+                arguments,
+            };
+            st.put_queue(&def).await?;
+        }
+    }
+    Ok(created)
+}
+
+/// queue.delete of a known queue; the number of messages deleted.
+pub async fn delete_queue_ref(q: &QueueRef, if_unused: bool, if_empty: bool) -> Result<u64, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    if !q
+        .send(QueueCmd::Delete {
+            if_unused,
+            if_empty,
+            reply: Some(tx),
+        })
+        .await
+    {
+        return Ok(0);
+    }
+    match rx.await {
+        Ok(r) => Ok(r?),
+        Err(_) => Ok(0),
+    }
+}
+
+/// The queue, or 404.
+pub fn queue(b: &Broker, vhost_name: &str, name: &str) -> Result<Arc<QueueRef>, ApiError> {
+    vhost(b, vhost_name)?.queue(name).ok_or_else(ApiError::not_found)
+}
+
+/// queue.purge; the number purged.
+pub async fn purge_queue(q: &QueueRef) -> u64 {
+    let (tx, rx) = oneshot::channel();
+    if q.send(QueueCmd::Purge { reply: tx }).await {
+        rx.await.unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// queue.bind / exchange.bind.
+pub async fn bind(
+    b: &Broker,
+    vhost_name: &str,
+    source: &str,
+    to_queue: bool,
+    dest: &str,
+    routing_key: &str,
+    arguments: FieldTable,
+) -> Result<(), ApiError> {
+    let v = vhost(b, vhost_name)?;
+    if source.is_empty() {
+        return Err(ApiError::bad_request("operation not permitted on the default exchange"));
+    }
+    let src = v.exchange(source).ok_or_else(ApiError::not_found)?;
+    let dest = if to_queue {
+        Destination::Queue(v.queue(dest).ok_or_else(ApiError::not_found)?)
+    } else {
+        Destination::Exchange(v.exchange(dest).ok_or_else(ApiError::not_found)?)
+    };
+    let binding = Binding {
+        dest,
+        routing_key: routing_key.to_string(),
+        arguments,
+    };
+    if src.bind(binding.clone())? && binding_is_durable(&src, &binding.dest) {
+        if let Some(st) = &b.storage {
+            st.put_binding(&BindingDef::of(vhost_name, source, &binding)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// queue.unbind / exchange.unbind; false when there was no such binding.
+pub async fn unbind(
+    b: &Broker,
+    vhost_name: &str,
+    source: &str,
+    to_queue: bool,
+    dest: &str,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> Result<bool, ApiError> {
+    let v = vhost(b, vhost_name)?;
+    let src = v.exchange(source).ok_or_else(ApiError::not_found)?;
+    let d = if to_queue {
+        v.queue(dest).map(Destination::Queue)
+    } else {
+        v.exchange(dest).map(Destination::Exchange)
+    }
+    .ok_or_else(ApiError::not_found)?;
+    let (removed, left) = src.unbind(to_queue, dest, routing_key, arguments);
+    if !removed {
+        return Ok(false);
+    }
+    if let Some(st) = &b.storage {
+        let binding = Binding {
+            dest: d,
+            routing_key: routing_key.to_string(),
+            arguments: arguments.clone(),
+        };
+        if binding_is_durable(&src, &binding.dest) {
+            st.delete_binding(&BindingDef::of(vhost_name, source, &binding)).await?;
+        }
+        if left == 0 && src.auto_delete {
+            for n in v.delete_exchange(&src.name) {
+                st.delete_exchange(vhost_name, &n).await?;
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Publishes one message through `exchange` as a channel would (without
+/// confirms); true when it reached at least one queue.
+pub async fn publish(
+    b: &Broker,
+    vhost_name: &str,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+    body: Bytes,
+) -> Result<bool, ApiError> {
+    let v = vhost(b, vhost_name)?;
+    let ex = v.exchange(exchange).ok_or_else(ApiError::not_found)?;
+    let raw_properties = crate::protocol::frame::encode_properties(&properties);
+    let msg = Arc::new(Message {
+        exchange: Bytes::copy_from_slice(exchange.as_bytes()),
+        routing_key: Bytes::copy_from_slice(routing_key.as_bytes()),
+        properties,
+        raw_properties,
+        body,
+    });
+    let headers = msg.properties.headers().clone();
+    let mut targets = Vec::new();
+    v.route(&ex, routing_key, headers.as_ref(), &mut targets);
+    if targets.is_empty() {
+        return Ok(false);
+    }
+    let mut gid = 0;
+    if msg.is_persistent() {
+        if let Some(st) = &b.storage {
+            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored()).map(|q| q.id).collect();
+            if !stored.is_empty() {
+                gid = b.next_gid();
+                // Wait for the group commit: the API answers once it is durable.
+                let (tx, rx) = oneshot::channel();
+                let done: crate::store::Completion = Box::new(move |r| {
+                    let _ = tx.send(r);
+                });
+                st.msgs
+                    .append(gid, stored, msg.parts(), Some(done))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                if let Ok(Err(e)) = rx.await {
+                    return Err(ApiError::internal(format!("cannot persist message: {e}")));
+                }
+            }
+        }
+    }
+    for q in targets {
+        let g = if q.is_stored() { gid } else { 0 };
+        q.metrics.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = q
+            .send(QueueCmd::Publish {
+                msgs: vec![(msg.clone(), g)],
+                confirm: None,
+            })
+            .await;
+    }
+    Ok(true)
+}
+
+/// basic.get up to `count` messages; `requeue` puts them back afterwards
+/// (marked redelivered, as RabbitMQ's ack_requeue_true does).
+pub async fn get(b: &Broker, q: &QueueRef, count: usize, requeue: bool) -> Vec<(Envelope, u64)> {
+    let owner = Owner {
+        conn: b.next_id(),
+        channel: 1,
+    };
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let (tx, rx) = oneshot::channel();
+        if !q
+            .send(QueueCmd::Get {
+                owner,
+                no_ack: !requeue,
+                reply: tx,
+            })
+            .await
+        {
+            break;
+        }
+        match rx.await.ok().flatten() {
+            Some(got) => out.push(got),
+            None => break,
+        }
+    }
+    super::stats::count_deliveries(q, &out.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
+    if requeue && !out.is_empty() {
+        let ids = out.iter().map(|(e, _)| e.id).collect();
+        let _ = q
+            .send(QueueCmd::Settle {
+                ids,
+                outcome: Outcome::Requeue,
+            })
+            .await;
+    }
+    out
+}
+
+/// First `count` ready messages, left in place.
+pub async fn peek(q: &QueueRef, count: usize) -> Vec<(Arc<Message>, bool)> {
+    let (tx, rx) = oneshot::channel();
+    if q.send(QueueCmd::Peek { count, reply: tx }).await {
+        rx.await.unwrap_or_default()
+    } else {
+        Vec::new()
+    }
+}

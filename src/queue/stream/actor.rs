@@ -1,0 +1,586 @@
+//! The stream actor: one task per stream queue, behind the same
+//! [`QueueRef`] / [`QueueCmd`] interface as classic queues.
+//!
+//! - Publish: messages go to the writer thread; the writer confirms once
+//!   they are fdatasynced and reports the commit back here, which grows
+//!   the read view and wakes consumers.
+//! - Consume: each consumer has its own cursor (from `x-stream-offset`,
+//!   or its tracked offset) and credit (its prefetch). Deliveries carry
+//!   the `x-stream-offset` header; acks only give credit back (and, for
+//!   tracked consumers, record the offset). Nothing is removed by
+//!   consuming.
+//! - Decoded chunks (properties re-encoded with the offset header) are
+//!   cached, so consumers replaying the same region decode it once.
+//!
+//! It never blocks in fsync; it reads chunks with positioned reads (page
+//! cache, like the classic queue's paging reads).
+
+use super::chunk::{self, ChunkHeader};
+use super::filter::FilterSpec;
+use super::reader::{Cursor, LogView, OffsetSpec, Read, parse_offset_arg, resolve};
+use super::settings::StreamSettings;
+use super::tracking::{self, Offsets};
+use super::writer::{self, CommitItem, WriteReq};
+use super::{log, retention, stream_dir};
+use crate::broker::persist::Storage;
+use crate::broker::{ConnCmd, ConnTx, VHost};
+use crate::protocol::error::{AmqpError, code};
+use crate::queue::core::{ConsumerId, ConsumerSpec, Counts, Envelope, MsgId, Owner};
+use crate::queue::message::Message;
+use crate::queue::{QueueCmd, QueueRef};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+/// How often retention and offset saving run when nothing else happens.
+const TICK: Duration = Duration::from_millis(500);
+/// Offsets are written at most this often while acks flow.
+const SAVE_EVERY: Duration = Duration::from_millis(200);
+/// Decoded chunks kept.
+const CACHE_CHUNKS: usize = 32;
+
+/// How to start a stream actor.
+pub struct StreamInit {
+    /// Its vhost.
+    pub vhost: Arc<VHost>,
+    /// Inbox capacity.
+    pub inbox: usize,
+    /// The broker's data directory.
+    pub data_dir: PathBuf,
+    /// Definitions and messages store (to forget the queue on delete).
+    pub storage: Option<Storage>,
+    /// A new declare: discard any leftover files of an older stream with
+    /// the same name. False when recovering at start.
+    pub fresh: bool,
+}
+
+/// Stream directories open in this process: two actors must never write
+/// the same files (e.g. two connections racing to declare one stream).
+static OPEN: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+struct DirLock(PathBuf);
+
+impl DirLock {
+    fn take(dir: &PathBuf) -> Option<DirLock> {
+        let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(HashSet::new).insert(dir.clone()).then(|| DirLock(dir.clone()))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = g.as_mut() {
+            s.remove(&self.0);
+        }
+    }
+}
+
+/// Creates a stream queue: opens (or recovers) its log, starts its writer
+/// thread and its actor task.
+pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: StreamInit) -> Result<Arc<QueueRef>, AmqpError> {
+    let (tx, rx) = mpsc::channel(init.inbox.max(1));
+    let q = Arc::new(make(tx));
+    let settings = StreamSettings::from_args(&q.arguments).map_err(|(arg, why)| {
+        AmqpError::precondition(format!("invalid arg '{arg}' for queue '{}' in vhost '{}': {why}", q.name, q.vhost))
+    })?;
+    let dir = stream_dir(&init.data_dir, &q.vhost, &q.name);
+    let Some(lock) = DirLock::take(&dir) else {
+        return Err(AmqpError::new(
+            code::RESOURCE_LOCKED,
+            format!(
+                "stream '{}' in vhost '{}' is being declared by another connection; retry",
+                q.name, q.vhost
+            ),
+        ));
+    };
+    let fail = |e: std::io::Error| {
+        AmqpError::internal(format!(
+            "cannot open the files of stream '{}' in vhost '{}' ({}): {e}",
+            q.name,
+            q.vhost,
+            dir.display()
+        ))
+    };
+    if init.fresh {
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+            _ => {}
+        }
+    }
+    let (active, view) = log::open(&dir).map_err(fail)?;
+    let offsets = tracking::load(&dir);
+    let (writer, events) = writer::start(&q.name, dir.clone(), active, settings.clone(), 256).map_err(fail)?;
+    debug!(stream = %q.name, first = view.first_offset(), next = view.next_offset(), "stream opened");
+    let actor = StreamActor {
+        q: q.clone(),
+        vhost: Arc::downgrade(&init.vhost),
+        storage: init.storage,
+        dir,
+        settings,
+        view,
+        writer,
+        consumers: Vec::new(),
+        inflight: HashMap::new(),
+        next_id: 1,
+        offsets,
+        offsets_dirty: false,
+        last_save: Instant::now(),
+        cache: VecDeque::new(),
+        _lock: lock,
+    };
+    let span = tracing::debug_span!("stream", name = %q.name, vhost = %q.vhost);
+    tokio::spawn(tracing::Instrument::instrument(actor.run(rx, events), span));
+    Ok(q)
+}
+
+/// One decoded message: offset, filter value, the message as delivered.
+type Decoded = (u64, Option<Bytes>, Arc<Message>);
+
+struct Consumer {
+    id: ConsumerId,
+    tag: Arc<str>,
+    conn: ConnTx,
+    owner: Owner,
+    prefetch: u32,
+    inflight: u32,
+    cursor: Cursor,
+    pending: Option<(Arc<Vec<Decoded>>, usize)>,
+    filter: Option<FilterSpec>,
+    /// Offsets tracked by the server under this tag.
+    track: bool,
+}
+
+struct StreamActor {
+    q: Arc<QueueRef>,
+    vhost: Weak<VHost>,
+    storage: Option<Storage>,
+    dir: PathBuf,
+    settings: StreamSettings,
+    view: LogView,
+    writer: mpsc::Sender<WriteReq>,
+    consumers: Vec<Consumer>,
+    /// Delivery id -> (consumer, offset).
+    inflight: HashMap<MsgId, (ConsumerId, u64)>,
+    next_id: MsgId,
+    offsets: Offsets,
+    offsets_dirty: bool,
+    last_save: Instant,
+    cache: VecDeque<(u64, Arc<Vec<Decoded>>)>,
+    _lock: DirLock,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Decodes a chunk into deliverable messages, each with its
+/// `x-stream-offset` header.
+fn decode(h: &ChunkHeader, data: Bytes) -> Option<Vec<Decoded>> {
+    let recs = chunk::records(data, h.count)?;
+    let mut out = Vec::with_capacity(recs.len());
+    for (i, r) in recs.into_iter().enumerate() {
+        let offset = h.first + i as u64;
+        let (rest, props) = amq_protocol::protocol::basic::parse_properties(&r.properties[..]).ok()?;
+        if !rest.is_empty() {
+            return None;
+        }
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert("x-stream-offset".into(), AMQPValue::LongLongInt(offset as i64));
+        let props = props.with_headers(headers);
+        let raw = crate::protocol::frame::encode_properties(&props);
+        let m = Message {
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            properties: props,
+            raw_properties: raw,
+            body: r.body,
+        };
+        out.push((offset, r.filter, Arc::new(m)));
+    }
+    Some(out)
+}
+
+/// The next message for `c`, reading (or taking from the cache) chunks as
+/// needed. None when it has read everything committed.
+fn next_message(
+    view: &LogView,
+    cache: &mut VecDeque<(u64, Arc<Vec<Decoded>>)>,
+    c: &mut Consumer,
+) -> std::io::Result<Option<(u64, Arc<Message>)>> {
+    loop {
+        if let Some((d, i)) = c.pending.as_mut() {
+            while let Some((off, f, m)) = d.get(*i) {
+                *i += 1;
+                if *off < c.cursor.from {
+                    continue;
+                }
+                if c.filter.as_ref().is_some_and(|fs| !fs.matches(f.as_deref())) {
+                    continue;
+                }
+                return Ok(Some((*off, m.clone())));
+            }
+            c.pending = None;
+        }
+        let from = c.cursor.from;
+        let got = view.read_chunk_if(&mut c.cursor, |h| {
+            h.next_offset() > from && !cache.iter().any(|(f, _)| *f == h.first)
+        })?;
+        match got {
+            None => return Ok(None),
+            Some(Read::Skipped(h)) => {
+                if let Some((_, d)) = cache.iter().find(|(f, _)| *f == h.first) {
+                    c.pending = Some((d.clone(), 0));
+                }
+            }
+            Some(Read::Chunk(ch)) => {
+                if c.filter.as_ref().is_some_and(|fs| !fs.chunk_may_match(&ch.bloom)) {
+                    continue;
+                }
+                let Some(d) = decode(&ch.header, ch.data) else {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("chunk at offset {} cannot be decoded", ch.header.first),
+                    ));
+                };
+                let d = Arc::new(d);
+                if cache.len() >= CACHE_CHUNKS {
+                    cache.pop_front();
+                }
+                cache.push_back((ch.header.first, d.clone()));
+                c.pending = Some((d, 0));
+            }
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl StreamActor {
+    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>, mut events: mpsc::UnboundedReceiver<Vec<CommitItem>>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut cmds = Vec::with_capacity(64);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut cmds, 64) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for cmd in cmds.drain(..) {
+                        if let Flow::Stop = self.handle(cmd).await {
+                            debug!("stream deleted");
+                            return;
+                        }
+                    }
+                }
+                Some(items) = events.recv() => {
+                    let mut rolled = self.apply(items);
+                    while let Ok(more) = events.try_recv() {
+                        rolled |= self.apply(more);
+                    }
+                    if rolled {
+                        self.retention();
+                    }
+                }
+                _ = tick.tick() => {
+                    self.retention();
+                    self.save_offsets(true);
+                }
+            }
+            self.dispatch();
+            self.save_offsets(false);
+        }
+    }
+
+    /// Applies a commit to the view; true if a segment was sealed.
+    fn apply(&mut self, items: Vec<CommitItem>) -> bool {
+        let mut rolled = false;
+        for it in items {
+            match it {
+                CommitItem::Segment { base, file } => {
+                    self.view.push_segment(base, file);
+                    rolled = true;
+                }
+                CommitItem::Chunk { seg, header, pos } => self.view.add_chunk(seg, &header, pos),
+            }
+        }
+        rolled
+    }
+
+    fn retention(&mut self) {
+        let k = retention::plan(&self.view, &self.settings, now_ms());
+        if k == 0 {
+            return;
+        }
+        let gone: Vec<u64> = self.view.segments.drain(..k).map(|s| s.summary.base).collect();
+        debug!(segments = ?gone, first = self.view.first_offset(), "retention deletes old segments");
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || retention::remove_segments(&dir, &gone));
+    }
+
+    fn save_offsets(&mut self, now: bool) {
+        if !self.offsets_dirty || (!now && self.last_save.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        if self.writer.try_send(WriteReq::SaveOffsets(tracking::encode(&self.offsets))).is_ok() {
+            self.offsets_dirty = false;
+            self.last_save = Instant::now();
+        }
+    }
+
+    async fn handle(&mut self, cmd: QueueCmd) -> Flow {
+        match cmd {
+            QueueCmd::Publish { msgs, confirm } => {
+                let msgs = msgs.into_iter().map(|(m, _)| m).collect();
+                if let Err(e) = self.writer.send(WriteReq::Append { msgs, confirm }).await {
+                    // The writer is gone (it only stops on delete).
+                    if let WriteReq::Append { confirm: Some(c), .. } = e.0 {
+                        let _ = c.conn.send(ConnCmd::Confirm {
+                            channel: c.channel,
+                            seqs: c.seqs,
+                            nack: true,
+                        });
+                    }
+                }
+            }
+            QueueCmd::Consume {
+                spec,
+                conn,
+                tag,
+                reply,
+                args,
+            } => {
+                let r = self.add_consumer(spec, conn, tag, &args);
+                let _ = reply.send(r);
+            }
+            QueueCmd::Cancel { consumer, reply } => {
+                self.remove_consumers(|c| c.id == consumer);
+                self.save_offsets(true);
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            QueueCmd::ChannelClosed { owner } => {
+                self.remove_consumers(|c| c.owner == owner);
+                self.save_offsets(true);
+            }
+            QueueCmd::Settle { ids, .. } => self.settle(&ids),
+            QueueCmd::Get { reply, .. } => {
+                // The channel refuses basic.get on streams before it gets here.
+                let _ = reply.send(None);
+            }
+            QueueCmd::Credit { .. } | QueueCmd::Kick | QueueCmd::Touch => {}
+            QueueCmd::Peek { reply, .. } => {
+                // Nothing is "ready" in a stream: read it with a consumer.
+                let _ = reply.send(Vec::new());
+            }
+            QueueCmd::Consumers { reply } => {
+                let list = self
+                    .consumers
+                    .iter()
+                    .map(|c| crate::queue::ConsumerInfo {
+                        tag: c.tag.to_string(),
+                        channel: c.owner.channel,
+                        conn: c.conn.clone(),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            QueueCmd::Purge { reply } => {
+                let _ = reply.send(0);
+            }
+            QueueCmd::Stats { reply } => {
+                let _ = reply.send(Counts {
+                    consumers: self.consumers.len() as u64,
+                    ready_bytes: self.view.bytes(),
+                    ..Default::default()
+                });
+            }
+            QueueCmd::Delete { if_unused, reply, .. } => {
+                if if_unused && !self.consumers.is_empty() {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(AmqpError::precondition(format!(
+                            "queue '{}' in vhost '{}' in use",
+                            self.q.name, self.q.vhost
+                        ))));
+                    }
+                    return Flow::Continue;
+                }
+                self.delete().await;
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(0));
+                }
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn add_consumer(&mut self, spec: ConsumerSpec, conn: ConnTx, tag: Arc<str>, args: &FieldTable) -> Result<(), AmqpError> {
+        let shared = spec
+            .shared
+            .as_ref()
+            .map_or(0, |s| s.limit.load(std::sync::atomic::Ordering::Relaxed));
+        let prefetch = if spec.prefetch > 0 { spec.prefetch } else { shared };
+        if spec.no_ack || prefetch == 0 {
+            return Err(AmqpError::precondition(format!(
+                "consumer prefetch count is not set for stream queue '{}' in vhost '{}'",
+                self.q.name, self.q.vhost
+            )));
+        }
+        let offset_arg = args.inner().get("x-stream-offset");
+        let mut start = parse_offset_arg(offset_arg, now_ms())
+            .map_err(|why| AmqpError::precondition(format!("{why} for stream queue '{}' in vhost '{}'", self.q.name, self.q.vhost)))?;
+        let auto = match args.inner().get("x-stream-automatic-offset-tracking") {
+            Some(AMQPValue::Boolean(b)) => Some(*b),
+            Some(v) => crate::broker::headers::value_str(v).map(|s| s == "true"),
+            None => None,
+        };
+        let track = auto.unwrap_or(offset_arg.is_none() && !tag.starts_with("amq.ctag-"));
+        if track {
+            if let Some(o) = self.offsets.get(&*tag) {
+                start = OffsetSpec::Offset(o + 1);
+            }
+        }
+        let cursor = resolve(&self.view, start).map_err(|e| AmqpError::internal(format!("cannot read stream '{}': {e}", self.q.name)))?;
+        debug!(tag = %tag, ?start, from = cursor.from, track, "stream consumer attached");
+        self.consumers.push(Consumer {
+            id: spec.id,
+            tag,
+            conn,
+            owner: spec.owner,
+            prefetch,
+            inflight: 0,
+            cursor,
+            pending: None,
+            filter: FilterSpec::from_args(args),
+            track,
+        });
+        Ok(())
+    }
+
+    fn remove_consumers(&mut self, pred: impl Fn(&Consumer) -> bool) {
+        let gone: Vec<ConsumerId> = self.consumers.iter().filter(|c| pred(c)).map(|c| c.id).collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.consumers.retain(|c| !gone.contains(&c.id));
+        self.inflight.retain(|_, (c, _)| !gone.contains(c));
+    }
+
+    fn settle(&mut self, ids: &[MsgId]) {
+        for id in ids {
+            let Some((cid, off)) = self.inflight.remove(id) else { continue };
+            let Some(c) = self.consumers.iter_mut().find(|c| c.id == cid) else {
+                continue;
+            };
+            c.inflight = c.inflight.saturating_sub(1);
+            if c.track {
+                let e = self.offsets.entry(c.tag.to_string()).or_insert(off);
+                *e = (*e).max(off);
+                self.offsets_dirty = true;
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let mut dead = Vec::new();
+        for c in self.consumers.iter_mut() {
+            let mut batch = Vec::new();
+            while c.inflight < c.prefetch {
+                match next_message(&self.view, &mut self.cache, c) {
+                    Ok(Some((off, m))) => {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        self.inflight.insert(id, (c.id, off));
+                        c.inflight += 1;
+                        let size = m.body.len().min(u32::MAX as usize) as u32;
+                        batch.push(Envelope {
+                            id,
+                            gid: 0,
+                            msg: Some(m),
+                            size,
+                            delivery_count: 0,
+                            redelivered: false,
+                            expires: 0,
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error!(tag = %c.tag, "reading the stream failed; the consumer is cancelled: {e}");
+                        dead.push(c.id);
+                        break;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let cmd = ConnCmd::Deliver {
+                channel: c.owner.channel,
+                consumer: c.id,
+                tag: c.tag.clone(),
+                queue: self.q.clone(),
+                msgs: batch,
+            };
+            if c.conn.send(cmd).is_err() {
+                dead.push(c.id);
+            }
+        }
+        for id in dead {
+            if let Some(c) = self.consumers.iter().find(|c| c.id == id) {
+                let _ = c.conn.send(ConnCmd::ConsumerCancelled {
+                    channel: c.owner.channel,
+                    consumer: id,
+                });
+            }
+            self.remove_consumers(|c| c.id == id);
+        }
+    }
+
+    /// Deletes the stream: consumers cancelled, writer stopped, files and
+    /// definition removed.
+    async fn delete(&mut self) {
+        self.q.mark_deleted();
+        let mut dropped_exchanges = Vec::new();
+        if let Some(vhost) = self.vhost.upgrade() {
+            dropped_exchanges = vhost.forget_queue(&self.q);
+        }
+        for c in self.consumers.drain(..) {
+            let _ = c.conn.send(ConnCmd::ConsumerCancelled {
+                channel: c.owner.channel,
+                consumer: c.id,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriteReq::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.view.segments.clear();
+        self.cache.clear();
+        let dir = self.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        if let Ok(Err(e)) = removed {
+            warn!(dir = %self.dir.display(), "could not remove the deleted stream's files: {e}");
+        }
+        if let Some(st) = &self.storage {
+            if let Err(e) = st.delete_queue(&self.q.vhost, &self.q.name, self.q.id).await {
+                error!("could not remove the deleted stream from the definitions store: {e}; it may reappear after a restart");
+            }
+            for x in dropped_exchanges {
+                let _ = st.delete_exchange(&self.q.vhost, &x).await;
+            }
+        }
+    }
+}
