@@ -25,6 +25,46 @@ pub struct Config {
     pub mgmt: MgmtConfig,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// AMQP over TLS (amqps).
+    pub tls: TlsConfig,
+}
+
+/// AMQP over TLS (amqps), terminated with rustls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Open the TLS listener at all.
+    pub enabled: bool,
+    /// Address to listen on ("" = the same as amqp.bind).
+    pub bind: String,
+    /// Port (0 picks a free one).
+    pub port: u16,
+    /// Server certificate chain (PEM), leaf first.
+    pub cert_file: PathBuf,
+    /// Private key of the certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) client certificates must chain to; required
+    /// when verify_peer is true.
+    pub ca_file: Option<PathBuf>,
+    /// Ask clients for a certificate and verify it against ca_file.
+    pub verify_peer: bool,
+    /// With verify_peer, refuse clients that present no certificate.
+    pub fail_if_no_peer_cert: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: false,
+            bind: String::new(),
+            port: 5671,
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: None,
+            verify_peer: false,
+            fail_if_no_peer_cert: false,
+        }
+    }
 }
 
 /// Management HTTP API (RabbitMQ's management plugin paths).
@@ -231,6 +271,7 @@ impl Default for Config {
             resources: ResourceConfig::default(),
             mgmt: MgmtConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }

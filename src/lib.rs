@@ -27,3 +27,4 @@ pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod store;
+pub mod tls;

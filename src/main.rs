@@ -30,6 +30,10 @@ struct Args {
     /// Prometheus metrics port (default 15692; 0 picks a free port).
     #[arg(long)]
     metrics_port: Option<u16>,
+    /// AMQP over TLS port (default 5671; 0 picks a free port). Setting it
+    /// does not enable TLS: set tls.enabled, tls.cert_file and tls.key_file.
+    #[arg(long)]
+    tls_port: Option<u16>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +62,9 @@ fn main() -> std::process::ExitCode {
     }
     if let Some(p) = args.metrics_port {
         cfg.metrics.port = p;
+    }
+    if let Some(p) = args.tls_port {
+        cfg.tls.port = p;
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -10,6 +10,7 @@ use crate::store::defs::{Definitions, Table};
 use crate::store::{MessageStore, StoreOptions};
 use crate::config::Config;
 use crate::protocol::connection;
+use crate::protocol::socket::Socket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 pub struct ServerHandle {
     /// Where AMQP clients connect.
     pub amqp_addr: SocketAddr,
+    /// Where AMQP-over-TLS clients connect (None when TLS is disabled).
+    pub amqps_addr: Option<SocketAddr>,
     /// Where the management HTTP API listens (None when disabled).
     pub mgmt_addr: Option<SocketAddr>,
     /// Where Prometheus metrics are served (None when disabled).
@@ -30,6 +33,7 @@ pub struct ServerHandle {
     pub broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
     accept: JoinHandle<()>,
+    accept_tls: Option<JoinHandle<()>>,
 }
 
 /// Why the server could not start.
@@ -57,6 +61,9 @@ pub enum StartError {
         /// OS error.
         source: std::io::Error,
     },
+    /// TLS is enabled but its certificate, key or CA cannot be used.
+    #[error("{0}")]
+    Tls(String),
     /// The data directory or the stores in it could not be opened.
     #[error("cannot open the data directory {dir}: {why}")]
     Storage {
@@ -158,6 +165,23 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     let amqp_addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    // TLS: load the certificate and bind before opening the stores, so a
+    // misconfiguration fails fast.
+    let tls = if config.tls.enabled {
+        let acceptor = crate::tls::acceptor(&config.tls).map_err(StartError::Tls)?;
+        let bind = if config.tls.bind.is_empty() { &config.amqp.bind } else { &config.tls.bind };
+        let addr = format!("{}:{}", bind, config.tls.port);
+        let listener = TcpListener::bind(&addr).await.map_err(|source| StartError::HttpBind {
+            what: "TLS (amqps) connections",
+            addr: addr.clone(),
+            flag: "--tls-port",
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        Some((listener, local, acceptor))
+    } else {
+        None
+    };
         let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
         let res = &config.resources;
@@ -174,10 +198,19 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
         Duration::from_millis(res.check_interval_ms.max(10)),
     ));
     let (mgmt_addr, metrics_addr) = crate::mgmt::serve(&broker, shutdown_rx.clone()).await?;
-    let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx));
+    let limit = Arc::new(Semaphore::new(broker.config.amqp.max_connections));
+    let mut amqps_addr = None;
+    let accept_tls = tls.map(|(listener, local, acceptor)| {
+        amqps_addr = Some(local);
+        info!(amqps_addr = %local, "accepting AMQP 0-9-1 over TLS on {local}");
+        tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx.clone(), limit.clone(), Some(acceptor)))
+    });
+    let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx, limit, None));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
     Ok(ServerHandle {
         amqp_addr,
+        amqps_addr,
+        accept_tls,
         mgmt_addr,
         metrics_addr,
         broker,
@@ -192,6 +225,9 @@ impl ServerHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
+        if let Some(a) = self.accept_tls {
+            let _ = a.await;
+        }
         // Give connections a moment to send their close frames.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while self.shutdown.receiver_count() > 1 && tokio::time::Instant::now() < deadline {
@@ -213,8 +249,9 @@ async fn accept_loop(
     listener: TcpListener,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
+    limit: Arc<Semaphore>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let limit = Arc::new(Semaphore::new(broker.config.amqp.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -231,10 +268,17 @@ async fn accept_loop(
                 let _ = socket.set_nodelay(true);
                 let id = broker.next_id();
                 let broker = broker.clone();
-                let span = info_span!("conn", id, %peer, user = tracing::field::Empty, vhost = tracing::field::Empty);
+                let span = info_span!("conn", id, %peer, tls = tls.is_some(), user = tracing::field::Empty, vhost = tracing::field::Empty);
+                let tls = tls.clone();
                 tokio::spawn(
                     async move {
-                        connection::serve(socket, peer, id, broker).await;
+                        match tls {
+                            Some(acceptor) => crate::tls::serve(socket, peer, id, broker, acceptor).await,
+                            None => {
+                                let local = socket.local_addr().unwrap_or(peer);
+                                connection::serve(Socket::Tcp(socket), peer, local, id, broker).await;
+                            }
+                        }
                         drop(permit);
                     }
                     .instrument(span),

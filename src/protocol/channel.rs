@@ -1591,6 +1591,8 @@ impl Connection {
                 exclusive: c.exclusive,
                 shared: chan.shared.clone(),
                 flow_window: self.broker.config.queue.delivery_window,
+                priority: 0,
+                timeout: None,
             };
             let (tx, rx) = oneshot::channel();
             let sent = q

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use super::socket::Socket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -88,7 +88,7 @@ pub(crate) struct Connection {
     pub id: u64,
     pub broker: Arc<Broker>,
     pub peer: SocketAddr,
-    stream: TcpStream,
+    stream: Socket,
     inbuf: BytesMut,
     pub out: BytesMut,
     pub frame_max: u32,
@@ -124,7 +124,9 @@ pub(crate) struct Connection {
 }
 
 /// Serves one accepted socket until it closes. Never panics on client input.
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc<Broker>) {
+/// `peer` and `local` are the TCP addresses (for a TLS connection, those of
+/// the TCP socket the TLS session runs on, not of the internal socket pair).
+pub async fn serve(mut stream: Socket, peer: SocketAddr, local: SocketAddr, id: u64, broker: Arc<Broker>) {
     let timeout = Duration::from_millis(broker.config.amqp.handshake_timeout_ms);
     let hs = match tokio::time::timeout(timeout, handshake(&mut stream, peer, &broker)).await {
         Ok(Ok(hs)) => hs,
@@ -149,7 +151,6 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, id: u64, broker: Arc
     );
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
-    let local = stream.local_addr().unwrap_or(peer);
     let channel_list = Arc::new(std::sync::Mutex::new(Vec::new()));
     broker.connections.insert(
         id,
@@ -250,7 +251,7 @@ fn server_properties() -> FieldTable {
 
 /// Reads frames during the handshake (before channels exist).
 struct HsReader<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Socket,
     buf: BytesMut,
 }
 
@@ -285,7 +286,7 @@ impl HsReader<'_> {
     }
 }
 
-async fn send_close(stream: &mut TcpStream, err: &AmqpError) {
+async fn send_close(stream: &mut Socket, err: &AmqpError) {
     let mut out = BytesMut::new();
     frame::write_method(
         &mut out,
@@ -332,7 +333,7 @@ fn parse_credentials(mechanism: &str, response: &[u8]) -> Option<(String, String
 }
 
 async fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     peer: SocketAddr,
     broker: &Arc<Broker>,
 ) -> Result<Handshake, String> {

@@ -6,3 +6,4 @@ pub mod channel;
 pub mod connection;
 pub mod error;
 pub mod frame;
+pub mod socket;

@@ -89,8 +89,19 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
     let q = Arc::new(make(tx));
     let storage = if q.is_stored() { init.storage } else { None };
     let mut core = QueueCore::new(init.window);
+    core.set_single_active(q.args.single_active_consumer);
+    let max_priority = q.args.max_priority.unwrap_or(0);
+    if max_priority > 0 {
+        core.set_max_priority(max_priority);
+    }
     for r in &init.recovered {
-        core.enqueue_envelope(None, r.gid, r.size, r.delivered);
+        // A priority queue reads each recovered message once to learn its
+        // level (the store keeps no priority of its own).
+        let p = match (&storage, max_priority) {
+            (Some(st), 1..) => load(&st.msgs, r.gid).map_or(0, |m| core.priority_of(&m)),
+            _ => 0,
+        };
+        core.enqueue_envelope_at(None, r.gid, r.size, r.delivered, p);
     }
     let mut actor = QueueActor {
         q: q.clone(),
@@ -138,12 +149,14 @@ impl QueueActor {
                 }
                 _ = sleep_until_ms(deadline), if deadline.is_some() => {}
             }
+            self.core.set_time(now_ms());
             for cmd in cmds.drain(..) {
                 if let Flow::Stop = self.handle(cmd).await {
                     debug!("queue deleted");
                     return;
                 }
             }
+            self.consumer_timeouts().await;
             // Consumers first (a message due to expire now still goes to a
             // waiting consumer, as in RabbitMQ), then expiry.
             self.dispatch();
@@ -163,9 +176,26 @@ impl QueueActor {
     /// expiry or the queue's own expiry (x-expires).
     fn next_deadline(&self) -> Option<u64> {
         let q_exp = self.q.args.expires.filter(|_| self.core.consumer_count() == 0).map(|e| self.last_used + e);
-        match (self.core.next_expiry(), q_exp) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [self.core.next_expiry(), q_exp, self.core.next_timeout()].into_iter().flatten().min()
+    }
+
+    /// Consumer timeout: a consumer that held a delivery unacked too long is
+    /// cancelled (basic.cancel to its client) and its deliveries go back to
+    /// the queue, redelivered.
+    async fn consumer_timeouts(&mut self) {
+        if self.core.next_timeout().is_none() {
+            return;
+        }
+        for cid in self.core.timed_out(now_ms()) {
+            warn!(consumer = cid, "consumer timed out holding an unacknowledged delivery; cancelling it");
+            let settled = self.core.cancel_and_requeue(cid);
+            if let Some(link) = self.links.remove(&cid) {
+                let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: cid });
+            }
+            let dead = settled.dead;
+            let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
+            self.forget.extend(settled.removed_gids.into_iter().filter(|g| !handled.contains(g)));
+            self.dead_letter(dead).await;
         }
     }
 
@@ -331,7 +361,17 @@ impl QueueActor {
                 self.dead_letter(dead).await;
             }
             QueueCmd::Touch => self.last_used = now_ms(),
-            QueueCmd::Consume { spec, conn, tag, reply, .. } => {
+            QueueCmd::Consume { mut spec, conn, tag, reply, args } => {
+                match consume_args(&args, self.q.args.consumer_timeout) {
+                    Ok((priority, timeout)) => {
+                        spec.priority = priority;
+                        spec.timeout = timeout;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Flow::Continue;
+                    }
+                }
                 let id = spec.id;
                 let channel = spec.owner.channel;
                                 self.last_used = now_ms();
@@ -545,6 +585,38 @@ impl QueueActor {
     fn forget_no_ack_deliveries(&mut self) {
         self.forget.extend(self.core.take_no_ack_gids());
     }
+}
+
+/// basic.consume arguments for classic queues: x-priority (integer) and
+/// x-consumer-timeout (ms, overriding the queue's).
+fn consume_args(args: &amq_protocol::types::FieldTable, queue_timeout: Option<u64>) -> Result<(i32, Option<u64>), AmqpError> {
+    use crate::broker::headers::value_int;
+    let mut priority = 0;
+    let mut timeout = queue_timeout;
+    for (k, v) in args.inner() {
+        match k.as_str() {
+            "x-priority" => match value_int(v) {
+                Some(p) => priority = p.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                None => {
+                    return Err(AmqpError::precondition(format!(
+                        "invalid arg 'x-priority' for consumer: {{unacceptable_type,{}}}",
+                        super::args::type_name(v)
+                    )));
+                }
+            },
+            "x-consumer-timeout" => match value_int(v) {
+                Some(t) if t >= 0 => timeout = Some(t as u64),
+                _ => {
+                    return Err(AmqpError::precondition(format!(
+                        "invalid arg 'x-consumer-timeout' for consumer: {}",
+                        super::args::show(v)
+                    )));
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok((priority, timeout))
 }
 
 /// Reads one stored message back.

@@ -40,6 +40,8 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// x-delivery-limit.
     pub delivery_limit: Option<u64>,
+    /// x-consumer-timeout (ms).
+    pub consumer_timeout: Option<u64>,
     /// x-queue-type.
     pub queue_type: String,
 }
@@ -168,6 +170,7 @@ impl QueueArgs {
                 "x-max-length" => out.max_length = Some(int(k, v, 0)?),
                 "x-max-length-bytes" => out.max_length_bytes = Some(int(k, v, 0)?),
                 "x-delivery-limit" => out.delivery_limit = Some(int(k, v, 0)?),
+                "x-consumer-timeout" => out.consumer_timeout = Some(int(k, v, 0)?),
                 "x-max-priority" => {
                     let p = int(k, v, 0)?;
                     if p > 255 {

@@ -44,6 +44,8 @@ pub struct Envelope {
     pub redelivered: bool,
     /// When it expires (ms since the Unix epoch), 0 = never.
     pub expires: u64,
+    /// Priority level (0 without x-max-priority; capped at the queue's max).
+    pub priority: u8,
 }
 
 /// A channel-wide prefetch limit (basic.qos with global=true), shared by the
@@ -98,6 +100,11 @@ pub struct ConsumerSpec {
     /// Flow credit for no-ack consumers: how many deliveries may be in flight
     /// to the connection before it confirms it has written them.
     pub flow_window: u32,
+    /// Consumer priority (x-priority): higher ones get messages first.
+    pub priority: i32,
+    /// Consumer timeout (ms): holding a delivery unacked longer cancels the
+    /// consumer and returns its deliveries to the queue.
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -105,6 +112,9 @@ struct ConsumerState {
     spec: ConsumerSpec,
     unacked: u32,
     flow: u32,
+    /// Round-robin cursor of the group of equal priority this consumer
+    /// starts (offset within the group; only the group's first is used).
+    rr: usize,
 }
 
 impl ConsumerState {
@@ -127,6 +137,8 @@ struct Unacked {
     env: Envelope,
     owner: Owner,
     consumer: Option<ConsumerId>,
+    /// When the consumer timeout fires for this delivery, 0 = never.
+    deadline: u64,
 }
 
 /// How a delivery is settled.
@@ -184,15 +196,24 @@ pub struct Counts {
 pub struct QueueCore {
     ready: ReadyList,
     unacked: HashMap<MsgId, Unacked>,
+    /// Sorted by priority, highest first; registration order within one
+    /// priority (and overall with single active consumer).
     consumers: Vec<ConsumerState>,
-    rr: usize,
     next_id: MsgId,
+    /// x-single-active-consumer: only the first consumer gets messages.
+    single_active: bool,
+    /// The time last passed in by the caller (ms since the epoch).
+    now: u64,
+    /// Consumer timeout deadlines: (deadline, delivery, consumer).
+    timeouts: BinaryHeap<Reverse<(u64, MsgId, ConsumerId)>>,
     has_exclusive_consumer: bool,
     /// Stored messages handed to no-ack consumers: gone for good.
     no_ack_gids: Vec<u64>,
     limits: Limits,
     /// Per-message expiries (queue-wide TTL expires in order at the head).
     expiries: BinaryHeap<Reverse<(u64, MsgId)>>,
+    /// The in-memory window of the ready list.
+    ready_window: usize,
 }
 
 /// Why a message left the queue unacked (RabbitMQ's x-death reasons).
@@ -249,14 +270,43 @@ impl QueueCore {
     pub fn new(window: usize) -> Self {
         QueueCore {
             ready: ReadyList::new(window),
+            ready_window: window,
             ..Default::default()
         }
+    }
+
+    /// Makes this a priority queue with levels 0..=`max` (x-max-priority).
+    /// Only before anything is enqueued.
+    pub fn set_max_priority(&mut self, max: u8) {
+        debug_assert!(self.ready.is_empty());
+        self.ready = ReadyList::with_priorities(self.ready_window, max);
+    }
+
+    /// x-single-active-consumer.
+    pub fn set_single_active(&mut self, on: bool) {
+        self.single_active = on;
+    }
+
+    /// Passes the current time in (ms since the epoch): deliveries made from
+    /// now on are stamped with it for consumer timeouts.
+    pub fn set_time(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    /// The priority level of a message in this queue.
+    pub fn priority_of(&self, msg: &Message) -> u8 {
+        let max = self.ready.max_priority();
+        if max == 0 {
+            return 0;
+        }
+        msg.properties.priority().unwrap_or(0).min(max)
     }
 
     /// Appends a message (`gid` 0 when not stored); returns its id.
     pub fn enqueue(&mut self, msg: Arc<Message>, gid: u64) -> MsgId {
         let size = msg.body.len().min(u32::MAX as usize) as u32;
-        self.enqueue_envelope(Some(msg), gid, size, false)
+        let p = self.priority_of(&msg);
+        self.enqueue_envelope_at(Some(msg), gid, size, false, p)
     }
 
     /// Appends a message recovered from the store (body possibly not loaded).
@@ -266,6 +316,18 @@ impl QueueCore {
         gid: u64,
         size: u32,
         redelivered: bool,
+    ) -> MsgId {
+        self.enqueue_envelope_at(msg, gid, size, redelivered, 0)
+    }
+
+    /// Appends a recovered message at a priority level.
+    pub fn enqueue_envelope_at(
+        &mut self,
+        msg: Option<Arc<Message>>,
+        gid: u64,
+        size: u32,
+        redelivered: bool,
+        priority: u8,
     ) -> MsgId {
         let id = self.next_id;
         self.next_id += 1;
@@ -277,6 +339,7 @@ impl QueueCore {
             delivery_count: u16::from(redelivered),
             redelivered,
             expires: 0,
+            priority,
         });
         id
     }
@@ -304,6 +367,7 @@ impl QueueCore {
             (a, b) => a.or(b),
         };
         let expires = ttl.map_or(0, |t| now.saturating_add(t).max(1));
+        let priority = self.priority_of(&msg);
         let mut dead = Vec::new();
         let over = |q: &Self, extra_n: u64, extra_b: u64| {
             q.limits.max_length.is_some_and(|m| q.ready.len() as u64 + extra_n > m)
@@ -312,14 +376,14 @@ impl QueueCore {
         use super::args::Overflow;
         if self.limits.overflow != Overflow::DropHead && over(self, 1, u64::from(size)) {
             if self.limits.overflow == Overflow::RejectPublishDlx {
-                let env = Envelope { id: 0, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires };
+                let env = Envelope { id: 0, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires, priority };
                 dead.push((env, DeadReason::MaxLen));
             }
             return (Admission::Rejected, dead);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.ready.push_back(Envelope { id, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires });
+        self.ready.push_back(Envelope { id, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires, priority });
         if per_msg.is_some() && expires != 0 {
             self.expiries.push(Reverse((expires, id)));
         }
@@ -354,7 +418,7 @@ impl QueueCore {
     /// The next time a ready message expires, if any.
     pub fn next_expiry(&self) -> Option<u64> {
         let heap = self.expiries.peek().map(|Reverse((at, _))| *at);
-        let head = self.ready.front().map(|e| e.expires).filter(|e| *e != 0);
+        let head = self.ready.front_expiry();
         match (heap, head) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -394,11 +458,22 @@ impl QueueCore {
         }
         self.has_exclusive_consumer = spec.exclusive;
         let flow = spec.flow_window;
-        self.consumers.push(ConsumerState {
-            spec,
-            unacked: 0,
-            flow,
-        });
+        // Highest priority first, registration order within a priority
+        // (and overall with a single active consumer).
+        let pos = if self.single_active {
+            self.consumers.len()
+        } else {
+            self.consumers.partition_point(|c| c.spec.priority >= spec.priority)
+        };
+        self.consumers.insert(
+            pos,
+            ConsumerState {
+                spec,
+                unacked: 0,
+                flow,
+                rr: 0,
+            },
+        );
         Ok(())
     }
 
@@ -412,10 +487,55 @@ impl QueueCore {
         if c.spec.exclusive {
             self.has_exclusive_consumer = false;
         }
-        if self.rr > pos {
-            self.rr -= 1;
+        // A group's cursor lives in its first consumer: hand it on.
+        let starts_group = pos == 0 || self.consumers[pos - 1].spec.priority != c.spec.priority;
+        if starts_group {
+            if let Some(next) = self.consumers.get_mut(pos).filter(|n| n.spec.priority == c.spec.priority) {
+                next.rr = c.rr.saturating_sub(1);
+            }
         }
         true
+    }
+
+    /// The consumer that receives messages with single active consumer.
+    pub fn active_consumer(&self) -> Option<ConsumerId> {
+        self.consumers.first().map(|c| c.spec.id)
+    }
+
+    /// Consumers holding a delivery past their timeout at `now`.
+    pub fn timed_out(&mut self, now: u64) -> Vec<ConsumerId> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, id, cid))) = self.timeouts.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timeouts.pop();
+            let live = self.unacked.get(&id).is_some_and(|u| u.consumer == Some(cid) && u.deadline == at);
+            if live && !out.contains(&cid) {
+                out.push(cid);
+            }
+        }
+        out
+    }
+
+    /// The next consumer timeout deadline, if any.
+    pub fn next_timeout(&self) -> Option<u64> {
+        self.timeouts.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Cancels a consumer (consumer timeout): removes it and returns every
+    /// delivery it holds to the queue as redelivered.
+    pub fn cancel_and_requeue(&mut self, id: ConsumerId) -> Settled {
+        let mut ids: Vec<MsgId> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.consumer == Some(id))
+            .map(|(m, _)| *m)
+            .collect();
+        ids.sort_unstable();
+        let settled = self.settle(&ids, Outcome::Requeue);
+        self.remove_consumer(id);
+        settled
     }
 
     /// Ids of all consumers (for cancel notifications on delete).
@@ -431,20 +551,42 @@ impl QueueCore {
         }
     }
 
-    /// Hands ready messages to consumers with credit, round robin. Each
-    /// delivery is appended to `out`.
+    /// Hands ready messages to consumers with credit: the highest priority
+    /// consumers first, round robin among equal priorities; lower ones only
+    /// while the higher ones have no credit. With single active consumer
+    /// only the first registered one. Each delivery is appended to `out`.
     pub fn dispatch(&mut self, out: &mut Vec<(ConsumerId, Envelope)>) {
         let n = self.consumers.len();
-        if n == 0 {
+        if n == 0 || self.ready.is_empty() {
             return;
         }
-        let mut idle_scans = 0;
-        while !self.ready.is_empty() && idle_scans < n {
-            if self.rr >= n {
-                self.rr = 0;
+        if self.single_active {
+            self.dispatch_group(0, 1, out);
+            return;
+        }
+        let mut start = 0;
+        while start < n && !self.ready.is_empty() {
+            let p = self.consumers[start].spec.priority;
+            let mut end = start + 1;
+            while end < n && self.consumers[end].spec.priority == p {
+                end += 1;
             }
-            let idx = self.rr;
-            self.rr += 1;
+            self.dispatch_group(start, end, out);
+            start = end;
+        }
+    }
+
+    /// Round robin among `consumers[start..end]`.
+    fn dispatch_group(&mut self, start: usize, end: usize, out: &mut Vec<(ConsumerId, Envelope)>) {
+        let len = end - start;
+        let mut rr = self.consumers[start].rr;
+        let mut idle_scans = 0;
+        while !self.ready.is_empty() && idle_scans < len {
+            if rr >= len {
+                rr = 0;
+            }
+            let idx = start + rr;
+            rr += 1;
             let c = &mut self.consumers[idx];
             if !c.has_credit() {
                 idle_scans += 1;
@@ -460,23 +602,41 @@ impl QueueCore {
             let Some(env) = self.ready.pop_front() else {
                 break;
             };
-                        c.flow -= 1;
+            c.flow -= 1;
             if c.spec.no_ack {
                 if env.gid != 0 {
                     self.no_ack_gids.push(env.gid);
                 }
             } else {
                 c.unacked += 1;
+                let deadline = match c.spec.timeout {
+                    Some(t) => {
+                        let at = self.now.saturating_add(t).max(1);
+                        self.timeouts.push(Reverse((at, env.id, c.spec.id)));
+                        at
+                    }
+                    None => 0,
+                };
                 self.unacked.insert(
                     env.id,
                     Unacked {
                         env: env.clone(),
                         owner: c.spec.owner,
                         consumer: Some(c.spec.id),
+                        deadline,
                     },
                 );
             }
             out.push((c.spec.id, env));
+        }
+        self.consumers[start].rr = rr;
+        // Settled deliveries leave stale deadlines behind: prune them now
+        // and then so the heap stays proportional to what is outstanding.
+        if self.timeouts.len() > 64 + 2 * self.unacked.len() {
+            let unacked = &self.unacked;
+            self.timeouts.retain(|Reverse((at, id, cid))| {
+                unacked.get(id).is_some_and(|u| u.consumer == Some(*cid) && u.deadline == *at)
+            });
         }
     }
 
@@ -491,6 +651,7 @@ impl QueueCore {
                     env: env.clone(),
                     owner,
                     consumer: None,
+                    deadline: 0,
                 },
             );
         }
@@ -632,6 +793,8 @@ mod tests {
             exclusive: false,
             shared: None,
             flow_window: 1_000_000,
+            priority: 0,
+            timeout: None,
         }
     }
 
@@ -703,9 +866,99 @@ mod tests {
         q.add_consumer(spec(2, 0)).unwrap();
     }
 
+    fn msg_p(i: u64, p: Option<u8>) -> Arc<Message> {
+        let mut m = (*msg(i)).clone();
+        if let Some(p) = p {
+            m.properties = m.properties.clone().with_priority(p);
+        }
+        Arc::new(m)
+    }
+
+    fn ids_of(out: &[(ConsumerId, Envelope)]) -> Vec<(ConsumerId, MsgId)> {
+        out.iter().map(|(c, e)| (*c, e.id)).collect()
+    }
+
+    #[test]
+    fn priorities_deliver_highest_first_fifo_within() {
+        let mut q = QueueCore::new(2);
+        q.set_max_priority(5);
+        for (i, p) in [None, Some(3), Some(9), Some(3), Some(0)].into_iter().enumerate() {
+            q.enqueue(msg_p(i as u64, p), 0);
+        }
+        // 9 is capped at 5; no priority is 0.
+        assert_eq!(q.ready.ids(), vec![2, 1, 3, 0, 4]);
+        let owner = Owner { conn: 1, channel: 1 };
+        let (e, _) = q.get(owner, false).unwrap();
+        assert_eq!(e.id, 2);
+        let (e1, _) = q.get(owner, false).unwrap();
+        assert_eq!(e1.id, 1);
+        q.settle(&[e1.id], Outcome::Requeue);
+        q.settle(&[e.id], Outcome::Requeue);
+        assert_eq!(q.ready.ids(), vec![2, 1, 3, 0, 4]);
+        assert!(q.ready.check());
+    }
+
+    #[test]
+    fn consumer_priorities_prefer_higher_with_credit() {
+        let mut q = QueueCore::new(10);
+        for i in 0..6 {
+            q.enqueue(msg(i), 0);
+        }
+        let mut lo = spec(1, 0);
+        lo.priority = 1;
+        let mut hi_a = spec(2, 1);
+        hi_a.priority = 5;
+        let mut hi_b = spec(3, 1);
+        hi_b.priority = 5;
+        q.add_consumer(lo).unwrap();
+        q.add_consumer(hi_a).unwrap();
+        q.add_consumer(hi_b).unwrap();
+        let mut out = vec![];
+        q.dispatch(&mut out);
+        assert_eq!(ids_of(&out), vec![(2, 0), (3, 1), (1, 2), (1, 3), (1, 4), (1, 5)]);
+    }
+
+    #[test]
+    fn single_active_consumer_hands_over_in_order() {
+        let mut q = QueueCore::new(10);
+        q.set_single_active(true);
+        q.add_consumer(spec(1, 2)).unwrap();
+        q.add_consumer(spec(2, 0)).unwrap();
+        for i in 0..4 {
+            q.enqueue(msg(i), 0);
+        }
+        let mut out = vec![];
+        q.dispatch(&mut out);
+        assert_eq!(ids_of(&out), vec![(1, 0), (1, 1)]);
+        out.clear();
+        q.channel_closed(Owner { conn: 1, channel: 1 });
+        q.dispatch(&mut out);
+        assert_eq!(ids_of(&out), vec![(2, 0), (2, 1), (2, 2), (2, 3)]);
+        assert!(out[0].1.redelivered && !out[2].1.redelivered);
+    }
+
+    #[test]
+    fn consumer_timeout_requeues_and_cancels() {
+        let mut q = QueueCore::new(10);
+        let mut s = spec(1, 1);
+        s.timeout = Some(100);
+        q.add_consumer(s).unwrap();
+        q.enqueue(msg(0), 0);
+        q.set_time(1_000);
+        let mut out = vec![];
+        q.dispatch(&mut out);
+        assert_eq!(q.next_timeout(), Some(1_100));
+        assert!(q.timed_out(1_099).is_empty());
+        assert_eq!(q.timed_out(1_100), vec![1]);
+        q.cancel_and_requeue(1);
+        assert_eq!(q.consumer_count(), 0);
+        let (e, _) = q.get(Owner { conn: 1, channel: 2 }, true).unwrap();
+        assert!(e.redelivered);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
-        Publish,
+        Publish(Option<u8>),
         Dispatch,
         Ack(usize),
         Requeue(usize),
@@ -718,7 +971,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => Just(Op::Publish),
+            3 => proptest::option::of(0u8..6).prop_map(Op::Publish),
             2 => Just(Op::Dispatch),
             2 => any::<usize>().prop_map(Op::Ack),
             1 => any::<usize>().prop_map(Op::Requeue),
@@ -737,6 +990,7 @@ mod tests {
         #[test]
         fn conserves_messages(ops in proptest::collection::vec(op(), 1..200)) {
             let mut q = QueueCore::new(3);
+            q.set_max_priority(3);
             q.add_consumer(spec(1, 3)).unwrap();
             q.add_consumer(spec(2, 0)).unwrap();
             let mut held: Vec<(Owner, MsgId)> = vec![];
@@ -744,7 +998,7 @@ mod tests {
             let mut gone = 0u64;
             for op in ops {
                 match op {
-                    Op::Publish => { q.enqueue(msg(published), published + 1); published += 1; }
+                    Op::Publish(p) => { q.enqueue(msg_p(published, p), published + 1); published += 1; }
                     Op::Page => { q.ready_mut().page_out(|_| true); }
                     Op::Refill => { let lost = q.ready_mut().page_in(|g| Some(msg(g - 1))); prop_assert!(lost.is_empty()); }
                     Op::Dispatch => {
@@ -776,8 +1030,12 @@ mod tests {
                 let c = q.counts();
                 prop_assert_eq!(c.ready + c.unacked + gone, published);
                 prop_assert_eq!(c.unacked as usize, held.len());
-                let ids: Vec<MsgId> = q.ready.ids();
-                prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
+                // Delivery order: priority never rises, publish order within
+                // a priority.
+                let keyed = q.ready.keyed_ids();
+                prop_assert!(keyed.windows(2).all(|w| w[0].0 > w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)));
+                prop_assert!(q.ready.check());
+                prop_assert_eq!(q.ready.iter().map(|e| e.priority).collect::<Vec<_>>(), keyed.iter().map(|k| k.0).collect::<Vec<_>>());
                 prop_assert_eq!(q.ready.bytes(), q.ready.iter().map(|e| u64::from(e.size)).sum::<u64>());
             }
         }

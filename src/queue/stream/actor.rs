@@ -514,6 +514,7 @@ impl StreamActor {
                             delivery_count: 0,
                             redelivered: false,
                             expires: 0,
+                            priority: 0,
                         });
                     }
                     Ok(None) => break,
