@@ -88,6 +88,7 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
     let first_id = queue_defs.iter().map(|q| q.id).max().unwrap_or(0) + 1;
     let storage = Storage { msgs, defs: defs.clone() };
     let broker = Broker::new(config.clone(), shutdown, Some(storage.clone()), first_id, recovery.max_gid + 1);
+    let _ = broker.delayed.set(crate::broker::delayed::DelayedScheduler::spawn(Arc::downgrade(&broker)));
     if !config.auth.default_vhost.is_empty() {
         storage.put_vhost(&config.auth.default_vhost).await.map_err(|e| err(e.to_string()))?;
     }
@@ -137,6 +138,30 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
         queues += 1;
     }
     persist::recover_bindings(&broker, &defs).map_err(|e| err(e.to_string()))?;
+        // Persistent messages waiting in delayed exchanges.
+    let mut delayed_n = 0usize;
+    if let Some(list) = recovery.queues.remove(&crate::broker::delayed::DELAYED_QUEUE_ID) {
+        for m in list {
+            let parsed = storage
+                .msgs
+                .read(m.gid)
+                .ok()
+                .and_then(crate::queue::message::Message::from_parts)
+                .and_then(crate::broker::delayed::from_stored);
+            match (parsed, broker.delayed.get()) {
+                (Some((due, vhost, msg)), Some(s)) => {
+                    s.schedule(crate::broker::delayed::Delayed { due, vhost, msg: Arc::new(msg), gid: m.gid });
+                    delayed_n += 1;
+                }
+                _ => {
+                    let _ = storage.msgs.ack(crate::broker::delayed::DELAYED_QUEUE_ID, vec![m.gid]).await;
+                }
+            }
+        }
+    }
+    if delayed_n > 0 {
+        info!("recovered {delayed_n} delayed messages");
+    }
     // Messages of queues that no longer exist (deleted while the broker
     // was down, or exclusive queues): forget them.
     for (qid, msgs) in recovery.queues.drain() {

@@ -37,14 +37,24 @@ fn read_file(path: &Path, what: &str, key: &str) -> Result<Vec<u8>, String> {
     if path.as_os_str().is_empty() {
         return Err(format!("no TLS {what} configured; set tls.{key}"));
     }
-    std::fs::read(path).map_err(|e| format!("cannot read TLS {what} {}: {e}; set tls.{key}", path.display()))
+    std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read TLS {what} {}: {e}; set tls.{key}",
+            path.display()
+        )
+    })
 }
 
 fn read_certs(path: &Path, what: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_file(path, what, key)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot parse TLS {what} {}: {e}; set tls.{key} to a PEM file", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot parse TLS {what} {}: {e}; set tls.{key} to a PEM file",
+                path.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!(
             "no certificate found in TLS {what} {}; set tls.{key} to a PEM file with BEGIN CERTIFICATE blocks",
@@ -71,10 +81,9 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?;
     let builder = if cfg.verify_peer {
-        let ca = cfg
-            .ca_file
-            .as_deref()
-            .ok_or("tls.verify_peer = true needs tls.ca_file (the CA client certificates must chain to)")?;
+        let ca = cfg.ca_file.as_deref().ok_or(
+            "tls.verify_peer = true needs tls.ca_file (the CA client certificates must chain to)",
+        )?;
         let mut roots = RootCertStore::empty();
         for c in read_certs(ca, "CA certificate", "ca_file")? {
             roots
@@ -85,9 +94,12 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
         if !cfg.fail_if_no_peer_cert {
             vb = vb.allow_unauthenticated();
         }
-        let verifier = vb
-            .build()
-            .map_err(|e| format!("cannot verify client certificates with {}: {e}", ca.display()))?;
+        let verifier = vb.build().map_err(|e| {
+            format!(
+                "cannot verify client certificates with {}: {e}",
+                ca.display()
+            )
+        })?;
         builder.with_client_cert_verifier(verifier)
     } else {
         if cfg.fail_if_no_peer_cert {
@@ -107,7 +119,13 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
 
 /// Serves one TCP connection accepted on the TLS port: TLS handshake (within
 /// the AMQP handshake timeout), then the AMQP connection over a socket pair.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, id: u64, broker: Arc<Broker>, acceptor: TlsAcceptor) {
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    broker: Arc<Broker>,
+    acceptor: TlsAcceptor,
+) {
     let local = tcp.local_addr().unwrap_or(peer);
     let timeout = Duration::from_millis(broker.config.amqp.handshake_timeout_ms);
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {

@@ -15,6 +15,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The delayed-message exchange type (as RabbitMQ's plugin names it).
+pub const DELAYED_TYPE: &str = "x-delayed-message";
+
 /// Exchange types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeKind {
@@ -124,8 +127,11 @@ pub struct Exchange {
     pub alternate: Option<String>,
     bindings: Mutex<Vec<Binding>>,
     table: ArcSwap<Table>,
-    /// Set once deleted, so cached handles stop routing to it.
+        /// Set once deleted, so cached handles stop routing to it.
     pub deleted: AtomicBool,
+    /// An x-delayed-message exchange: messages with an x-delay header are
+    /// held that long, then routed by `kind` (its x-delayed-type).
+    pub delayed: bool,
 }
 
 impl Exchange {
@@ -152,10 +158,22 @@ impl Exchange {
             alternate,
             bindings: Mutex::new(Vec::new()),
             table: ArcSwap::from_pointee(Table::Fanout(Vec::new())),
-            deleted: AtomicBool::new(false),
+                        deleted: AtomicBool::new(false),
+            delayed: false,
         };
         ex.rebuild(&[]);
         ex
+    }
+
+    /// Makes this an x-delayed-message exchange routing as its `kind`.
+    pub fn into_delayed(mut self) -> Self {
+        self.delayed = true;
+        self
+    }
+
+    /// The type name as declared ("x-delayed-message" for delayed exchanges).
+    pub fn type_name(&self) -> &'static str {
+        if self.delayed { DELAYED_TYPE } else { self.kind.as_str() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Binding>> {

@@ -6,6 +6,7 @@
 //! out, then use it.
 
 pub mod alarms;
+pub mod delayed;
 pub mod conns;
 pub mod exchange;
 pub mod headers;
@@ -49,12 +50,16 @@ pub enum ConnCmd {
         /// basic.nack instead of basic.ack.
         nack: bool,
     },
-    /// The server cancelled a consumer (its queue was deleted).
+    /// The server cancelled a consumer (its queue was deleted, or it timed
+    /// out holding a delivery).
     ConsumerCancelled {
         /// Channel.
         channel: u16,
         /// Consumer id.
         consumer: ConsumerId,
+        /// The queue took the consumer's unacked deliveries back (consumer
+        /// timeout): the channel ignores later acks of their tags.
+        revoked: bool,
     },
     /// A reply sent to this channel's direct reply-to pseudo queue.
     DirectReply {
@@ -246,7 +251,9 @@ pub struct Broker {
     pub connections: DashMap<u64, conns::ConnInfo>,
     ids: AtomicU64,
     gids: AtomicU64,
-        /// Resource limits and their last readings.
+        /// Holds messages published to x-delayed-message exchanges.
+    pub delayed: std::sync::OnceLock<delayed::DelayedScheduler>,
+    /// Resource limits and their last readings.
     pub limits: alarms::Limits,
     /// Durable storage (None only in tests of pure routing).
     pub storage: Option<persist::Storage>,
@@ -275,6 +282,7 @@ impl Broker {
             ids: AtomicU64::new(first_id.max(1)),
             gids: AtomicU64::new(first_gid.max(1)),
                         storage,
+            delayed: std::sync::OnceLock::new(),
             limits: alarms::Limits::default(),
             shutdown,
             alarm: watch::channel(None).0,

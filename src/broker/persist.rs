@@ -126,7 +126,7 @@ impl Storage {
         let def = ExchangeDef {
             vhost: vhost.to_string(),
             name: ex.name.clone(),
-            kind: ex.kind.as_str().to_string(),
+                        kind: ex.type_name().to_string(),
             auto_delete: ex.auto_delete,
             internal: ex.internal,
             arguments: ex.arguments.clone(),
@@ -190,15 +190,22 @@ pub fn recover_definitions(broker: &Arc<Broker>, defs: &Definitions) -> Result<V
         broker.vhosts.entry(v.name.clone()).or_insert_with(|| VHost::new(&v.name));
     }
     for (_, e) in defs.list::<ExchangeDef>(Table::Exchanges)? {
-        let Some(kind) = ExchangeKind::parse(&e.kind) else {
+                let delayed = e.kind == super::exchange::DELAYED_TYPE;
+        let kind_name = if delayed {
+            e.arguments.inner().get("x-delayed-type").and_then(super::headers::value_str).unwrap_or_default()
+        } else {
+            e.kind.clone()
+        };
+        let Some(kind) = ExchangeKind::parse(&kind_name) else {
             tracing::warn!(exchange = %e.name, vhost = %e.vhost, "skipping stored exchange of unknown type '{}'", e.kind);
             continue;
         };
         let vhost = broker.vhosts.entry(e.vhost.clone()).or_insert_with(|| VHost::new(&e.vhost)).value().clone();
-        vhost.exchanges.insert(
-            e.name.clone(),
-            Arc::new(Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, e.arguments)),
-        );
+                let mut ex = Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, e.arguments);
+        if delayed {
+            ex = ex.into_delayed();
+        }
+        vhost.exchanges.insert(e.name.clone(), Arc::new(ex));
     }
     Ok(defs.list::<QueueDef>(Table::Queues)?.into_iter().map(|(_, q)| q).collect())
 }

@@ -149,6 +149,15 @@ async fn overview(State(st): State<AppState>, caller: Caller) -> R {
         .map(|c| c.channel_numbers().len())
         .collect();
     let cfg = &b.config;
+    let mut listeners = vec![
+        json!({"node": node_name(), "protocol": "amqp", "ip_address": cfg.amqp.bind, "port": cfg.amqp.port}),
+        json!({"node": node_name(), "protocol": "http", "ip_address": cfg.mgmt.bind, "port": cfg.mgmt.port}),
+        json!({"node": node_name(), "protocol": "http/prometheus", "ip_address": cfg.metrics.bind, "port": cfg.metrics.port}),
+    ];
+    if cfg.tls.enabled {
+        let bind = if cfg.tls.bind.is_empty() { &cfg.amqp.bind } else { &cfg.tls.bind };
+        listeners.push(json!({"node": node_name(), "protocol": "amqp/ssl", "ip_address": bind, "port": cfg.tls.port}));
+    }
     ok_json(json!({
         "management_version": RABBITMQ_VERSION,
         "rabbitmq_version": RABBITMQ_VERSION,
@@ -164,11 +173,7 @@ async fn overview(State(st): State<AppState>, caller: Caller) -> R {
                          "messages_unacknowledged_details": rate(0.0)},
         "object_totals": {"connections": conns.len(), "channels": conns.iter().sum::<usize>(), "exchanges": nex,
                           "queues": nqueues, "consumers": consumers},
-        "listeners": [
-            {"node": node_name(), "protocol": "amqp", "ip_address": cfg.amqp.bind, "port": cfg.amqp.port},
-            {"node": node_name(), "protocol": "http", "ip_address": cfg.mgmt.bind, "port": cfg.mgmt.port},
-            {"node": node_name(), "protocol": "http/prometheus", "ip_address": cfg.metrics.bind, "port": cfg.metrics.port},
-        ],
+        "listeners": listeners,
         "contexts": [{"node": node_name(), "description": "RabbitMQ Management", "path": "/", "port": cfg.mgmt.port.to_string()}],
     }))
 }

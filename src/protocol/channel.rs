@@ -45,6 +45,10 @@ pub(crate) struct UnackedEntry {
     queue: Arc<QueueRef>,
     id: MsgId,
     shared: bool,
+    /// The consumer it was delivered to (0 for basic.get).
+    consumer: ConsumerId,
+    /// The queue took it back (consumer timeout): settling it is a no-op.
+    revoked: bool,
 }
 
 /// A consumer on this channel.
@@ -475,7 +479,12 @@ impl Connection {
         msg: Arc<Message>,
         mandatory: bool,
     ) -> Result<(), AmqpError> {
-        let ex = self.publish_exchange(ch, msg.exchange_str())?;
+                let ex = self.publish_exchange(ch, msg.exchange_str())?;
+        if ex.delayed {
+            if let Some(delay) = crate::broker::delayed::delay_of(&msg) {
+                return self.publish_delayed(ch, msg, delay);
+            }
+        }
         let mut targets: Vec<Arc<QueueRef>> = Vec::new();
         let mut routed_direct = false;
         let rk = msg.routing_key_str();
@@ -533,6 +542,44 @@ impl Connection {
         for q in &targets {
             let g = if q.is_stored() && !q.is_stream() { gid } else { 0 };
             self.pend_publish(ch, q, msg.clone(), g, seq);
+        }
+        Ok(())
+    }
+
+        /// A message for an x-delayed-message exchange with a positive x-delay:
+    /// held by the scheduler (and, when persistent, in the store under the
+    /// delayed pseudo-queue) until due, then routed. Confirmed once held
+    /// (persistent ones once on disk); mandatory cannot be honoured, as with
+    /// RabbitMQ's plugin.
+    fn publish_delayed(&mut self, ch: u16, msg: Arc<Message>, delay: u64) -> Result<(), AmqpError> {
+        use crate::broker::delayed::{Delayed, DELAYED_QUEUE_ID, stored_copy};
+        let due = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .saturating_add(delay);
+        let chan = self.chan(ch)?;
+        let seq = if chan.confirm {
+            let s = chan.next_seq;
+            chan.next_seq += 1;
+            Some(s)
+        } else {
+            None
+        };
+        let mut gid = 0;
+        if msg.is_persistent() && self.broker.storage.is_some() {
+            gid = self.broker.next_gid();
+            let copy = Arc::new(stored_copy(&msg, due, self.vname()));
+            self.pend_store(PendingStore { gid, queues: vec![DELAYED_QUEUE_ID], msg: copy, confirm: seq.map(|s| (ch, s)) });
+            if let Some(s) = seq {
+                self.chan(ch)?.unconfirmed.insert(s, (1, false));
+            }
+        } else if let Some(s) = seq {
+            self.write_confirms(ch, vec![s], false);
+        }
+        let vhost = self.vname().to_string();
+        match self.broker.delayed.get() {
+            Some(s) => s.schedule(Delayed { due, vhost, msg, gid }),
+            None => return Err(AmqpError::internal("delayed message scheduler is not running")),
         }
         Ok(())
     }
@@ -658,6 +705,8 @@ impl Connection {
                     queue: queue.clone(),
                     id: env.id,
                     shared,
+                    consumer,
+                    revoked: false,
                 });
             }
         }
@@ -669,10 +718,26 @@ impl Connection {
     }
 
     /// The server cancelled a consumer (queue deleted).
-    pub(crate) fn on_server_cancel(&mut self, ch: u16, consumer: ConsumerId) {
+    pub(crate) fn on_server_cancel(&mut self, ch: u16, consumer: ConsumerId, revoked: bool) {
         let Some(chan) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
             return;
         };
+        if revoked {
+            // The queue already returned this consumer's deliveries: a late
+            // ack or nack of their tags must not reach the queue (the
+            // message may be with another consumer by then).
+            let mut shared_n = 0;
+            for e in chan.unacked.iter_mut().filter(|e| e.consumer == consumer && !e.revoked) {
+                e.revoked = true;
+                if e.shared {
+                    e.shared = false;
+                    shared_n += 1;
+                }
+            }
+            if let Some(shared) = chan.shared.as_ref().filter(|_| shared_n > 0) {
+                shared.release(shared_n);
+            }
+        }
         let Some(tag) = chan
             .consumers
             .iter()
@@ -844,7 +909,9 @@ impl Connection {
                 shared.release(1);
             }
         }
-        self.pend_settle(&entry.queue, outcome, entry.id);
+        if !entry.revoked {
+            self.pend_settle(&entry.queue, outcome, entry.id);
+        }
     }
 
     async fn exchange_method(&mut self, ch: u16, m: ex_m::AMQPMethod) -> Result<(), AmqpError> {
@@ -855,12 +922,25 @@ impl Connection {
                 if d.passive {
                     self.find_exchange(name)?;
                 } else {
-                    let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
-                        AmqpError::new(
-                            code::COMMAND_INVALID,
-                            format!("unknown exchange type '{}'", d.kind),
-                        )
-                    })?;
+                                        let delayed = d.kind.as_str() == crate::broker::exchange::DELAYED_TYPE;
+                    let kind = if delayed {
+                        // RabbitMQ's delayed-message plugin: the routing type
+                        // comes from the x-delayed-type argument.
+                        d.arguments
+                            .inner()
+                            .get("x-delayed-type")
+                            .and_then(crate::broker::headers::value_str)
+                            .and_then(|t| ExchangeKind::parse(&t))
+                            .ok_or_else(|| {
+                                AmqpError::precondition(
+                                    "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+                                )
+                            })?
+                    } else {
+                        ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
+                            AmqpError::new(code::COMMAND_INVALID, format!("unknown exchange type '{}'", d.kind))
+                        })?
+                    };
                     if name.is_empty() {
                         return Err(AmqpError::new(
                             code::ACCESS_REFUSED,
@@ -882,14 +962,11 @@ impl Connection {
                             )));
                         }
                     }
-                    let new = Arc::new(Exchange::new(
-                        name,
-                        kind,
-                        d.durable,
-                        d.auto_delete,
-                        d.internal,
-                        d.arguments.clone(),
-                    ));
+                                        let mut built = Exchange::new(name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+                    if delayed {
+                        built = built.into_delayed();
+                    }
+                    let new = Arc::new(built);
                     let existing = self.vhost.exchanges.entry(name.to_string()).or_insert(new.clone()).value().clone();
                     if Arc::ptr_eq(&existing, &new) && new.durable {
                         if let Some(st) = &self.broker.storage {
@@ -903,12 +980,8 @@ impl Connection {
                             "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vname}': received '{got}' but current is '{cur}'"
                         ))
                     };
-                    if existing.kind != kind {
-                        return Err(ineq(
-                            "type",
-                            d.kind.to_string(),
-                            existing.kind.as_str().into(),
-                        ));
+                                        if existing.kind != kind || existing.delayed != delayed {
+                        return Err(ineq("type", d.kind.to_string(), existing.type_name().into()));
                     }
                     if existing.durable != d.durable {
                         return Err(ineq(
@@ -1445,6 +1518,8 @@ impl Connection {
                                 queue: q.clone(),
                                 id: env.id,
                                 shared: false,
+                                consumer: 0,
+                                revoked: false,
                             });
                         }
                         frame::write_get_ok(

@@ -111,6 +111,8 @@ pub(crate) struct Connection {
     /// While a recent target is overloaded, reads wait until this instant.
     throttle_until: Option<Instant>,
     throttle_pause: Duration,
+    /// The client sent connection.close (we answered close-ok).
+    client_closed: bool,
     /// The last read filled most of the buffer: read in bigger chunks.
     busy_reads: bool,
     /// Blocked by a resource alarm (publishers only).
@@ -196,6 +198,7 @@ pub async fn serve(mut stream: Socket, peer: SocketAddr, local: SocketAddr, id: 
                 recent_targets: Vec::new(),
         throttle_until: None,
         throttle_pause: Duration::ZERO,
+        client_closed: false,
         busy_reads: false,
         blocked: false,
         alarm_reason: None,
@@ -537,7 +540,10 @@ impl Connection {
             if let Err(e) = self.write_out() {
                 return format!("write error: {e}");
             }
-            if let Some(deadline) = self.closing {
+                        if let Some(deadline) = self.closing {
+                if self.client_closed {
+                    return "closed by the client (connection.close)".into();
+                }
                 if Instant::now() >= deadline {
                     return "client did not answer connection.close in time".into();
                 }
@@ -833,7 +839,8 @@ impl Connection {
                     AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
                 );
                 let _ = self.write_out();
-                self.closing = Some(Instant::now());
+                                self.closing = Some(Instant::now());
+                self.client_closed = true;
                 Ok(())
             }
             AMQPClass::Connection(
@@ -926,8 +933,8 @@ impl Connection {
                 seqs,
                 nack,
             } => self.on_confirms(channel, &seqs, nack),
-            ConnCmd::ConsumerCancelled { channel, consumer } => {
-                self.on_server_cancel(channel, consumer)
+            ConnCmd::ConsumerCancelled { channel, consumer, revoked } => {
+                self.on_server_cancel(channel, consumer, revoked)
             }
             ConnCmd::DirectReply { channel, msg } => self.deliver_direct_reply(channel, &msg),
             ConnCmd::ForceClose { reason } => {

@@ -190,7 +190,7 @@ impl QueueActor {
             warn!(consumer = cid, "consumer timed out holding an unacknowledged delivery; cancelling it");
             let settled = self.core.cancel_and_requeue(cid);
             if let Some(link) = self.links.remove(&cid) {
-                let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: cid });
+                let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: cid, revoked: true });
             }
             let dead = settled.dead;
             let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
@@ -490,7 +490,7 @@ impl QueueActor {
             dropped_exchanges = vhost.forget_queue(&self.q);
         }
         for (id, link) in self.links.drain() {
-            let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: id });
+            let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: id, revoked: false });
         }
         if let Some(st) = &self.storage {
             let mut gids = self.core.stored_gids();

@@ -489,10 +489,8 @@ impl QueueCore {
         }
         // A group's cursor lives in its first consumer: hand it on.
         let starts_group = pos == 0 || self.consumers[pos - 1].spec.priority != c.spec.priority;
-        if starts_group {
-            if let Some(next) = self.consumers.get_mut(pos).filter(|n| n.spec.priority == c.spec.priority) {
-                next.rr = c.rr.saturating_sub(1);
-            }
+        if let Some(next) = self.consumers.get_mut(pos).filter(|n| starts_group && n.spec.priority == c.spec.priority) {
+            next.rr = c.rr.saturating_sub(1);
         }
         true
     }

@@ -151,7 +151,9 @@ impl ReadyList {
         if self.len == 0 {
             return None;
         }
-        (0..self.lanes.len()).rev().find(|i| !self.lanes[*i].is_empty())
+        (0..self.lanes.len())
+            .rev()
+            .find(|i| !self.lanes[*i].is_empty())
     }
 
     /// Number of ready messages.
@@ -184,8 +186,7 @@ impl ReadyList {
         }
     }
 
-    fn took(&mut self, i: usize, from_head: bool, env: &Envelope) {
-        let _ = i;
+    fn took(&mut self, from_head: bool, env: &Envelope) {
         self.len -= 1;
         if from_head {
             self.heads -= 1;
@@ -198,7 +199,7 @@ impl ReadyList {
         let i = self.top()?;
         let from_head = !self.lanes[i].head.is_empty();
         let env = self.lanes[i].pop_front()?;
-        self.took(i, from_head, &env);
+        self.took(from_head, &env);
         Some(env)
     }
 
@@ -224,7 +225,7 @@ impl ReadyList {
             let before = self.lanes[i].head.len();
             if let Some(e) = self.lanes[i].remove_id(id) {
                 let from_head = self.lanes[i].head.len() < before;
-                self.took(i, from_head, &e);
+                self.took(from_head, &e);
                 return Some(e);
             }
         }
@@ -253,7 +254,7 @@ impl ReadyList {
             while self.lanes[i].front().is_some_and(&mut pred) {
                 let from_head = !self.lanes[i].head.is_empty();
                 if let Some(e) = self.lanes[i].pop_front() {
-                    self.took(i, from_head, &e);
+                    self.took(from_head, &e);
                     out.push(e);
                 }
             }
@@ -263,7 +264,12 @@ impl ReadyList {
 
     /// The earliest non-zero expiry among the fronts of the priority levels.
     pub fn front_expiry(&self) -> Option<u64> {
-        self.lanes.iter().filter_map(|l| l.front()).map(|e| e.expires).filter(|e| *e != 0).min()
+        self.lanes
+            .iter()
+            .filter_map(|l| l.front())
+            .map(|e| e.expires)
+            .filter(|e| *e != 0)
+            .min()
     }
 
     /// Drops bodies of stored messages in the tails that `can_page(gid)`
@@ -318,7 +324,10 @@ impl ReadyList {
 
     /// Number of bodies held in memory.
     pub fn in_memory(&self) -> usize {
-        self.lanes.iter().map(|l| l.head.len() + l.tail.iter().filter(|e| e.msg.is_some()).count()).sum()
+        self.lanes
+            .iter()
+            .map(|l| l.head.len() + l.tail.iter().filter(|e| e.msg.is_some()).count())
+            .sum()
     }
 
     /// Ids in delivery order (tests).
@@ -328,7 +337,12 @@ impl ReadyList {
 
     /// (priority, id) in delivery order (tests).
     pub fn keyed_ids(&self) -> Vec<(u8, MsgId)> {
-        self.lanes.iter().enumerate().rev().flat_map(|(p, l)| l.iter().map(move |e| (p as u8, e.id))).collect()
+        self.lanes
+            .iter()
+            .enumerate()
+            .rev()
+            .flat_map(|(p, l)| l.iter().map(move |e| (p as u8, e.id)))
+            .collect()
     }
 
     /// Checks the internal counters (tests).

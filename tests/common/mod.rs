@@ -163,14 +163,18 @@ pub async fn message_count(conn: &Connection, queue: &str) -> u32 {
 
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
 use amq_protocol::protocol::{AMQPClass, connection as conn_m};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A byte stream a [`RawClient`] talks over: TCP, or TLS over TCP.
+pub trait RawIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RawIo for T {}
 
 pub const AMQP_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
 /// A raw AMQP 0-9-1 client.
 pub struct RawClient {
-    pub stream: TcpStream,
+    pub stream: Box<dyn RawIo>,
     buf: Vec<u8>,
     /// Server properties from connection.start (after `handshake`).
     pub server_properties: lapin::types::FieldTable,
@@ -207,8 +211,13 @@ impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).ok();
+        RawClient::over(stream)
+    }
+
+    /// A client over an already connected stream (e.g. a TLS session).
+    pub fn over(stream: impl RawIo + 'static) -> RawClient {
         RawClient {
-            stream,
+            stream: Box::new(stream),
             buf: Vec::new(),
             server_properties: Default::default(),
             tune: None,
@@ -218,7 +227,12 @@ impl RawClient {
     /// Connects and completes the handshake as guest on "/", answering tune
     /// with the server's own values except `heartbeat`.
     pub async fn handshake(addr: SocketAddr, heartbeat: u16) -> RawClient {
-        let mut c = RawClient::connect(addr).await;
+        RawClient::connect(addr).await.handshake_as_guest(heartbeat).await
+    }
+
+    /// Completes the handshake (as `handshake` does) on a fresh client.
+    pub async fn handshake_as_guest(self, heartbeat: u16) -> RawClient {
+        let mut c = self;
         c.send(AMQP_HEADER).await;
         match c.method().await {
             (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => c.server_properties = s.server_properties,
@@ -302,19 +316,22 @@ impl RawClient {
                     }
                 }
             }
-            let mut tmp = [0u8; 65536];
-            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+            // Straight into `buf` (a 64 KiB array here would make every
+            // future holding a read too big for a test thread's stack).
+            self.buf.reserve(65536);
+            let before = self.buf.len();
+            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
                 Err(_) => panic!("timed out waiting for a frame"),
                 Ok(Err(_)) => 0, // reset counts as closed
                 Ok(Ok(n)) => n,
             };
             if n == 0 {
+                self.buf.truncate(before);
                 if self.buf.is_empty() {
                     return RawEvent::Eof;
                 }
                 return RawEvent::Bytes(std::mem::take(&mut self.buf));
             }
-            self.buf.extend_from_slice(&tmp[..n]);
         }
     }
 

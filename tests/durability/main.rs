@@ -9,3 +9,4 @@ mod process;
 mod t10_restart;
 mod t20_crash;
 mod t30_paging;
+mod t40_delayed_restart;

@@ -1,8 +1,12 @@
 //! Message lifecycle: TTLs, dead-lettering with x-death, length limits,
-//! delivery limits, queue expiry — through lapin against a real Warren.
+//! delivery limits, queue expiry, priority queues, single active consumer,
+//! consumer priorities and timeouts — through lapin against a real Warren.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod t10_ttl_dlx;
 mod t20_limits;
+mod t30_priority;
+mod t40_consumers;
+mod t50_delayed;

@@ -13,3 +13,4 @@ mod t30_definitions;
 mod t40_metrics;
 mod t50_warrenctl;
 mod t60_restart;
+mod t90_tls;

@@ -544,6 +544,7 @@ impl StreamActor {
                 let _ = c.conn.send(ConnCmd::ConsumerCancelled {
                     channel: c.owner.channel,
                     consumer: id,
+                    revoked: false,
                 });
             }
             self.remove_consumers(|c| c.id == id);
@@ -562,6 +563,7 @@ impl StreamActor {
             let _ = c.conn.send(ConnCmd::ConsumerCancelled {
                 channel: c.owner.channel,
                 consumer: c.id,
+                revoked: false,
             });
         }
         let (tx, rx) = oneshot::channel();
