@@ -106,8 +106,16 @@ enum Cmd {
     list_permissions,
     /// One user's permissions in every vhost.
     list_user_permissions { user: String },
-    /// Purges a queue.
+        /// Purges a queue.
     purge_queue { queue: String },
+    /// Creates a super stream: a consistent-hash exchange NAME routing each
+    /// message by its routing key to one of the streams NAME-0..NAME-(N-1).
+    add_super_stream {
+        name: String,
+        /// Number of partition streams.
+        #[arg(long, default_value_t = 3)]
+        partitions: u32,
+    },
     /// Deletes a queue.
     delete_queue {
         queue: String,
@@ -610,6 +618,17 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 &cols(&[], &["vhost", "configure", "write", "read"]),
                 &rows,
             );
+        }
+                Cmd::add_super_stream { name, partitions } => {
+            c.call(
+                "PUT",
+                &format!("/api/super-streams/{vh}/{}", enc(name)),
+                Some(&json!({ "partitions": partitions })),
+                &format!("super stream '{name}' in vhost '{}'", cli.vhost),
+            )?;
+            if !q {
+                println!("Adding super stream '{name}' with {partitions} partitions in vhost '{}' ...", cli.vhost);
+            }
         }
         Cmd::purge_queue { queue } => {
             c.call(

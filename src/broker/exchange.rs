@@ -29,6 +29,9 @@ pub enum ExchangeKind {
     Topic,
     /// Match on message headers.
     Headers,
+    /// Consistent hashing of the routing key (or a header) over the
+    /// bindings, weighted by binding key (RabbitMQ's plugin).
+    ConsistentHash,
 }
 
 impl ExchangeKind {
@@ -39,6 +42,7 @@ impl ExchangeKind {
             "fanout" => Self::Fanout,
             "topic" => Self::Topic,
             "headers" => Self::Headers,
+            "x-consistent-hash" => Self::ConsistentHash,
             _ => return None,
         })
     }
@@ -50,6 +54,7 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::ConsistentHash => "x-consistent-hash",
         }
     }
 }
@@ -106,6 +111,19 @@ enum Table {
     Fanout(Vec<Destination>),
     Topic(TopicTrie<Destination>),
     Headers(Vec<(HeadersMatcher, Destination)>),
+    /// Consistent-hash ring: points sorted, each owned by a destination.
+    Hash(Vec<(u32, Destination)>),
+}
+
+/// FNV-1a: a small, stable hash, so a key lands on the same destination
+/// across restarts and versions.
+pub fn fnv1a(data: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
 }
 
 /// An exchange.
@@ -129,6 +147,8 @@ pub struct Exchange {
     table: ArcSwap<Table>,
         /// Set once deleted, so cached handles stop routing to it.
     pub deleted: AtomicBool,
+    /// x-consistent-hash: hash this header instead of the routing key.
+    pub hash_header: Option<String>,
     /// An x-delayed-message exchange: messages with an x-delay header are
     /// held that long, then routed by `kind` (its x-delayed-type).
     pub delayed: bool,
@@ -148,6 +168,7 @@ impl Exchange {
             .inner()
             .get("alternate-exchange")
             .and_then(super::headers::value_str);
+        let hash_header = arguments.inner().get("hash-header").and_then(super::headers::value_str);
         let ex = Exchange {
             name: name.to_string(),
             kind,
@@ -160,6 +181,7 @@ impl Exchange {
             table: ArcSwap::from_pointee(Table::Fanout(Vec::new())),
                         deleted: AtomicBool::new(false),
             delayed: false,
+            hash_header,
         };
         ex.rebuild(&[]);
         ex
@@ -203,7 +225,7 @@ impl Exchange {
                 }
                 Table::Topic(t)
             }
-            ExchangeKind::Headers => Table::Headers(
+                        ExchangeKind::Headers => Table::Headers(
                 bindings
                     .iter()
                     .filter_map(|b| {
@@ -213,12 +235,31 @@ impl Exchange {
                     })
                     .collect(),
             ),
+            ExchangeKind::ConsistentHash => {
+                // Each binding puts `weight` points on the ring.
+                let mut ring = Vec::new();
+                for b in bindings {
+                    let weight: u32 = b.routing_key.trim().parse().unwrap_or(0);
+                    for i in 0..weight.min(10_000) {
+                        let point = fnv1a(format!("{}:{}/{}", b.dest.kind(), b.dest.name(), i).as_bytes());
+                        ring.push((point, b.dest.clone()));
+                    }
+                }
+                ring.sort_by_key(|(p, _)| *p);
+                Table::Hash(ring)
+            }
         };
         self.table.store(Arc::new(table));
     }
 
-    /// Adds a binding; binding twice is a no-op. Returns true if added.
+        /// Adds a binding; binding twice is a no-op. Returns true if added.
     pub fn bind(&self, b: Binding) -> Result<bool, AmqpError> {
+        if self.kind == ExchangeKind::ConsistentHash && b.routing_key.trim().parse::<u32>().is_err() {
+            return Err(AmqpError::precondition(format!(
+                "binding key '{}' for consistent-hash exchange '{}' must be a positive integer weight",
+                b.routing_key, self.name
+            )));
+        }
         if self.kind == ExchangeKind::Headers {
             HeadersMatcher::new(&b.arguments).map_err(|e| {
                 AmqpError::new(
@@ -300,12 +341,30 @@ impl Exchange {
             }
             Table::Fanout(v) => v.iter().for_each(&mut f),
             Table::Topic(t) => t.for_each_match(routing_key, &mut f),
-            Table::Headers(v) => {
+                        Table::Headers(v) => {
                 for (m, d) in v {
                     if m.matches(headers) {
                         f(d);
                     }
                 }
+            }
+            Table::Hash(ring) => {
+                if ring.is_empty() {
+                    return;
+                }
+                // Hash the routing key, or the header named by hash-header.
+                let key: Option<String> = match &self.hash_header {
+                    Some(h) => headers.and_then(|t| t.inner().get(h.as_str())).map(|v| {
+                        super::headers::value_str(v)
+                            .or_else(|| super::headers::value_int(v).map(|i| i.to_string()))
+                            .unwrap_or_default()
+                    }),
+                    None => Some(routing_key.to_string()),
+                };
+                let Some(key) = key else { return };
+                let h = fnv1a(key.as_bytes());
+                let i = ring.partition_point(|(p, _)| *p < h);
+                f(&ring[if i == ring.len() { 0 } else { i }].1);
             }
         }
     }

@@ -6,6 +6,7 @@
 //! out, then use it.
 
 pub mod alarms;
+pub mod declare;
 pub mod delayed;
 pub mod conns;
 pub mod exchange;

@@ -66,7 +66,8 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues_vhost))
-        .route("/api/queues/{vhost}/{name}", get(queue).put(put_queue).delete(delete_queue))
+                .route("/api/queues/{vhost}/{name}", get(queue).put(put_queue).delete(delete_queue))
+        .route("/api/super-streams/{vhost}/{name}", axum::routing::put(put_super_stream))
         .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(purge_queue))
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route("/api/queues/{vhost}/{name}/peek", get(peek_messages))
@@ -893,6 +894,14 @@ async fn queue(State(st): State<AppState>, caller: Caller, Path((vh, name)): Pat
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let q = v.queue(&name).ok_or_else(ApiError::not_found)?;
     ok_json(queue_json(&st.broker, &q).await)
+}
+
+async fn put_super_stream(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+    caller.require_admin()?;
+    let b = body_json(&body)?;
+    let n = b.get("partitions").and_then(Value::as_u64).unwrap_or(3) as u32;
+    ops::add_super_stream(&st.broker, &vh, &name, n).await?;
+    created()
 }
 
 async fn put_queue(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {

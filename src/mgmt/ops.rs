@@ -4,12 +4,11 @@
 
 use super::ApiError;
 use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
-use crate::broker::persist::{BindingDef, QueueDef, binding_is_durable};
+use crate::broker::persist::{BindingDef, binding_is_durable};
 use crate::broker::{Broker, VHost};
-use crate::queue::args::QueueArgs;
 use crate::queue::core::{Envelope, Outcome, Owner};
 use crate::queue::message::Message;
-use crate::queue::{QueueCmd, QueueRef, actor};
+use crate::queue::{QueueCmd, QueueRef};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
@@ -146,7 +145,6 @@ pub async fn declare_queue(
             "queue name '{name}' contains reserved prefix 'amq.*'"
         )));
     }
-    let args = QueueArgs::parse(&arguments, name, vhost_name)?;
     if let Some(q) = v.queue(name) {
         if q.durable != durable || q.auto_delete != auto_delete {
             return Err(ApiError::bad_request(format!(
@@ -156,58 +154,15 @@ pub async fn declare_queue(
         crate::queue::args::check_equivalent(&q.arguments, &arguments, name, vhost_name)?;
         return Ok(q);
     }
-    let id = b.next_id();
-    let created = actor::spawn(
-        |tx| {
-            QueueRef::new(
-                id,
-                name.to_string(),
-                vhost_name.to_string(),
-                durable,
-                None,
-                auto_delete,
-                arguments.clone(),
-                args,
-                tx,
-            )
-        },
-        actor::QueueInit {
-            vhost: v.clone(),
-            inbox: b.config.queue.inbox_capacity,
-            window: b.config.queue.max_in_memory,
-            storage: b.storage.clone(),
-            recovered: Vec::new(),
-            flow_threshold: b.config.queue.flow_control_threshold,
-            gids: Some({
-                let b = b.clone();
-                Arc::new(move || b.next_gid())
-            }),
-        },
-    );
-    let winner = v.queues.entry(name.to_string()).or_insert(created.clone()).value().clone();
-    if winner.id != created.id {
-        let _ = created
-            .send(QueueCmd::Delete {
-                if_unused: false,
-                if_empty: false,
-                reply: None,
-            })
-            .await;
-        return Ok(winner);
-    }
-    if created.is_stored() {
-        if let Some(st) = &b.storage {
-            let def = QueueDef {
-                vhost: vhost_name.into(),
-                name: name.into(),
-                id,
-                auto_delete,
-                arguments,
-            };
-            st.put_queue(&def).await?;
-        }
-    }
-    Ok(created)
+    let spec = crate::broker::declare::NewQueue {
+        name: name.to_string(),
+        durable,
+        exclusive_owner: None,
+        auto_delete,
+        arguments,
+    };
+    let (q, _) = crate::broker::declare::declare_queue(b, &v, spec).await?;
+    Ok(q)
 }
 
 /// queue.delete of a known queue; the number of messages deleted.
@@ -423,4 +378,23 @@ pub async fn peek(q: &QueueRef, count: usize) -> Vec<(Arc<Message>, bool)> {
     } else {
         Vec::new()
     }
+}
+
+/// Creates a super stream: `partitions` durable stream queues NAME-0..NAME-(N-1)
+/// behind a durable x-consistent-hash exchange NAME (each bound with weight
+/// 1), so a routing key always lands on the same partition and per-key
+/// order holds.
+pub async fn add_super_stream(b: &Arc<Broker>, vhost_name: &str, name: &str, partitions: u32) -> Result<(), ApiError> {
+    if partitions == 0 || partitions > 1000 {
+        return Err(ApiError::bad_request("partitions must be between 1 and 1000"));
+    }
+    declare_exchange(b, vhost_name, name, "x-consistent-hash", true, false, false, FieldTable::default()).await?;
+    for i in 0..partitions {
+        let q = format!("{name}-{i}");
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), amq_protocol::types::AMQPValue::LongString("stream".into()));
+        declare_queue(b, vhost_name, &q, true, false, args).await?;
+        bind(b, vhost_name, name, true, &q, "1", FieldTable::default()).await?;
+    }
+    Ok(())
 }

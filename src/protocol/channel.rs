@@ -11,10 +11,10 @@ use super::error::{AmqpError, code, short};
 use super::frame::{self, ContentHeader, RawFrame};
 use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::broker::{ConnCmd, ReplyTarget};
-use crate::queue::args::{QueueArgs, check_equivalent};
+use crate::queue::args::check_equivalent;
 use crate::queue::core::{ConsumerId, ConsumerSpec, Envelope, MsgId, Outcome, Owner, SharedLimit};
 use crate::queue::message::Message;
-use crate::queue::{QueueCmd, QueueRef, actor};
+use crate::queue::{QueueCmd, QueueRef};
 use amq_protocol::protocol::{
     AMQPClass, access, basic, channel as chan_m, confirm, exchange as ex_m, queue as q_m, tx,
 };
@@ -1291,81 +1291,17 @@ impl Connection {
             ));
         }
         self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Queue, &name)?;
-        let args = QueueArgs::parse(&d.arguments, &name, &vname)?;
-        let q = match self.vhost.queue(&name) {
-            Some(q) => q,
-            None => {
-                let broker = self.broker.clone();
-                let vhost = self.vhost.clone();
-                let owner = d.exclusive.then_some(self.id);
-                let id = broker.next_id();
-                let created = if args.queue_type == "stream" {
-                    crate::queue::stream::check_declare(&name, &vname, d.durable, d.exclusive, d.auto_delete)?;
-                    let make = |tx| QueueRef::new(id, name.clone(), vname.clone(), d.durable, owner, d.auto_delete, d.arguments.clone(), args, tx);
-                    let init = crate::queue::stream::StreamInit {
-                        vhost: vhost.clone(),
-                        inbox: broker.config.queue.inbox_capacity,
-                        data_dir: broker.config.storage.data_dir.clone(),
-                        storage: broker.storage.clone(),
-                        fresh: true,
-                    };
-                    crate::queue::stream::spawn(make, init)?
-                } else { actor::spawn(
-                    |tx| {
-                        QueueRef::new(
-                            id,
-                            name.clone(),
-                            vname.clone(),
-                            d.durable,
-                            owner,
-                            d.auto_delete,
-                            d.arguments.clone(),
-                            args,
-                            tx,
-                        )
-                    },
-                                        actor::QueueInit {
-                        vhost: vhost.clone(),
-                        inbox: broker.config.queue.inbox_capacity,
-                        window: broker.config.queue.max_in_memory,
-                        storage: broker.storage.clone(),
-                        recovered: Vec::new(),
-                        gids: Some({ let b = broker.clone(); Arc::new(move || b.next_gid()) }),
-                        flow_threshold: broker.config.queue.flow_control_threshold,
-                    },
-                ) };
-                let winner = vhost.queues.entry(name.clone()).or_insert(created.clone()).value().clone();
-                if winner.id == created.id && created.is_stored() {
-                    if let Some(st) = &broker.storage {
-                        let def = crate::broker::persist::QueueDef {
-                            vhost: vname.clone(),
-                            name: name.clone(),
-                            id,
-                            auto_delete: d.auto_delete,
-                            arguments: d.arguments.clone(),
-                        };
-                        st.put_queue(&def).await.map_err(|e| {
-                            AmqpError::internal(format!(
-                                "cannot record durable queue '{name}' in the definitions store: {e}"
-                            ))
-                        })?;
-                    }
-                }
-                if winner.id == created.id && d.exclusive {
-                    self.exclusive_queues.push(created.clone());
-                } else if winner.id != created.id {
-                    // Lost a race with another declare: stop our actor.
-                    let _ = created
-                        .send(QueueCmd::Delete {
-                            if_unused: false,
-                            if_empty: false,
-                            reply: None,
-                        })
-                        .await;
-                }
-                winner
-            }
+        let spec = crate::broker::declare::NewQueue {
+            name: name.clone(),
+            durable: d.durable,
+            exclusive_owner: d.exclusive.then_some(self.id),
+            auto_delete: d.auto_delete,
+            arguments: d.arguments.clone(),
         };
+        let (q, created) = crate::broker::declare::declare_queue(&self.broker, &self.vhost, spec).await?;
+        if created && d.exclusive {
+            self.exclusive_queues.push(q.clone());
+        }
         self.check_exclusive(&q)?;
         let ineq = |arg: &str, got: bool, cur: bool| {
             AmqpError::precondition(format!(

@@ -10,3 +10,4 @@ mod t10_restart;
 mod t20_crash;
 mod t30_paging;
 mod t40_delayed_restart;
+mod t50_priority_restart;

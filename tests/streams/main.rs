@@ -110,3 +110,4 @@ pub fn from(v: AMQPValue) -> FieldTable {
 pub fn s(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())
 }
+mod t60_super;
