@@ -93,6 +93,10 @@ if [ "$FAST" = 0 ]; then
         add "$c" "$c-queue-quorum" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_quorum" "$XF_QUORUM"
         add "$c" "$c-queue-stream" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_stream"
     done
+    # rabbitmqadmin v2 (RabbitMQ's own HTTP API CLI) against the management API
+    for s in basics definitions users policies; do
+        add rabbitmqadmin "rabbitmqadmin-$s" "exec bash \"$CONF_DIR/rabbitmqadmin/scenarios.sh\" $s"
+    done
     # Celery end to end with real worker processes (celery/scenarios.py)
     for s in batch retry rpc_results group chord acks_late; do
         add celery "celery-${s//_/-}" "exec \"$PY\" \"$CONF_DIR/celery/scenarios.py\" $s"
@@ -192,6 +196,13 @@ prepare_lapin() {
         cargo build --release --locked --quiet --manifest-path "$CONF_DIR/lapin/Cargo.toml"
 }
 prepare_amqp_tools() { apt_install amqp-tools; }
+prepare_rabbitmqadmin() { # rabbitmqadmin v2 from crates.io (the Debian one is v1)
+    RABBITMQADMIN="${CARGO_HOME:-$HOME/.cargo}/bin/rabbitmqadmin"
+    if ! "$RABBITMQADMIN" --version 2>/dev/null | grep -q '^rabbitmqadmin 2'; then
+        cargo install --quiet rabbitmqadmin >"$WORK/rabbitmqadmin-install.log" 2>&1 || return 1
+    fi
+    export RABBITMQADMIN
+}
 prepare_java() {
     apt_install librabbitmq-client-java libslf4j-java || return 1
     command -v javac >/dev/null 2>&1 || apt_install default-jdk-headless || return 1
@@ -217,6 +228,7 @@ prepare_client go prepare_go
 prepare_client kombu prepare_kombu
 prepare_client celery prepare_celery
 prepare_client lapin prepare_lapin
+prepare_client rabbitmqadmin prepare_rabbitmqadmin
 
 # ---------------------------------------------------------------------------
 # broker
@@ -259,6 +271,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 PORT="$(free_port)"
+MGMT_PORT="$(free_port)"
 if [ "$AGAINST" = warren ] && [ -n "${WARREN_BIN:-}" ]; then
     if [ ! -x "$WARREN_BIN" ]; then
         FAILED=1
@@ -287,7 +300,8 @@ fi
 if [ "$AGAINST" = warren ]; then
     BROKER_LOG="$WORK/warren.log"
     mkdir -p "$WORK/warren-data"
-    (cd "$WARREN_CWD" && exec "$WARREN_BIN" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data") \
+    (cd "$WARREN_CWD" && exec "$WARREN_BIN" --bind 127.0.0.1 --port "$PORT" --data-dir "$WORK/warren-data" \
+        --mgmt-port "$MGMT_PORT" --metrics-port "$(free_port)") \
         >"$BROKER_LOG" 2>&1 </dev/null &
     BROKER_PID=$!
     BOOT_TIMEOUT=30
@@ -304,9 +318,14 @@ else
     RMQ_NODE="conf-$$@localhost"
     RMQ_BASE="$WORK/rabbitmq"
     mkdir -p "$RMQ_BASE/home" "$RMQ_BASE/mnesia" "$RMQ_BASE/log"
-    echo "[]." >"$RMQ_BASE/enabled_plugins"
+    if uses rabbitmqadmin; then
+        echo "[rabbitmq_management]." >"$RMQ_BASE/enabled_plugins"
+        printf 'management.tcp.port = %s\nmanagement.tcp.ip = 127.0.0.1\n' "$MGMT_PORT" >"$RMQ_BASE/rabbitmq.conf"
+    else
+        echo "[]." >"$RMQ_BASE/enabled_plugins"
+        : >"$RMQ_BASE/rabbitmq.conf"
+    fi
     : >"$RMQ_BASE/rabbitmq-env.conf"
-    : >"$RMQ_BASE/rabbitmq.conf"
     EPMD_PORT="$(free_port)"
     DIST_PORT="$(free_port)"
     RMQ_ENV=(
@@ -341,6 +360,10 @@ if ! wait_port "$PORT" "$BOOT_TIMEOUT" "$BROKER_PID"; then
     exit 1
 fi
 export AMQP_URL="amqp://guest:guest@127.0.0.1:$PORT/%2f"
+export MGMT_PORT
+if uses rabbitmqadmin && ! wait_port "$MGMT_PORT" 60 "$BROKER_PID"; then
+    log "management API did not listen on 127.0.0.1:$MGMT_PORT"
+fi
 export CONFORMANCE_LOGS="$LOGS"   # scenarios that start helper processes log there
 log "$AGAINST is up at $AMQP_URL; running ${#SELECTED[@]} scenarios (logs: $LOGS)"
 

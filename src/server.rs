@@ -138,6 +138,11 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
         queues += 1;
     }
     persist::recover_bindings(&broker, &defs).map_err(|e| err(e.to_string()))?;
+    // Policies: parsed per vhost and applied to the recovered queues.
+    let vnames: Vec<String> = broker.vhosts.iter().map(|v| v.key().clone()).collect();
+    for v in vnames {
+        crate::broker::policy::reload(&broker, &v).await;
+    }
         // Persistent messages waiting in delayed exchanges.
     let mut delayed_n = 0usize;
     if let Some(list) = recovery.queues.remove(&crate::broker::delayed::DELAYED_QUEUE_ID) {

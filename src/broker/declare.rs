@@ -79,6 +79,11 @@ pub async fn declare_queue(broker: &Arc<Broker>, vhost: &Arc<VHost>, spec: NewQu
         let _ = created.send(QueueCmd::Delete { if_unused: false, if_empty: false, reply: None }).await;
         return Ok((winner, false));
     }
+    if !vhost.policies.load().is_empty() {
+        // The actor read the policies at spawn; re-read now that the queue
+        // is registered, in case a policy changed in between.
+        super::policy::apply_to_queue(vhost, &created).await;
+    }
     if created.is_stored() {
         if let Some(st) = &broker.storage {
             let def = QueueDef {

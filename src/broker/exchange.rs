@@ -152,6 +152,9 @@ pub struct Exchange {
     /// An x-delayed-message exchange: messages with an x-delay header are
     /// held that long, then routed by `kind` (its x-delayed-type).
     pub delayed: bool,
+    /// x-message-deduplication on the exchange: messages whose
+    /// x-deduplication-header was seen recently are not routed at all.
+    pub dedup: Option<Mutex<crate::queue::core::DedupCache>>,
 }
 
 impl Exchange {
@@ -169,6 +172,16 @@ impl Exchange {
             .get("alternate-exchange")
             .and_then(super::headers::value_str);
         let hash_header = arguments.inner().get("hash-header").and_then(super::headers::value_str);
+        let dedup = match arguments.inner().get("x-message-deduplication") {
+            Some(amq_protocol::types::AMQPValue::Boolean(true)) => {
+                let num = |k: &str| {
+                    arguments.inner().get(k).and_then(super::headers::value_int).filter(|v| *v > 0).map(|v| v as u64)
+                };
+                let args = crate::queue::args::DedupArgs { cache_size: num("x-cache-size"), cache_ttl: num("x-cache-ttl") };
+                Some(Mutex::new(crate::queue::core::DedupCache::new(args)))
+            }
+            _ => None,
+        };
         let ex = Exchange {
             name: name.to_string(),
             kind,
@@ -182,6 +195,7 @@ impl Exchange {
                         deleted: AtomicBool::new(false),
             delayed: false,
             hash_header,
+            dedup,
         };
         ex.rebuild(&[]);
         ex

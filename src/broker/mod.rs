@@ -12,6 +12,7 @@ pub mod conns;
 pub mod exchange;
 pub mod headers;
 pub mod persist;
+pub mod policy;
 pub mod topic;
 
 use crate::auth::Users;
@@ -98,6 +99,8 @@ pub struct VHost {
     pub exchanges: DashMap<String, Arc<Exchange>>,
     /// Queues by name.
     pub queues: DashMap<String, Arc<QueueRef>>,
+    /// Policies of this vhost, parsed (see [`policy`]).
+    pub policies: arc_swap::ArcSwap<Vec<Arc<policy::Policy>>>,
 }
 
 impl VHost {
@@ -107,6 +110,7 @@ impl VHost {
             name: name.to_string(),
             exchanges: DashMap::new(),
             queues: DashMap::new(),
+            policies: arc_swap::ArcSwap::from_pointee(Vec::new()),
         };
         for (n, k) in [
             ("", ExchangeKind::Direct),
@@ -150,6 +154,13 @@ impl VHost {
         headers: Option<&FieldTable>,
         out: &mut Vec<Arc<QueueRef>>,
     ) {
+        // Exchange-level x-message-deduplication: a duplicate is not routed.
+        if let (Some(cache), Some(id)) = (&ex.dedup, headers.and_then(crate::queue::core::DedupCache::id_in)) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            if cache.lock().unwrap_or_else(|e| e.into_inner()).check_and_insert(id, now) {
+                return;
+            }
+        }
         let mut visited: Vec<*const Exchange> = Vec::new();
         self.route_from(ex, routing_key, headers, out, &mut visited);
         if out.len() > 1 {
@@ -191,7 +202,12 @@ impl VHost {
             }
         }
         if out.len() == before {
-            if let Some(ae) = ex.alternate.as_deref().and_then(|n| self.exchange(n)) {
+            // An alternate-exchange argument wins over a policy's.
+            let ae_name = match &ex.alternate {
+                Some(n) => Some(n.clone()),
+                None => policy::for_exchange(self, &ex.name).and_then(|p| p.alternate_exchange.clone()),
+            };
+            if let Some(ae) = ae_name.as_deref().and_then(|n| self.exchange(n)) {
                 self.route_from(&ae, routing_key, headers, out, visited);
             }
         }

@@ -426,7 +426,9 @@ async fn consumers_vhost(State(st): State<AppState>, caller: Caller, Path(vh): P
 // ---------------------------------------------------------------------------
 // exchanges
 
-fn exchange_json(vhost: &str, e: &Exchange) -> Value {
+fn exchange_json(v: &VHost, e: &Exchange) -> Value {
+    let vhost = &v.name;
+    let policy = crate::broker::policy::for_exchange(v, &e.name).map(|p| p.name.clone());
     json!({
         "name": e.name,
         "vhost": vhost,
@@ -436,7 +438,7 @@ fn exchange_json(vhost: &str, e: &Exchange) -> Value {
         "internal": e.internal,
         "arguments": table_to_json(&e.arguments),
         "user_who_performed_action": "",
-        "policy": Value::Null,
+        "policy": policy,
     })
 }
 
@@ -449,7 +451,7 @@ fn sorted_exchanges(v: &VHost) -> Vec<Arc<Exchange>> {
 async fn exchanges(State(st): State<AppState>, caller: Caller) -> R {
     let mut out = Vec::new();
     for v in visible_vhosts(&st.broker, &caller) {
-        out.extend(sorted_exchanges(&v).iter().map(|e| exchange_json(&v.name, e)));
+        out.extend(sorted_exchanges(&v).iter().map(|e| exchange_json(&v, e)));
     }
     ok_json(Value::Array(out))
 }
@@ -465,14 +467,14 @@ fn seen_vhost(b: &Broker, caller: &Caller, vh: &str) -> Result<Arc<VHost>, ApiEr
 async fn exchanges_vhost(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     ok_json(Value::Array(
-        sorted_exchanges(&v).iter().map(|e| exchange_json(&v.name, e)).collect(),
+        sorted_exchanges(&v).iter().map(|e| exchange_json(&v, e)).collect(),
     ))
 }
 
 async fn exchange(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let e = v.exchange(&name).ok_or_else(ApiError::not_found)?;
-    ok_json(exchange_json(&vh, &e))
+    ok_json(exchange_json(&v, &e))
 }
 
 fn body_json(body: &axum::body::Bytes) -> Result<Value, ApiError> {
@@ -833,6 +835,10 @@ fn rates(q: &QueueRef) -> (f64, f64, f64) {
 
 /// A queue as RabbitMQ's management API shows it.
 pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
+    let policy = b
+        .vhost(&q.vhost)
+        .and_then(|v| crate::broker::policy::for_queue(&v, &q.name, &q.args.queue_type))
+        .map(|p| p.name.clone());
     let c = q.stats().await.unwrap_or_default();
     let (published, delivered, redelivered, acked) = super::stats::totals(q);
     let (pr, dr, ar) = rates(q);
@@ -848,7 +854,7 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
         "type": q.args.queue_type,
         "node": node_name(),
         "state": "running",
-        "policy": Value::Null,
+        "policy": policy,
         "messages": c.ready + c.unacked,
         "messages_details": rate(0.0),
         "messages_ready": c.ready,
@@ -860,7 +866,7 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
         "message_bytes": c.ready_bytes,
         "message_bytes_ready": c.ready_bytes,
         "consumers": c.consumers,
-        "consumer_utilisation": Value::Null,
+        "consumer_utilisation": if c.consumers > 0 { 1.0 } else { 0.0 },
         "memory": c.ready_bytes + 1024,
         "message_stats": {
             "publish": published, "publish_details": rate(pr),
@@ -1234,7 +1240,7 @@ async fn delete_permission(State(st): State<AppState>, caller: Caller, Path((vh,
 }
 
 // ---------------------------------------------------------------------------
-// policies (stored only; applying them is the policy engine's job)
+// policies (stored here; crate::broker::policy applies them)
 
 use super::definitions::PolicyDef;
 
@@ -1289,6 +1295,7 @@ async fn delete_policy(State(st): State<AppState>, caller: Caller, Path((vh, nam
     if !s.defs.delete(crate::store::defs::Table::Policies, &key).await? {
         return Err(ApiError::not_found());
     }
+    crate::broker::policy::reload(&st.broker, &vh).await;
     no_content()
 }
 

@@ -51,6 +51,7 @@ pub async fn put_policy(b: &Broker, p: &PolicyDef) -> Result<(), ApiError> {
     }
     let st = b.storage.as_ref().ok_or_else(|| ApiError::internal("no definitions store"))?;
     st.defs.put(Table::Policies, &Definitions::key(&[&p.vhost, &p.name]), p).await?;
+    crate::broker::policy::reload(b, &p.vhost).await;
     Ok(())
 }
 

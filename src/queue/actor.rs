@@ -12,7 +12,7 @@
 //! store has them and read back ahead of delivery. Publishes are written to
 //! the store by the publishing connection, before they reach the queue.
 
-use super::core::{Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Limits, Outcome, QueueCore};
+use super::core::{Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Outcome, QueueCore};
 use super::deadletter;
 use super::message::Message;
 use super::{QueueCmd, QueueRef};
@@ -67,6 +67,8 @@ pub struct QueueActor {
     last_used: u64,
     /// Source of store ids for dead-lettered persistent messages.
     gids: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Arguments merged with the queue's policy (crate::broker::policy).
+    eff: crate::broker::policy::QueueEffective,
 }
 
 fn now_ms() -> u64 {
@@ -94,11 +96,21 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
     if max_priority > 0 {
         core.set_max_priority(max_priority);
     }
+    core.set_dedup(q.args.dedup);
+    let recovered_at = now_ms();
     for r in &init.recovered {
         // A priority queue reads each recovered message once to learn its
-        // level (the store keeps no priority of its own).
-        let p = match (&storage, max_priority) {
-            (Some(st), 1..) => load(&st.msgs, r.gid).map_or(0, |m| core.priority_of(&m)),
+        // level (the store keeps no priority of its own); a deduplicating
+        // one to remember its x-deduplication-header.
+        let m = match &storage {
+            Some(st) if max_priority > 0 || core.dedup_enabled() => load(&st.msgs, r.gid),
+            _ => None,
+        };
+        if let Some(m) = &m {
+            core.remember_dedup_id(m, recovered_at);
+        }
+        let p = match (&m, max_priority) {
+            (Some(m), 1..) => core.priority_of(m),
             _ => 0,
         };
         core.enqueue_envelope_at(None, r.gid, r.size, r.delivered, p);
@@ -116,14 +128,10 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
                 flow_threshold: init.flow_threshold,
         last_used: now_ms(),
         gids: init.gids,
+        eff: crate::broker::policy::effective(&init.vhost, &q),
     };
-    actor.core.set_limits(Limits {
-        message_ttl: q.args.message_ttl,
-        max_length: q.args.max_length,
-        max_length_bytes: q.args.max_length_bytes,
-        overflow: q.args.overflow,
-        delivery_limit: q.args.delivery_limit,
-    });
+    actor.core.set_limits(actor.eff.limits.clone());
+    actor.core.set_retry(super::args::effective_retry(&q.args, &q.arguments, |k| actor.eff.policy_value(k)));
     actor.page();
     actor.update_flow();
     let span = tracing::debug_span!("queue", name = %q.name, vhost = %q.vhost);
@@ -175,8 +183,8 @@ impl QueueActor {
     /// When the actor must wake up without a command: the next message
     /// expiry or the queue's own expiry (x-expires).
     fn next_deadline(&self) -> Option<u64> {
-        let q_exp = self.q.args.expires.filter(|_| self.core.consumer_count() == 0).map(|e| self.last_used + e);
-        [self.core.next_expiry(), q_exp, self.core.next_timeout()].into_iter().flatten().min()
+        let q_exp = self.eff.expires.filter(|_| self.core.consumer_count() == 0).map(|e| self.last_used + e);
+        [self.core.next_expiry(), q_exp, self.core.next_timeout(), self.core.next_retry()].into_iter().flatten().min()
     }
 
     /// Consumer timeout: a consumer that held a delivery unacked too long is
@@ -201,7 +209,7 @@ impl QueueActor {
 
     /// x-expires: no consumers, no basic.get and no redeclare for that long.
     fn unused_expired(&self) -> bool {
-        match self.q.args.expires {
+        match self.eff.expires {
             Some(e) => self.core.consumer_count() == 0 && now_ms() >= self.last_used + e,
             None => false,
         }
@@ -214,7 +222,7 @@ impl QueueActor {
         if dead.is_empty() {
             return;
         }
-        let dlx = self.q.args.dead_letter_exchange.clone();
+        let dlx = self.eff.dead_letter_exchange.clone();
         let vhost = self.vhost.upgrade();
         let now_secs = now_ms() / 1000;
         for (mut env, reason) in dead {
@@ -230,7 +238,7 @@ impl QueueActor {
                 trace!(dlx, "dead-letter exchange does not exist; message dropped");
                 continue;
             };
-            let out = deadletter::dead_lettered(&msg, &self.q.name, reason, now_secs, dlx, self.q.args.dead_letter_routing_key.as_deref());
+            let out = deadletter::dead_lettered(&msg, &self.q.name, reason, now_secs, dlx, self.eff.dead_letter_routing_key.as_deref());
             let mut targets = Vec::new();
             vhost.route(&ex, out.routing_key_str(), out.properties.headers().as_ref(), &mut targets);
             if reason != DeadReason::Rejected {
@@ -333,6 +341,9 @@ impl QueueActor {
                 let mut dead = Vec::new();
                 for (i, (m, gid)) in msgs.into_iter().enumerate() {
                     let (admission, mut gone) = self.core.publish(m, gid, now);
+                    if admission == Admission::Duplicate && gid != 0 {
+                        self.forget.push(gid);
+                    }
                     if admission == Admission::Rejected {
                         rejected.push(i);
                         if gid != 0 && gone.is_empty() {
@@ -361,6 +372,18 @@ impl QueueActor {
                 self.dead_letter(dead).await;
             }
             QueueCmd::Touch => self.last_used = now_ms(),
+            QueueCmd::PolicyChanged => {
+                // Computed here, not by the sender, so the latest policies
+                // win whatever order concurrent changes arrive in.
+                if let Some(v) = self.vhost.upgrade() {
+                    self.eff = crate::broker::policy::effective(&v, &self.q);
+                    self.core.set_limits(self.eff.limits.clone());
+                    // Hook: other policy keys (e.g. delayed retry) are in
+                    // self.eff.policy_value(key).
+                    let eff = &self.eff;
+                    self.core.set_retry(super::args::effective_retry(&self.q.args, &self.q.arguments, |k| eff.policy_value(k)));
+                }
+            }
             QueueCmd::Consume { mut spec, conn, tag, reply, args } => {
                 match consume_args(&args, self.q.args.consumer_timeout) {
                     Ok((priority, timeout)) => {

@@ -17,6 +17,108 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// Which returned messages are delayed before they are ready again
+/// (x-delayed-retry-type, RabbitMQ 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryType {
+    /// No delay (the default).
+    #[default]
+    Disabled,
+    /// Both failed and returned messages.
+    All,
+    /// nack/reject with requeue=true.
+    Failed,
+    /// Returned without a nack (channel closed, connection lost, consumer
+    /// timeout).
+    Returned,
+}
+
+/// How the retry delay grows with the delivery count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backoff {
+    /// min × delivery-count.
+    #[default]
+    Linear,
+    /// min × 2^(delivery-count − 1).
+    Exponential,
+}
+
+/// Delayed retry settings (x-delayed-retry-*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryArgs {
+    /// x-delayed-retry-type.
+    pub kind: RetryType,
+    /// x-delayed-retry-min (ms).
+    pub min: u64,
+    /// x-delayed-retry-max (ms), None = no cap.
+    pub max: Option<u64>,
+    /// x-delayed-retry-backoff.
+    pub backoff: Backoff,
+}
+
+impl RetryArgs {
+    /// The delay (ms) before a message returned for the `count`th time
+    /// (count >= 1) is ready again; 0 = none. `failed` tells a nack/reject
+    /// with requeue from a return without one.
+    pub fn delay(&self, failed: bool, count: u64) -> u64 {
+        let applies = match self.kind {
+            RetryType::Disabled => false,
+            RetryType::All => true,
+            RetryType::Failed => failed,
+            RetryType::Returned => !failed,
+        };
+        if !applies || self.min == 0 {
+            return 0;
+        }
+        let count = count.max(1);
+        let d = match self.backoff {
+            Backoff::Linear => self.min.saturating_mul(count),
+            Backoff::Exponential => self.min.saturating_mul(1u64.checked_shl((count - 1).min(63) as u32).unwrap_or(u64::MAX)),
+        };
+        self.max.map_or(d, |m| d.min(m))
+    }
+}
+
+/// Delayed retry settings once a policy is applied: each of the policy keys
+/// delayed-retry-type, delayed-retry-min, delayed-retry-max and
+/// delayed-retry-backoff is used where the queue has no x- argument for it.
+/// Invalid policy values are ignored.
+pub fn effective_retry<'a>(
+    args: &QueueArgs,
+    arguments: &FieldTable,
+    policy: impl Fn(&str) -> Option<&'a serde_json::Value>,
+) -> RetryArgs {
+    let mut r = args.retry;
+    let unset = |k: &str| !arguments.inner().contains_key(format!("x-{k}").as_str());
+    if unset("delayed-retry-type") {
+        match policy("delayed-retry-type").and_then(|v| v.as_str()) {
+            Some("disabled") => r.kind = RetryType::Disabled,
+            Some("all") => r.kind = RetryType::All,
+            Some("failed") => r.kind = RetryType::Failed,
+            Some("returned") => r.kind = RetryType::Returned,
+            _ => {}
+        }
+    }
+    if unset("delayed-retry-backoff") {
+        match policy("delayed-retry-backoff").and_then(|v| v.as_str()) {
+            Some("linear") => r.backoff = Backoff::Linear,
+            Some("exponential") => r.backoff = Backoff::Exponential,
+            _ => {}
+        }
+    }
+    if unset("delayed-retry-min") {
+        if let Some(v) = policy("delayed-retry-min").and_then(|v| v.as_u64()) {
+            r.min = v;
+        }
+    }
+    if unset("delayed-retry-max") {
+        if let Some(v) = policy("delayed-retry-max").and_then(|v| v.as_u64()) {
+            r.max = Some(v);
+        }
+    }
+    r
+}
+
 /// Parsed queue arguments.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueArgs {
@@ -44,6 +146,20 @@ pub struct QueueArgs {
     pub consumer_timeout: Option<u64>,
     /// x-queue-type.
     pub queue_type: String,
+    /// x-delayed-retry-type / -min / -max / -backoff.
+    pub retry: RetryArgs,
+    /// x-message-deduplication with x-cache-size / x-cache-ttl.
+    pub dedup: Option<DedupArgs>,
+}
+
+/// Message deduplication settings (the community plugin's and LavinMQ's
+/// x-message-deduplication, x-cache-size, x-cache-ttl).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DedupArgs {
+    /// x-cache-size: most ids remembered (None = unbounded).
+    pub cache_size: Option<u64>,
+    /// x-cache-ttl (ms): how long an id is remembered (None = until evicted).
+    pub cache_ttl: Option<u64>,
 }
 
 /// Arguments compared on redeclare (as RabbitMQ's declare_args list).
@@ -61,6 +177,13 @@ const EQUIVALENCE_CHECKED: &[&str] = &[
     "x-delivery-limit",
     "x-max-age",
     "x-stream-max-segment-size-bytes",
+    "x-delayed-retry-type",
+    "x-delayed-retry-min",
+    "x-delayed-retry-max",
+    "x-delayed-retry-backoff",
+    "x-message-deduplication",
+    "x-cache-size",
+    "x-cache-ttl",
 ];
 
 /// Legacy arguments accepted but ignored, so older apps keep working.
@@ -171,6 +294,52 @@ impl QueueArgs {
                 "x-max-length-bytes" => out.max_length_bytes = Some(int(k, v, 0)?),
                 "x-delivery-limit" => out.delivery_limit = Some(int(k, v, 0)?),
                 "x-consumer-timeout" => out.consumer_timeout = Some(int(k, v, 0)?),
+                "x-message-deduplication" => match v {
+                    AMQPValue::Boolean(true) => {
+                        out.dedup.get_or_insert_with(DedupArgs::default);
+                    }
+                    AMQPValue::Boolean(false) => {}
+                    _ => {
+                        return Err(invalid(
+                            name,
+                            vhost,
+                            k,
+                            format!("{{unacceptable_type,{}}}", type_name(v)),
+                        ));
+                    }
+                },
+                "x-delayed-retry-min" => out.retry.min = int(k, v, 0)?,
+                "x-delayed-retry-max" => out.retry.max = Some(int(k, v, 0)?),
+                "x-delayed-retry-type" => {
+                    out.retry.kind = match string(k, v)?.as_str() {
+                        "disabled" => RetryType::Disabled,
+                        "all" => RetryType::All,
+                        "failed" => RetryType::Failed,
+                        "returned" => RetryType::Returned,
+                        other => {
+                            return Err(invalid(
+                                name,
+                                vhost,
+                                k,
+                                format!("{{unknown_delayed_retry_type,<<\"{other}\">>}}"),
+                            ));
+                        }
+                    }
+                }
+                "x-delayed-retry-backoff" => {
+                    out.retry.backoff = match string(k, v)?.as_str() {
+                        "linear" => Backoff::Linear,
+                        "exponential" => Backoff::Exponential,
+                        other => {
+                            return Err(invalid(
+                                name,
+                                vhost,
+                                k,
+                                format!("{{unknown_delayed_retry_backoff,<<\"{other}\">>}}"),
+                            ));
+                        }
+                    }
+                }
                 "x-max-priority" => {
                     let p = int(k, v, 0)?;
                     if p > 255 {
@@ -235,6 +404,21 @@ impl QueueArgs {
                 }
                 _ => {}
             }
+        }
+        if let Some(d) = out.dedup.as_mut() {
+            for (k, slot, min) in [("x-cache-size", &mut d.cache_size, 1), ("x-cache-ttl", &mut d.cache_ttl, 1)] {
+                if let Some(v) = args.inner().get(k) {
+                    *slot = Some(int(k, v, min)?);
+                }
+            }
+        }
+        if let Some(max) = out.retry.max.filter(|m| *m < out.retry.min) {
+            return Err(invalid(
+                name,
+                vhost,
+                "x-delayed-retry-max",
+                format!("{{value_less_than_min,{max},{}}}", out.retry.min),
+            ));
         }
         if out.dead_letter_routing_key.is_some() && out.dead_letter_exchange.is_none() {
             return Err(invalid(

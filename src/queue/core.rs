@@ -150,6 +150,9 @@ pub enum Outcome {
     Requeue,
     /// nack/reject without requeue: remove (dead-lettered by the caller).
     Discard,
+    /// Returned without a nack (channel closed, connection lost, consumer
+    /// timeout): back to the queue, as Requeue, but a "returned" retry.
+    Return,
     /// Sent to a consumer that no longer existed when the connection got it:
     /// back in place without counting as a redelivery.
     Undeliverable,
@@ -214,6 +217,72 @@ pub struct QueueCore {
     expiries: BinaryHeap<Reverse<(u64, MsgId)>>,
     /// The in-memory window of the ready list.
     ready_window: usize,
+    /// Delayed retry settings (x-delayed-retry-*).
+    retry: super::args::RetryArgs,
+    /// Returned messages waiting out their retry delay (not ready yet).
+    delayed: HashMap<MsgId, Envelope>,
+    /// Retry due times: (due, id).
+    retry_due: BinaryHeap<Reverse<(u64, MsgId)>>,
+    /// x-message-deduplication cache, when enabled.
+    dedup: Option<DedupCache>,
+}
+
+/// The ids (x-deduplication-header) seen recently, bounded by x-cache-size
+/// (oldest evicted first) and forgotten after x-cache-ttl.
+#[derive(Debug, Default)]
+pub struct DedupCache {
+    args: super::args::DedupArgs,
+    /// id -> (expires at, 0 = never; insertion sequence).
+    seen: HashMap<String, (u64, u64)>,
+    /// Insertion order, for eviction.
+    order: std::collections::VecDeque<(u64, String)>,
+    seq: u64,
+}
+
+impl DedupCache {
+    /// An empty cache.
+    pub fn new(args: super::args::DedupArgs) -> Self {
+        DedupCache { args, ..Default::default() }
+    }
+
+    /// The deduplication id of a message: its x-deduplication-header
+    /// header (a string or an integer).
+    pub fn id_of(msg: &Message) -> Option<String> {
+        Self::id_in(msg.properties.headers().as_ref()?)
+    }
+
+    /// The deduplication id in a header table.
+    pub fn id_in(h: &amq_protocol::types::FieldTable) -> Option<String> {
+        let v = h.inner().get("x-deduplication-header")?;
+        crate::broker::headers::value_str(v).or_else(|| crate::broker::headers::value_int(v).map(|i| i.to_string()))
+    }
+
+    /// True if `id` was seen and is still remembered at `now`.
+    pub fn contains(&self, id: &str, now: u64) -> bool {
+        self.seen.get(id).is_some_and(|(exp, _)| *exp == 0 || *exp > now)
+    }
+
+    /// True if `id` was seen and is still remembered at `now`; otherwise
+    /// remembers it and returns false.
+    pub fn check_and_insert(&mut self, id: String, now: u64) -> bool {
+        if let Some((exp, _)) = self.seen.get(&id) {
+            if *exp == 0 || *exp > now {
+                return true;
+            }
+        }
+        self.seq += 1;
+        let exp = self.args.cache_ttl.map_or(0, |t| now.saturating_add(t).max(1));
+        self.seen.insert(id.clone(), (exp, self.seq));
+        self.order.push_back((self.seq, id));
+        let cap = self.args.cache_size.unwrap_or(u64::MAX);
+        while self.seen.len() as u64 > cap || self.order.len() > 2 * self.seen.len() + 64 {
+            let Some((seq, old)) = self.order.pop_front() else { break };
+            if self.seen.get(&old).is_some_and(|(_, s)| *s == seq) {
+                self.seen.remove(&old);
+            }
+        }
+        false
+    }
 }
 
 /// Why a message left the queue unacked (RabbitMQ's x-death reasons).
@@ -263,6 +332,8 @@ pub enum Admission {
     Accepted,
     /// Refused by a reject-publish length limit (nack the publisher).
     Rejected,
+    /// A duplicate (x-message-deduplication): dropped, confirmed as ack.
+    Duplicate,
 }
 
 impl QueueCore {
@@ -291,6 +362,57 @@ impl QueueCore {
     /// now on are stamped with it for consumer timeouts.
     pub fn set_time(&mut self, now: u64) {
         self.now = now;
+        self.promote_due(now);
+    }
+
+    /// Enables x-message-deduplication (at creation).
+    pub fn set_dedup(&mut self, args: Option<super::args::DedupArgs>) {
+        self.dedup = args.map(DedupCache::new);
+    }
+
+    /// Remembers the id of a message recovered from the store, so that
+    /// duplicates of messages still in the queue are dropped after a restart.
+    pub fn remember_dedup_id(&mut self, msg: &Message, now: u64) {
+        if let (Some(cache), Some(id)) = (self.dedup.as_mut(), DedupCache::id_of(msg)) {
+            cache.check_and_insert(id, now);
+        }
+    }
+
+    /// Whether deduplication is on.
+    pub fn dedup_enabled(&self) -> bool {
+        self.dedup.is_some()
+    }
+
+    /// Delayed retry settings (at creation, or when a policy changes).
+    pub fn set_retry(&mut self, retry: super::args::RetryArgs) {
+        self.retry = retry;
+    }
+
+    /// Messages whose retry delay has run out by `now` go back to their
+    /// original position (publish order within their priority).
+    fn promote_due(&mut self, now: u64) {
+        while let Some(Reverse((at, id))) = self.retry_due.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.retry_due.pop();
+            if let Some(env) = self.delayed.remove(&id) {
+                if env.expires != 0 {
+                    self.expiries.push(Reverse((env.expires, env.id)));
+                }
+                self.ready.insert_sorted(env);
+            }
+        }
+    }
+
+    /// When the next delayed retry is due, if any.
+    pub fn next_retry(&self) -> Option<u64> {
+        self.retry_due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Messages waiting out a retry delay.
+    pub fn delayed_len(&self) -> usize {
+        self.delayed.len()
     }
 
     /// The priority level of a message in this queue.
@@ -360,6 +482,12 @@ impl QueueCore {
     /// messages that left the queue because of it (drop-head victims, or the
     /// refused message itself with reject-publish-dlx).
     pub fn publish(&mut self, msg: Arc<Message>, gid: u64, now: u64) -> (Admission, Vec<(Envelope, DeadReason)>) {
+        let dedup_id = self.dedup.as_ref().and_then(|_| DedupCache::id_of(&msg));
+        if let (Some(cache), Some(id)) = (self.dedup.as_ref(), dedup_id.as_ref()) {
+            if cache.contains(id, now) {
+                return (Admission::Duplicate, Vec::new());
+            }
+        }
         let size = msg.body.len().min(u32::MAX as usize) as u32;
         let per_msg = msg.properties.expiration().as_ref().and_then(|e| e.as_str().parse::<u64>().ok());
         let ttl = match (self.limits.message_ttl, per_msg) {
@@ -392,6 +520,9 @@ impl QueueCore {
                 Some(e) => dead.push((e, DeadReason::MaxLen)),
                 None => break,
             }
+        }
+        if let (Some(cache), Some(id)) = (self.dedup.as_mut(), dedup_id) {
+            cache.check_and_insert(id, now);
         }
         (Admission::Accepted, dead)
     }
@@ -433,7 +564,7 @@ impl QueueCore {
     /// Current counts.
     pub fn counts(&self) -> Counts {
         Counts {
-            ready: self.ready.len() as u64,
+            ready: (self.ready.len() + self.delayed.len()) as u64,
             unacked: self.unacked.len() as u64,
             consumers: self.consumers.len() as u64,
                         ready_bytes: self.ready.bytes(),
@@ -531,7 +662,7 @@ impl QueueCore {
             .map(|(m, _)| *m)
             .collect();
         ids.sort_unstable();
-        let settled = self.settle(&ids, Outcome::Requeue);
+        let settled = self.settle(&ids, Outcome::Return);
         self.remove_consumer(id);
         settled
     }
@@ -679,7 +810,7 @@ impl QueueCore {
                     }
                     out.discarded.push(u.env);
                 }
-                                Outcome::Requeue => {
+                Outcome::Requeue | Outcome::Return => {
                     let count = u64::from(u.env.delivery_count) + 1;
                     if self.limits.delivery_limit.is_some_and(|l| count > l) {
                         let mut env = u.env;
@@ -689,7 +820,17 @@ impl QueueCore {
                         }
                         out.dead.push((env, DeadReason::DeliveryLimit));
                     } else {
-                        self.requeue(u.env, true);
+                        let delay = self.retry.delay(outcome == Outcome::Requeue, count);
+                        if delay == 0 {
+                            self.requeue(u.env, true);
+                        } else {
+                            let mut env = u.env;
+                            env.redelivered = true;
+                            env.delivery_count = env.delivery_count.saturating_add(1);
+                            let due = self.now.saturating_add(delay);
+                            self.retry_due.push(Reverse((due, env.id)));
+                            self.delayed.insert(env.id, env);
+                        }
                     }
                 }
                 Outcome::Undeliverable => self.requeue(u.env, false),
@@ -708,7 +849,7 @@ impl QueueCore {
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();
-        self.settle(&ids, Outcome::Requeue);
+        self.settle(&ids, Outcome::Return);
         let gone: Vec<ConsumerId> = self
             .consumers
             .iter()
@@ -723,7 +864,12 @@ impl QueueCore {
 
     /// Drops every ready message; returns them (the store forgets them).
     pub fn purge(&mut self) -> Vec<Envelope> {
-        self.ready.drain_all()
+        let mut out = self.ready.drain_all();
+        self.retry_due.clear();
+        let mut delayed: Vec<Envelope> = self.delayed.drain().map(|(_, e)| e).collect();
+        delayed.sort_unstable_by_key(|e| e.id);
+        out.extend(delayed);
+        out
     }
 
     /// Store ids of messages delivered to no-ack consumers since the last call.
@@ -741,6 +887,7 @@ impl QueueCore {
             .filter(|g| *g != 0)
             .collect();
         v.extend(self.unacked.values().map(|u| u.env.gid).filter(|g| *g != 0));
+        v.extend(self.delayed.values().map(|e| e.gid).filter(|g| *g != 0));
         v
     }
 
@@ -952,6 +1099,44 @@ mod tests {
         assert_eq!(q.consumer_count(), 0);
         let (e, _) = q.get(Owner { conn: 1, channel: 2 }, true).unwrap();
         assert!(e.redelivered);
+    }
+
+    #[test]
+    fn delayed_retry_waits_without_blocking_and_returns_in_place() {
+        use super::super::args::{Backoff, RetryArgs, RetryType};
+        let mut q = QueueCore::new(10);
+        q.set_retry(RetryArgs { kind: RetryType::Returned, min: 100, max: Some(250), backoff: Backoff::Exponential });
+        q.add_consumer(spec(1, 1)).unwrap();
+        for i in 0..3 {
+            q.enqueue(msg(i), 0);
+        }
+        q.set_time(1_000);
+        let mut out = vec![];
+        q.dispatch(&mut out);
+        let first = out[0].1.id;
+        // A nack with requeue is not a "returned" retry: back at once.
+        q.settle(&[first], Outcome::Requeue);
+        assert_eq!(q.next_retry(), None);
+        out.clear();
+        q.dispatch(&mut out);
+        assert_eq!(out[0].1.id, first);
+        // Consumer timeout: returned, delayed by min × 2^(count-1) = 200.
+        q.cancel_and_requeue(1);
+        assert_eq!(q.next_retry(), Some(1_200));
+        assert_eq!(q.counts().ready, 3);
+        q.add_consumer(spec(2, 1)).unwrap();
+        out.clear();
+        q.dispatch(&mut out);
+        assert_eq!(out[0].1.id, first + 1, "the next message is not held back");
+        q.settle(&[first + 1], Outcome::Ack);
+        q.set_time(1_200);
+        out.clear();
+        q.dispatch(&mut out);
+        assert_eq!(out[0].1.id, first, "back in its original position");
+        assert_eq!(out[0].1.delivery_count, 2);
+        // Capped at max.
+        assert_eq!(q.retry.delay(false, 5), 250);
+        assert_eq!(q.retry.delay(true, 5), 0);
     }
 
     #[derive(Debug, Clone)]

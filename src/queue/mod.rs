@@ -110,6 +110,9 @@ pub enum QueueCmd {
     Kick,
     /// The queue was redeclared: it counts as used (x-expires).
     Touch,
+    /// The vhost's policies changed (or the queue was just registered): the
+    /// actor recomputes its effective settings (crate::broker::policy).
+    PolicyChanged,
     /// Management: copies of the first `count` ready messages, left in place.
     Peek {
         /// How many.

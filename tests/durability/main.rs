@@ -11,3 +11,4 @@ mod t20_crash;
 mod t30_paging;
 mod t40_delayed_restart;
 mod t50_priority_restart;
+mod t60_retry_dedup_restart;

@@ -4,9 +4,14 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/process.rs"]
+mod process;
 
 mod t10_ttl_dlx;
 mod t20_limits;
 mod t30_priority;
 mod t40_consumers;
 mod t50_delayed;
+mod t70_retry;
+mod t80_dedup;
+mod t60_policies;

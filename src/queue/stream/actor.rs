@@ -380,7 +380,7 @@ impl StreamActor {
                 // The channel refuses basic.get on streams before it gets here.
                 let _ = reply.send(None);
             }
-            QueueCmd::Credit { .. } | QueueCmd::Kick | QueueCmd::Touch => {}
+            QueueCmd::Credit { .. } | QueueCmd::Kick | QueueCmd::Touch | QueueCmd::PolicyChanged => {}
             QueueCmd::Peek { reply, .. } => {
                 // Nothing is "ready" in a stream: read it with a consumer.
                 let _ = reply.send(Vec::new());
