@@ -17,7 +17,7 @@ pub struct Config {
     pub log: LogConfig,
     /// Default user and vhost.
     pub auth: AuthConfig,
-        /// Queue tuning.
+    /// Queue tuning.
     pub queue: QueueConfig,
     /// Resource alarms.
     pub resources: ResourceConfig,
@@ -81,7 +81,11 @@ pub struct MgmtConfig {
 
 impl Default for MgmtConfig {
     fn default() -> Self {
-        MgmtConfig { enabled: true, bind: "127.0.0.1".into(), port: 15672 }
+        MgmtConfig {
+            enabled: true,
+            bind: "127.0.0.1".into(),
+            port: 15672,
+        }
     }
 }
 
@@ -99,7 +103,11 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { enabled: true, bind: "127.0.0.1".into(), port: 15692 }
+        MetricsConfig {
+            enabled: true,
+            bind: "127.0.0.1".into(),
+            port: 15692,
+        }
     }
 }
 
@@ -199,7 +207,7 @@ pub struct QueueConfig {
     /// Ready message bodies each queue keeps in memory; beyond this,
     /// persistent messages of durable queues live only in the store and are
     /// read back ahead of delivery.
-        pub max_in_memory: usize,
+    pub max_in_memory: usize,
     /// Flow control: when a queue with consumers has more ready messages
     /// than this, its publishers are slowed until it drains (RabbitMQ's
     /// credit flow plays this role).

@@ -4,13 +4,13 @@
 
 use crate::broker::persist::{self, QueueDef, Storage};
 use crate::broker::{Broker, VHost};
+use crate::config::Config;
+use crate::protocol::connection;
+use crate::protocol::socket::Socket;
 use crate::queue::args::QueueArgs;
 use crate::queue::{QueueRef, actor};
 use crate::store::defs::{Definitions, Table};
 use crate::store::{MessageStore, StoreOptions};
-use crate::config::Config;
-use crate::protocol::connection;
-use crate::protocol::socket::Socket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,11 +46,13 @@ pub enum StartError {
     Bind {
         /// Address tried.
         addr: String,
-                /// OS error.
+        /// OS error.
         source: std::io::Error,
     },
     /// The management or metrics HTTP listener could not be bound.
-    #[error("cannot listen for the {what} on {addr}: {source} (choose another port with {flag}, or 0 for a free one)")]
+    #[error(
+        "cannot listen for the {what} on {addr}: {source} (choose another port with {flag}, or 0 for a free one)"
+    )]
     HttpBind {
         /// Which listener.
         what: &'static str,
@@ -76,28 +78,65 @@ pub enum StartError {
 
 /// Opens the stores under the data directory and rebuilds every durable
 /// vhost, exchange, queue (with its messages) and binding.
-async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<Arc<Broker>, StartError> {
+async fn open_broker(
+    config: Arc<Config>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<Broker>, StartError> {
     let dir = config.storage.data_dir.clone();
-    let err = |why: String| StartError::Storage { dir: dir.display().to_string(), why };
+    let err = |why: String| StartError::Storage {
+        dir: dir.display().to_string(),
+        why,
+    };
     std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
     let started = std::time::Instant::now();
     let defs = Definitions::open(&dir).map_err(|e| err(e.to_string()))?;
-    let opts = StoreOptions { segment_size: config.storage.segment_size, ..StoreOptions::default() };
+    let opts = StoreOptions {
+        segment_size: config.storage.segment_size,
+        ..StoreOptions::default()
+    };
     let (msgs, mut recovery) = MessageStore::open(&dir, opts).map_err(|e| err(e.to_string()))?;
-    let queue_defs: Vec<QueueDef> = defs.list(Table::Queues).map_err(|e| err(e.to_string()))?.into_iter().map(|(_, q)| q).collect();
+    let queue_defs: Vec<QueueDef> = defs
+        .list(Table::Queues)
+        .map_err(|e| err(e.to_string()))?
+        .into_iter()
+        .map(|(_, q)| q)
+        .collect();
     let first_id = queue_defs.iter().map(|q| q.id).max().unwrap_or(0) + 1;
-    let storage = Storage { msgs, defs: defs.clone() };
-    let broker = Broker::new(config.clone(), shutdown, Some(storage.clone()), first_id, recovery.max_gid + 1);
-    let _ = broker.delayed.set(crate::broker::delayed::DelayedScheduler::spawn(Arc::downgrade(&broker)));
+    let storage = Storage {
+        msgs,
+        defs: defs.clone(),
+    };
+    let broker = Broker::new(
+        config.clone(),
+        shutdown,
+        Some(storage.clone()),
+        first_id,
+        recovery.max_gid + 1,
+    );
+    let _ = broker
+        .delayed
+        .set(crate::broker::delayed::DelayedScheduler::spawn(
+            Arc::downgrade(&broker),
+        ));
     if !config.auth.default_vhost.is_empty() {
-        storage.put_vhost(&config.auth.default_vhost).await.map_err(|e| err(e.to_string()))?;
+        storage
+            .put_vhost(&config.auth.default_vhost)
+            .await
+            .map_err(|e| err(e.to_string()))?;
     }
-    crate::auth::store::recover(&broker.users, &defs).await.map_err(|e| err(e.to_string()))?;
+    crate::auth::store::recover(&broker.users, &defs)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     persist::recover_definitions(&broker, &defs).map_err(|e| err(e.to_string()))?;
     let mut queues = 0usize;
     let mut messages = 0usize;
     for qd in queue_defs {
-        let vhost = broker.vhosts.entry(qd.vhost.clone()).or_insert_with(|| VHost::new(&qd.vhost)).value().clone();
+        let vhost = broker
+            .vhosts
+            .entry(qd.vhost.clone())
+            .or_insert_with(|| VHost::new(&qd.vhost))
+            .value()
+            .clone();
         let args = QueueArgs::parse(&qd.arguments, &qd.name, &qd.vhost).unwrap_or_else(|e| {
             warn!(queue = %qd.name, vhost = %qd.vhost, "stored queue arguments no longer valid ({}); using defaults", e.text);
             QueueArgs { queue_type: "classic".into(), ..Default::default() }
@@ -110,20 +149,46 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
                 storage: Some(storage.clone()),
                 fresh: false,
             };
-            let make = |tx| QueueRef::new(qd.id, qd.name.clone(), qd.vhost.clone(), true, None, qd.auto_delete, qd.arguments.clone(), args, tx);
+            let make = |tx| {
+                QueueRef::new(
+                    qd.id,
+                    qd.name.clone(),
+                    qd.vhost.clone(),
+                    true,
+                    None,
+                    qd.auto_delete,
+                    qd.arguments.clone(),
+                    args,
+                    tx,
+                )
+            };
             match crate::queue::stream::spawn(make, init) {
                 Ok(q) => {
                     vhost.queues.insert(qd.name.clone(), q);
                     queues += 1;
                 }
-                Err(e) => error!(queue = %qd.name, vhost = %qd.vhost, "cannot recover stream: {}", e.text),
+                Err(e) => {
+                    error!(queue = %qd.name, vhost = %qd.vhost, "cannot recover stream: {}", e.text)
+                }
             }
             continue;
         }
         let recovered = recovery.queues.remove(&qd.id).unwrap_or_default();
         messages += recovered.len();
         let q = actor::spawn(
-            |tx| QueueRef::new(qd.id, qd.name.clone(), qd.vhost.clone(), true, None, qd.auto_delete, qd.arguments.clone(), args, tx),
+            |tx| {
+                QueueRef::new(
+                    qd.id,
+                    qd.name.clone(),
+                    qd.vhost.clone(),
+                    true,
+                    None,
+                    qd.auto_delete,
+                    qd.arguments.clone(),
+                    args,
+                    tx,
+                )
+            },
             actor::QueueInit {
                 vhost: vhost.clone(),
                 inbox: config.queue.inbox_capacity,
@@ -131,7 +196,10 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
                 storage: Some(storage.clone()),
                 recovered,
                 flow_threshold: config.queue.flow_control_threshold,
-                gids: Some({ let b = broker.clone(); Arc::new(move || b.next_gid()) }),
+                gids: Some({
+                    let b = broker.clone();
+                    Arc::new(move || b.next_gid())
+                }),
             },
         );
         vhost.queues.insert(qd.name.clone(), q);
@@ -143,9 +211,12 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
     for v in vnames {
         crate::broker::policy::reload(&broker, &v).await;
     }
-        // Persistent messages waiting in delayed exchanges.
+    // Persistent messages waiting in delayed exchanges.
     let mut delayed_n = 0usize;
-    if let Some(list) = recovery.queues.remove(&crate::broker::delayed::DELAYED_QUEUE_ID) {
+    if let Some(list) = recovery
+        .queues
+        .remove(&crate::broker::delayed::DELAYED_QUEUE_ID)
+    {
         for m in list {
             let parsed = storage
                 .msgs
@@ -155,11 +226,19 @@ async fn open_broker(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Re
                 .and_then(crate::broker::delayed::from_stored);
             match (parsed, broker.delayed.get()) {
                 (Some((due, vhost, msg)), Some(s)) => {
-                    s.schedule(crate::broker::delayed::Delayed { due, vhost, msg: Arc::new(msg), gid: m.gid });
+                    s.schedule(crate::broker::delayed::Delayed {
+                        due,
+                        vhost,
+                        msg: Arc::new(msg),
+                        gid: m.gid,
+                    });
                     delayed_n += 1;
                 }
                 _ => {
-                    let _ = storage.msgs.ack(crate::broker::delayed::DELAYED_QUEUE_ID, vec![m.gid]).await;
+                    let _ = storage
+                        .msgs
+                        .ack(crate::broker::delayed::DELAYED_QUEUE_ID, vec![m.gid])
+                        .await;
                 }
             }
         }
@@ -199,22 +278,30 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     // misconfiguration fails fast.
     let tls = if config.tls.enabled {
         let acceptor = crate::tls::acceptor(&config.tls).map_err(StartError::Tls)?;
-        let bind = if config.tls.bind.is_empty() { &config.amqp.bind } else { &config.tls.bind };
+        let bind = if config.tls.bind.is_empty() {
+            &config.amqp.bind
+        } else {
+            &config.tls.bind
+        };
         let addr = format!("{}:{}", bind, config.tls.port);
-        let listener = TcpListener::bind(&addr).await.map_err(|source| StartError::HttpBind {
-            what: "TLS (amqps) connections",
-            addr: addr.clone(),
-            flag: "--tls-port",
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::HttpBind {
+                what: "TLS (amqps) connections",
+                addr: addr.clone(),
+                flag: "--tls-port",
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
         Some((listener, local, acceptor))
     } else {
         None
     };
-        let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
-        let res = &config.resources;
+    let res = &config.resources;
     let mem_limit = if res.memory_high_watermark_bytes > 0 {
         res.memory_high_watermark_bytes
     } else {
@@ -233,9 +320,21 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     let accept_tls = tls.map(|(listener, local, acceptor)| {
         amqps_addr = Some(local);
         info!(amqps_addr = %local, "accepting AMQP 0-9-1 over TLS on {local}");
-        tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx.clone(), limit.clone(), Some(acceptor)))
+        tokio::spawn(accept_loop(
+            listener,
+            broker.clone(),
+            shutdown_rx.clone(),
+            limit.clone(),
+            Some(acceptor),
+        ))
     });
-    let accept = tokio::spawn(accept_loop(listener, broker.clone(), shutdown_rx, limit, None));
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        broker.clone(),
+        shutdown_rx,
+        limit,
+        None,
+    ));
     info!(%amqp_addr, "Warren ready: accepting AMQP 0-9-1 connections on {amqp_addr}");
     Ok(ServerHandle {
         amqp_addr,
@@ -303,10 +402,13 @@ async fn accept_loop(
                 tokio::spawn(
                     async move {
                         match tls {
-                            Some(acceptor) => crate::tls::serve(socket, peer, id, broker, acceptor).await,
+                            Some(acceptor) => {
+                                crate::tls::serve(socket, peer, id, broker, acceptor).await
+                            }
                             None => {
                                 let local = socket.local_addr().unwrap_or(peer);
-                                connection::serve(Socket::Tcp(socket), peer, local, id, broker).await;
+                                connection::serve(Socket::Tcp(socket), peer, local, id, broker)
+                                    .await;
                             }
                         }
                         drop(permit);

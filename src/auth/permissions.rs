@@ -70,7 +70,11 @@ pub struct Permission {
 fn compile(p: &str) -> Result<Option<Regex>, regex::Error> {
     // RabbitMQ: an empty pattern grants nothing (it would otherwise match
     // every name); any other pattern is searched for, not anchored.
-    if p.is_empty() { Ok(None) } else { Regex::new(p).map(Some) }
+    if p.is_empty() {
+        Ok(None)
+    } else {
+        Regex::new(p).map(Some)
+    }
 }
 
 impl Permission {
@@ -121,18 +125,41 @@ pub fn refused(perm: Perm, kind: ResourceKind, name: &str, vhost: &str, user: &s
 }
 
 /// Checks `perm` on a resource for a user in a vhost.
-pub fn check(users: &super::Users, user: &str, vhost: &str, perm: Perm, kind: ResourceKind, name: &str) -> Result<(), AmqpError> {
+pub fn check(
+    users: &super::Users,
+    user: &str,
+    vhost: &str,
+    perm: Perm,
+    kind: ResourceKind,
+    name: &str,
+) -> Result<(), AmqpError> {
     let ok = users
         .permission(user, vhost)
         .is_some_and(|p| p.allows(perm, resource_name(kind, name)));
-    if ok { Ok(()) } else { Err(refused(perm, kind, name, vhost, user)) }
+    if ok {
+        Ok(())
+    } else {
+        Err(refused(perm, kind, name, vhost, user))
+    }
 }
 
 impl Connection {
     /// Checks that this connection's user has `kind` access to the named
     /// resource in this connection's vhost.
-    pub(crate) fn check_perm(&self, kind: Perm, resource: ResourceKind, name: &str) -> Result<(), AmqpError> {
-        check(&self.broker.users, &self.user, &self.vhost.name, kind, resource, name)
+    pub(crate) fn check_perm(
+        &self,
+        kind: Perm,
+        resource: ResourceKind,
+        name: &str,
+    ) -> Result<(), AmqpError> {
+        check(
+            &self.broker.users,
+            &self.user,
+            &self.vhost.name,
+            kind,
+            resource,
+            name,
+        )
     }
 }
 

@@ -97,7 +97,9 @@ impl UserDef {
         if self.hashing_algorithm != SHA256 {
             return None;
         }
-        base64::engine::general_purpose::STANDARD.decode(&self.password_hash).ok()
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.password_hash)
+            .ok()
     }
 }
 
@@ -119,12 +121,23 @@ pub async fn delete_user(defs: &Definitions, name: &str) -> Result<(), StoreErro
 
 /// Records a permission.
 pub async fn put_permission(defs: &Definitions, p: &PermissionDef) -> Result<(), StoreError> {
-    defs.put(Table::Permissions, &Definitions::key(&[&p.vhost, &p.user]), p).await
+    defs.put(
+        Table::Permissions,
+        &Definitions::key(&[&p.vhost, &p.user]),
+        p,
+    )
+    .await
 }
 
 /// Forgets a permission.
-pub async fn delete_permission(defs: &Definitions, user: &str, vhost: &str) -> Result<(), StoreError> {
-    defs.delete(Table::Permissions, &Definitions::key(&[vhost, user])).await.map(|_| ())
+pub async fn delete_permission(
+    defs: &Definitions,
+    user: &str,
+    vhost: &str,
+) -> Result<(), StoreError> {
+    defs.delete(Table::Permissions, &Definitions::key(&[vhost, user]))
+        .await
+        .map(|_| ())
 }
 
 /// Forgets every permission on a vhost.
@@ -167,7 +180,9 @@ pub async fn recover(users: &Users, defs: &Definitions) -> Result<(usize, usize)
     for (_, p) in &perms {
         match Permission::new(&p.configure, &p.write, &p.read) {
             Ok(perm) => users.set_permission(&p.user, &p.vhost, perm),
-            Err(e) => tracing::warn!(user = %p.user, vhost = %p.vhost, "skipping stored permission with an invalid pattern: {e}"),
+            Err(e) => {
+                tracing::warn!(user = %p.user, vhost = %p.vhost, "skipping stored permission with an invalid pattern: {e}")
+            }
         }
     }
     Ok((stored.len(), perms.len()))

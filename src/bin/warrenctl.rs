@@ -106,7 +106,7 @@ enum Cmd {
     list_permissions,
     /// One user's permissions in every vhost.
     list_user_permissions { user: String },
-        /// Purges a queue.
+    /// Purges a queue.
     purge_queue { queue: String },
     /// Creates a super stream: a consistent-hash exchange NAME routing each
     /// message by its routing key to one of the streams NAME-0..NAME-(N-1).
@@ -180,7 +180,9 @@ fn b64(s: &str) -> String {
     let d = s.as_bytes();
     let mut o = String::new();
     for c in d.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 o.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -209,7 +211,8 @@ impl Client {
             .map_err(|e| unreachable(e.to_string()))?
             .next()
             .ok_or_else(|| unreachable("no address".into()))?;
-        let mut s = TcpStream::connect_timeout(&sa, self.timeout).map_err(|e| unreachable(e.to_string()))?;
+        let mut s = TcpStream::connect_timeout(&sa, self.timeout)
+            .map_err(|e| unreachable(e.to_string()))?;
         let _ = s.set_read_timeout(Some(self.timeout));
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
@@ -218,23 +221,33 @@ impl Client {
             self.auth,
             payload.len()
         );
-        s.write_all(req.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| unreachable(e.to_string()))?;
+        s.read_to_end(&mut raw)
+            .map_err(|e| unreachable(e.to_string()))?;
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
             .ok_or_else(|| Fail("Error: malformed HTTP response".into(), 70))?;
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let mut body = raw[split + 4..].to_vec();
-        let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             body = dechunk(&body);
         }
         let v = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&body).unwrap_or(Value::String(String::from_utf8_lossy(&body).into()))
+            serde_json::from_slice(&body)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()))
         };
         Ok((status, v))
     }
@@ -242,14 +255,22 @@ impl Client {
     /// A request that must succeed (2xx); errors become one-line messages.
     fn call(&self, method: &str, path: &str, body: Option<&Value>, what: &str) -> Res<Value> {
         let (status, v) = self.request(method, path, body)?;
-        let reason = v.get("reason").and_then(Value::as_str).unwrap_or("").to_string();
+        let reason = v
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         match status {
             200..=299 => Ok(v),
             401 => Err(Fail(
                 format!(
                     "Error: access refused for user '{}': {}",
                     self.user(),
-                    if reason.is_empty() { "Login failed".into() } else { reason }
+                    if reason.is_empty() {
+                        "Login failed".into()
+                    } else {
+                        reason
+                    }
                 ),
                 77,
             )),
@@ -268,7 +289,8 @@ fn dechunk(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while let Some(p) = b[i..].windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[i..i + p]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[i..i + p]).trim(), 16).unwrap_or(0);
         i += p + 2;
         if size == 0 || i + size > b.len() {
             break;
@@ -294,21 +316,44 @@ fn print_table(fmt: &str, quiet: bool, header: &str, cols: &[String], rows: &[Va
         "json" => {
             let out: Vec<Value> = rows
                 .iter()
-                .map(|r| Value::Object(cols.iter().map(|c| (c.clone(), r.get(c).cloned().unwrap_or(Value::Null))).collect()))
+                .map(|r| {
+                    Value::Object(
+                        cols.iter()
+                            .map(|c| (c.clone(), r.get(c).cloned().unwrap_or(Value::Null)))
+                            .collect(),
+                    )
+                })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
         "pretty_table" => {
             let cells: Vec<Vec<String>> = rows
                 .iter()
-                .map(|r| cols.iter().map(|c| cell(r.get(c).unwrap_or(&Value::Null))).collect())
+                .map(|r| {
+                    cols.iter()
+                        .map(|c| cell(r.get(c).unwrap_or(&Value::Null)))
+                        .collect()
+                })
                 .collect();
             let w: Vec<usize> = cols
                 .iter()
                 .enumerate()
-                .map(|(i, c)| cells.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
+                .map(|(i, c)| {
+                    cells
+                        .iter()
+                        .map(|r| r[i].len())
+                        .max()
+                        .unwrap_or(0)
+                        .max(c.len())
+                })
                 .collect();
-            let line = format!("+{}+", w.iter().map(|n| "-".repeat(n + 2)).collect::<Vec<_>>().join("+"));
+            let line = format!(
+                "+{}+",
+                w.iter()
+                    .map(|n| "-".repeat(n + 2))
+                    .collect::<Vec<_>>()
+                    .join("+")
+            );
             println!("{line}");
             println!(
                 "| {} |",
@@ -417,23 +462,38 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             loop {
                 match c.call("GET", "/api/overview", None, "node") {
                     Ok(_) => break,
-                    Err(e) if e.1 == 69 && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                    Err(e) if e.1 == 69 && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
                     Err(e) => return Err(e),
                 }
             }
         }
         Cmd::list_queues { columns } => {
-            let rows = arr(c.call("GET", &format!("/api/queues/{vh}"), None, &format!("vhost '{}'", cli.vhost))?);
+            let rows = arr(c.call(
+                "GET",
+                &format!("/api/queues/{vh}"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?);
             print_table(
                 f,
                 q,
-                &format!("Timeout: {}.0 seconds ...\nListing queues for vhost {} ...", cli.timeout, cli.vhost),
+                &format!(
+                    "Timeout: {}.0 seconds ...\nListing queues for vhost {} ...",
+                    cli.timeout, cli.vhost
+                ),
                 &cols(columns, &["name", "messages"]),
                 &rows,
             );
         }
         Cmd::list_exchanges { columns } => {
-            let rows = arr(c.call("GET", &format!("/api/exchanges/{vh}"), None, &format!("vhost '{}'", cli.vhost))?);
+            let rows = arr(c.call(
+                "GET",
+                &format!("/api/exchanges/{vh}"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?);
             print_table(
                 f,
                 q,
@@ -443,16 +503,21 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             );
         }
         Cmd::list_bindings { columns } => {
-            let rows: Vec<Value> = arr(c.call("GET", &format!("/api/bindings/{vh}"), None, &format!("vhost '{}'", cli.vhost))?)
-                .into_iter()
-                .map(|mut b| {
-                    b["source_name"] = b["source"].clone();
-                    b["source_kind"] = json!("exchange");
-                    b["destination_name"] = b["destination"].clone();
-                    b["destination_kind"] = b["destination_type"].clone();
-                    b
-                })
-                .collect();
+            let rows: Vec<Value> = arr(c.call(
+                "GET",
+                &format!("/api/bindings/{vh}"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?)
+            .into_iter()
+            .map(|mut b| {
+                b["source_name"] = b["source"].clone();
+                b["source_kind"] = json!("exchange");
+                b["destination_name"] = b["destination"].clone();
+                b["destination_kind"] = b["destination_type"].clone();
+                b
+            })
+            .collect();
             let d = [
                 "source_name",
                 "source_kind",
@@ -481,22 +546,36 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
         }
         Cmd::list_channels { columns } => {
             let rows = arr(c.call("GET", "/api/channels", None, "channels")?);
-            print_table(f, q, "Listing channels ...", &cols(columns, &["name", "user", "number"]), &rows);
+            print_table(
+                f,
+                q,
+                "Listing channels ...",
+                &cols(columns, &["name", "user", "number"]),
+                &rows,
+            );
         }
         Cmd::list_consumers { columns } => {
-            let rows: Vec<Value> = arr(c.call("GET", &format!("/api/consumers/{vh}"), None, &format!("vhost '{}'", cli.vhost))?)
-                .into_iter()
-                .map(|mut x| {
-                    x["queue_name"] = x["queue"]["name"].clone();
-                    x["channel_pid"] = x["channel_details"]["name"].clone();
-                    x
-                })
-                .collect();
+            let rows: Vec<Value> = arr(c.call(
+                "GET",
+                &format!("/api/consumers/{vh}"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?)
+            .into_iter()
+            .map(|mut x| {
+                x["queue_name"] = x["queue"]["name"].clone();
+                x["channel_pid"] = x["channel_details"]["name"].clone();
+                x
+            })
+            .collect();
             print_table(
                 f,
                 q,
                 &format!("Listing consumers in vhost {} ...", cli.vhost),
-                &cols(columns, &["queue_name", "channel_pid", "consumer_tag", "active"]),
+                &cols(
+                    columns,
+                    &["queue_name", "channel_pid", "consumer_tag", "active"],
+                ),
                 &rows,
             );
         }
@@ -508,10 +587,19 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                     u
                 })
                 .collect();
-            print_table(f, q, "Listing users ...", &cols(&[], &["user", "tags"]), &rows);
+            print_table(
+                f,
+                q,
+                "Listing users ...",
+                &cols(&[], &["user", "tags"]),
+                &rows,
+            );
         }
         Cmd::add_user { name, new_password } => {
-            if c.request("GET", &format!("/api/users/{}", enc(name)), None)?.0 == 200 {
+            if c.request("GET", &format!("/api/users/{}", enc(name)), None)?
+                .0
+                == 200
+            {
                 return Err(Fail(format!("Error: user '{name}' already exists"), 65));
             }
             c.call(
@@ -525,13 +613,23 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             }
         }
         Cmd::delete_user { name } => {
-            c.call("DELETE", &format!("/api/users/{}", enc(name)), None, &format!("user '{name}'"))?;
+            c.call(
+                "DELETE",
+                &format!("/api/users/{}", enc(name)),
+                None,
+                &format!("user '{name}'"),
+            )?;
             if !q {
                 println!("Deleting user \"{name}\" ...");
             }
         }
         Cmd::change_password { name, new_password } => {
-            let u = c.call("GET", &format!("/api/users/{}", enc(name)), None, &format!("user '{name}'"))?;
+            let u = c.call(
+                "GET",
+                &format!("/api/users/{}", enc(name)),
+                None,
+                &format!("user '{name}'"),
+            )?;
             c.call(
                 "PUT",
                 &format!("/api/users/{}", enc(name)),
@@ -543,11 +641,24 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             }
         }
         Cmd::set_user_tags { name, tags } => {
-            let u = c.call("GET", &format!("/api/users/{}", enc(name)), None, &format!("user '{name}'"))?;
+            let u = c.call(
+                "GET",
+                &format!("/api/users/{}", enc(name)),
+                None,
+                &format!("user '{name}'"),
+            )?;
             let body = json!({"password_hash": u["password_hash"], "hashing_algorithm": u["hashing_algorithm"], "tags": tags});
-            c.call("PUT", &format!("/api/users/{}", enc(name)), Some(&body), "user")?;
+            c.call(
+                "PUT",
+                &format!("/api/users/{}", enc(name)),
+                Some(&body),
+                "user",
+            )?;
             if !q {
-                println!("Setting tags for user \"{name}\" to [{}] ...", tags.join(", "));
+                println!(
+                    "Setting tags for user \"{name}\" to [{}] ...",
+                    tags.join(", ")
+                );
             }
         }
         Cmd::list_vhosts { columns } => {
@@ -561,7 +672,12 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             }
         }
         Cmd::delete_vhost { name } => {
-            c.call("DELETE", &format!("/api/vhosts/{}", enc(name)), None, &format!("vhost '{name}'"))?;
+            c.call(
+                "DELETE",
+                &format!("/api/vhosts/{}", enc(name)),
+                None,
+                &format!("vhost '{name}'"),
+            )?;
             if !q {
                 println!("Deleting vhost \"{name}\" ...");
             }
@@ -573,9 +689,17 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             read,
         } => {
             let body = json!({"configure": configure, "write": write, "read": read});
-            c.call("PUT", &format!("/api/permissions/{vh}/{}", enc(user)), Some(&body), "permissions")?;
+            c.call(
+                "PUT",
+                &format!("/api/permissions/{vh}/{}", enc(user)),
+                Some(&body),
+                "permissions",
+            )?;
             if !q {
-                println!("Setting permissions for user \"{user}\" in vhost \"{}\" ...", cli.vhost);
+                println!(
+                    "Setting permissions for user \"{user}\" in vhost \"{}\" ...",
+                    cli.vhost
+                );
             }
         }
         Cmd::clear_permissions { user } => {
@@ -586,7 +710,10 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 &format!("permissions of user '{user}' in vhost '{}'", cli.vhost),
             )?;
             if !q {
-                println!("Clearing permissions for user \"{user}\" in vhost \"{}\" ...", cli.vhost);
+                println!(
+                    "Clearing permissions for user \"{user}\" in vhost \"{}\" ...",
+                    cli.vhost
+                );
             }
         }
         Cmd::list_permissions => {
@@ -619,7 +746,7 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 &rows,
             );
         }
-                Cmd::add_super_stream { name, partitions } => {
+        Cmd::add_super_stream { name, partitions } => {
             c.call(
                 "PUT",
                 &format!("/api/super-streams/{vh}/{}", enc(name)),
@@ -627,7 +754,10 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 &format!("super stream '{name}' in vhost '{}'", cli.vhost),
             )?;
             if !q {
-                println!("Adding super stream '{name}' with {partitions} partitions in vhost '{}' ...", cli.vhost);
+                println!(
+                    "Adding super stream '{name}' with {partitions} partitions in vhost '{}' ...",
+                    cli.vhost
+                );
             }
         }
         Cmd::purge_queue { queue } => {
@@ -668,15 +798,22 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             if !q {
                 println!("Deleting queue '{queue}' on vhost '{}' ...", cli.vhost);
             }
-            println!("Queue was successfully deleted with {} messages", cell(&before["messages"]));
+            println!(
+                "Queue was successfully deleted with {} messages",
+                cell(&before["messages"])
+            );
         }
         Cmd::close_connection { name, reason } => {
-            let (status, v) = c.request("DELETE", &format!("/api/connections/{}", enc(name)), None)?;
+            let (status, v) =
+                c.request("DELETE", &format!("/api/connections/{}", enc(name)), None)?;
             if status == 404 {
                 return Err(Fail(format!("Error: connection '{name}' not found"), 65));
             }
             if !(200..300).contains(&status) {
-                return Err(Fail(format!("Error: HTTP {status}: {}", cell(&v["reason"])), 70));
+                return Err(Fail(
+                    format!("Error: HTTP {status}: {}", cell(&v["reason"])),
+                    70,
+                ));
             }
             let _ = reason;
             if !q {
@@ -689,7 +826,8 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             if path == "-" {
                 println!("{text}");
             } else {
-                std::fs::write(path, text).map_err(|e| Fail(format!("Error: cannot write {path}: {e}"), 73))?;
+                std::fs::write(path, text)
+                    .map_err(|e| Fail(format!("Error: cannot write {path}: {e}"), 73))?;
                 if !q {
                     println!("Exported definitions for vhosts and users to \"{path}\"");
                 }
@@ -701,9 +839,11 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 let _ = std::io::stdin().read_to_string(&mut s);
                 s
             } else {
-                std::fs::read_to_string(path).map_err(|e| Fail(format!("Error: cannot read {path}: {e}"), 66))?
+                std::fs::read_to_string(path)
+                    .map_err(|e| Fail(format!("Error: cannot read {path}: {e}"), 66))?
             };
-            let d: Value = serde_json::from_str(&text).map_err(|e| Fail(format!("Error: {path} is not valid JSON: {e}"), 65))?;
+            let d: Value = serde_json::from_str(&text)
+                .map_err(|e| Fail(format!("Error: {path} is not valid JSON: {e}"), 65))?;
             c.call("POST", "/api/definitions", Some(&d), "definitions")?;
             if !q {
                 println!("Imported definitions from \"{path}\"");
@@ -721,7 +861,10 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 f,
                 q,
                 &format!("Peeking at {n} messages of queue '{queue}' ..."),
-                &cols(&[], &["routing_key", "redelivered", "payload_bytes", "payload"]),
+                &cols(
+                    &[],
+                    &["routing_key", "redelivered", "payload_bytes", "payload"],
+                ),
                 &rows,
             );
         }
@@ -732,10 +875,19 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             priority,
             apply_to,
         } => {
-            let def: Value =
-                serde_json::from_str(definition).map_err(|e| Fail(format!("Error: policy definition is not valid JSON: {e}"), 65))?;
+            let def: Value = serde_json::from_str(definition).map_err(|e| {
+                Fail(
+                    format!("Error: policy definition is not valid JSON: {e}"),
+                    65,
+                )
+            })?;
             let body = json!({"pattern": pattern, "definition": def, "priority": priority, "apply-to": apply_to});
-            c.call("PUT", &format!("/api/policies/{vh}/{}", enc(name)), Some(&body), "policy")?;
+            c.call(
+                "PUT",
+                &format!("/api/policies/{vh}/{}", enc(name)),
+                Some(&body),
+                "policy",
+            )?;
             if !q {
                 println!(
                     "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{}\" ...",
@@ -752,12 +904,27 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             )?;
         }
         Cmd::list_policies => {
-            let rows = arr(c.call("GET", &format!("/api/policies/{vh}"), None, &format!("vhost '{}'", cli.vhost))?);
+            let rows = arr(c.call(
+                "GET",
+                &format!("/api/policies/{vh}"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?);
             print_table(
                 f,
                 q,
                 &format!("Listing policies for vhost \"{}\" ...", cli.vhost),
-                &cols(&[], &["vhost", "name", "pattern", "apply-to", "definition", "priority"]),
+                &cols(
+                    &[],
+                    &[
+                        "vhost",
+                        "name",
+                        "pattern",
+                        "apply-to",
+                        "definition",
+                        "priority",
+                    ],
+                ),
                 &rows,
             );
         }
@@ -768,7 +935,10 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let base = match (&cli.url, &cli.node) {
-        (Some(u), _) => u.trim_start_matches("http://").trim_end_matches('/').to_string(),
+        (Some(u), _) => u
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string(),
         (None, Some(n)) => n.clone(),
         (None, None) => "127.0.0.1:15672".into(),
     };

@@ -44,14 +44,22 @@ impl Limits {
 
 /// Resident set size of this process, from /proc/self/statm.
 pub fn resident_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
-    let pages: u64 = s.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let Ok(s) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
 /// Total physical memory, from /proc/meminfo.
 pub fn total_memory_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
     s.lines()
         .find(|l| l.starts_with("MemTotal:"))
         .and_then(|l| l.split_whitespace().nth(1))

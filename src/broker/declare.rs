@@ -28,7 +28,11 @@ pub struct NewQueue {
 /// Returns the queue named `spec.name`, creating it (classic or stream, as
 /// its x-queue-type says) if it does not exist. The bool is true when this
 /// call created it. Equivalence with an existing queue is the caller's check.
-pub async fn declare_queue(broker: &Arc<Broker>, vhost: &Arc<VHost>, spec: NewQueue) -> Result<(Arc<QueueRef>, bool), AmqpError> {
+pub async fn declare_queue(
+    broker: &Arc<Broker>,
+    vhost: &Arc<VHost>,
+    spec: NewQueue,
+) -> Result<(Arc<QueueRef>, bool), AmqpError> {
     let args = QueueArgs::parse(&spec.arguments, &spec.name, &vhost.name)?;
     if let Some(q) = vhost.queue(&spec.name) {
         return Ok((q, false));
@@ -49,7 +53,13 @@ pub async fn declare_queue(broker: &Arc<Broker>, vhost: &Arc<VHost>, spec: NewQu
         )
     };
     let created = if args.queue_type == "stream" {
-        crate::queue::stream::check_declare(&spec.name, &vname, spec.durable, spec.exclusive_owner.is_some(), spec.auto_delete)?;
+        crate::queue::stream::check_declare(
+            &spec.name,
+            &vname,
+            spec.durable,
+            spec.exclusive_owner.is_some(),
+            spec.auto_delete,
+        )?;
         let init = crate::queue::stream::StreamInit {
             vhost: vhost.clone(),
             inbox: broker.config.queue.inbox_capacity,
@@ -73,10 +83,21 @@ pub async fn declare_queue(broker: &Arc<Broker>, vhost: &Arc<VHost>, spec: NewQu
             },
         )
     };
-    let winner = vhost.queues.entry(spec.name.clone()).or_insert(created.clone()).value().clone();
+    let winner = vhost
+        .queues
+        .entry(spec.name.clone())
+        .or_insert(created.clone())
+        .value()
+        .clone();
     if winner.id != created.id {
         // Lost a race with another declare: stop ours, use theirs.
-        let _ = created.send(QueueCmd::Delete { if_unused: false, if_empty: false, reply: None }).await;
+        let _ = created
+            .send(QueueCmd::Delete {
+                if_unused: false,
+                if_empty: false,
+                reply: None,
+            })
+            .await;
         return Ok((winner, false));
     }
     if !vhost.policies.load().is_empty() {
@@ -94,7 +115,10 @@ pub async fn declare_queue(broker: &Arc<Broker>, vhost: &Arc<VHost>, spec: NewQu
                 arguments: spec.arguments.clone(),
             };
             st.put_queue(&def).await.map_err(|e| {
-                AmqpError::internal(format!("cannot record durable queue '{}' in the definitions store: {e}", spec.name))
+                AmqpError::internal(format!(
+                    "cannot record durable queue '{}' in the definitions store: {e}",
+                    spec.name
+                ))
             })?;
         }
     }

@@ -54,9 +54,16 @@ pub fn delay_of(msg: &Message) -> Option<u64> {
 pub fn stored_copy(msg: &Message, due: u64, vhost: &str) -> Message {
     let mut headers = msg.properties.headers().clone().unwrap_or_default();
     headers.insert(DUE_HEADER.into(), AMQPValue::LongLongInt(due as i64));
-    headers.insert(VHOST_HEADER.into(), AMQPValue::LongString(LongString::from(vhost.as_bytes().to_vec())));
+    headers.insert(
+        VHOST_HEADER.into(),
+        AMQPValue::LongString(LongString::from(vhost.as_bytes().to_vec())),
+    );
     let props = msg.properties.clone().with_headers(headers);
-    Message { raw_properties: encode_properties(&props), properties: props, ..msg.clone() }
+    Message {
+        raw_properties: encode_properties(&props),
+        properties: props,
+        ..msg.clone()
+    }
 }
 
 /// Reads back a stored delayed message: (due, vhost, original message).
@@ -69,11 +76,21 @@ pub fn from_stored(msg: Message) -> Option<(u64, String, Message)> {
     inner.remove(VHOST_HEADER);
     headers = inner.into();
     let props = msg.properties.clone().with_headers(headers);
-    Some((due, vhost, Message { raw_properties: encode_properties(&props), properties: props, ..msg }))
+    Some((
+        due,
+        vhost,
+        Message {
+            raw_properties: encode_properties(&props),
+            properties: props,
+            ..msg
+        },
+    ))
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl DelayedScheduler {
@@ -95,7 +112,9 @@ async fn run(broker: Weak<Broker>, mut rx: mpsc::UnboundedReceiver<Delayed>) {
     let mut waiting: HashMap<u64, Delayed> = HashMap::new();
     let mut seq = 0u64;
     loop {
-        let wait = heap.peek().map(|Reverse((due, _))| due.saturating_sub(now_ms()));
+        let wait = heap
+            .peek()
+            .map(|Reverse((due, _))| due.saturating_sub(now_ms()));
         tokio::select! {
             d = rx.recv() => {
                 let Some(d) = d else { return };
@@ -111,7 +130,9 @@ async fn run(broker: Weak<Broker>, mut rx: mpsc::UnboundedReceiver<Delayed>) {
                 break;
             }
             heap.pop();
-            let Some(d) = waiting.remove(&s) else { continue };
+            let Some(d) = waiting.remove(&s) else {
+                continue;
+            };
             let Some(b) = broker.upgrade() else { return };
             route_due(&b, d).await;
         }
@@ -134,16 +155,28 @@ async fn route_due(broker: &Arc<Broker>, d: Delayed) {
         return;
     };
     let Some(ex) = vhost.exchange(d.msg.exchange_str()) else {
-        trace!(exchange = d.msg.exchange_str(), "delayed exchange gone; message dropped");
+        trace!(
+            exchange = d.msg.exchange_str(),
+            "delayed exchange gone; message dropped"
+        );
         done_with_store(broker, d.gid);
         return;
     };
     let mut targets = Vec::new();
-    vhost.route(&ex, d.msg.routing_key_str(), d.msg.properties.headers().as_ref(), &mut targets);
+    vhost.route(
+        &ex,
+        d.msg.routing_key_str(),
+        d.msg.properties.headers().as_ref(),
+        &mut targets,
+    );
     let mut gid = 0;
     if d.msg.is_persistent() {
         if let Some(st) = &broker.storage {
-            let stored: Vec<u64> = targets.iter().filter(|t| t.is_stored()).map(|t| t.id).collect();
+            let stored: Vec<u64> = targets
+                .iter()
+                .filter(|t| t.is_stored())
+                .map(|t| t.id)
+                .collect();
             if !stored.is_empty() {
                 gid = broker.next_gid();
                 if let Err(e) = st.msgs.append(gid, stored, d.msg.parts(), None).await {
@@ -155,7 +188,10 @@ async fn route_due(broker: &Arc<Broker>, d: Delayed) {
     }
     for t in targets {
         let g = if t.is_stored() { gid } else { 0 };
-        let cmd = QueueCmd::Publish { msgs: vec![(d.msg.clone(), g)], confirm: None };
+        let cmd = QueueCmd::Publish {
+            msgs: vec![(d.msg.clone(), g)],
+            confirm: None,
+        };
         if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
             let t = t.clone();
             tokio::spawn(async move {

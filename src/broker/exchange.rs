@@ -145,7 +145,7 @@ pub struct Exchange {
     pub alternate: Option<String>,
     bindings: Mutex<Vec<Binding>>,
     table: ArcSwap<Table>,
-        /// Set once deleted, so cached handles stop routing to it.
+    /// Set once deleted, so cached handles stop routing to it.
     pub deleted: AtomicBool,
     /// x-consistent-hash: hash this header instead of the routing key.
     pub hash_header: Option<String>,
@@ -171,13 +171,24 @@ impl Exchange {
             .inner()
             .get("alternate-exchange")
             .and_then(super::headers::value_str);
-        let hash_header = arguments.inner().get("hash-header").and_then(super::headers::value_str);
+        let hash_header = arguments
+            .inner()
+            .get("hash-header")
+            .and_then(super::headers::value_str);
         let dedup = match arguments.inner().get("x-message-deduplication") {
             Some(amq_protocol::types::AMQPValue::Boolean(true)) => {
                 let num = |k: &str| {
-                    arguments.inner().get(k).and_then(super::headers::value_int).filter(|v| *v > 0).map(|v| v as u64)
+                    arguments
+                        .inner()
+                        .get(k)
+                        .and_then(super::headers::value_int)
+                        .filter(|v| *v > 0)
+                        .map(|v| v as u64)
                 };
-                let args = crate::queue::args::DedupArgs { cache_size: num("x-cache-size"), cache_ttl: num("x-cache-ttl") };
+                let args = crate::queue::args::DedupArgs {
+                    cache_size: num("x-cache-size"),
+                    cache_ttl: num("x-cache-ttl"),
+                };
                 Some(Mutex::new(crate::queue::core::DedupCache::new(args)))
             }
             _ => None,
@@ -192,7 +203,7 @@ impl Exchange {
             alternate,
             bindings: Mutex::new(Vec::new()),
             table: ArcSwap::from_pointee(Table::Fanout(Vec::new())),
-                        deleted: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
             delayed: false,
             hash_header,
             dedup,
@@ -209,7 +220,11 @@ impl Exchange {
 
     /// The type name as declared ("x-delayed-message" for delayed exchanges).
     pub fn type_name(&self) -> &'static str {
-        if self.delayed { DELAYED_TYPE } else { self.kind.as_str() }
+        if self.delayed {
+            DELAYED_TYPE
+        } else {
+            self.kind.as_str()
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Binding>> {
@@ -239,7 +254,7 @@ impl Exchange {
                 }
                 Table::Topic(t)
             }
-                        ExchangeKind::Headers => Table::Headers(
+            ExchangeKind::Headers => Table::Headers(
                 bindings
                     .iter()
                     .filter_map(|b| {
@@ -255,7 +270,8 @@ impl Exchange {
                 for b in bindings {
                     let weight: u32 = b.routing_key.trim().parse().unwrap_or(0);
                     for i in 0..weight.min(10_000) {
-                        let point = fnv1a(format!("{}:{}/{}", b.dest.kind(), b.dest.name(), i).as_bytes());
+                        let point =
+                            fnv1a(format!("{}:{}/{}", b.dest.kind(), b.dest.name(), i).as_bytes());
                         ring.push((point, b.dest.clone()));
                     }
                 }
@@ -266,9 +282,10 @@ impl Exchange {
         self.table.store(Arc::new(table));
     }
 
-        /// Adds a binding; binding twice is a no-op. Returns true if added.
+    /// Adds a binding; binding twice is a no-op. Returns true if added.
     pub fn bind(&self, b: Binding) -> Result<bool, AmqpError> {
-        if self.kind == ExchangeKind::ConsistentHash && b.routing_key.trim().parse::<u32>().is_err() {
+        if self.kind == ExchangeKind::ConsistentHash && b.routing_key.trim().parse::<u32>().is_err()
+        {
             return Err(AmqpError::precondition(format!(
                 "binding key '{}' for consistent-hash exchange '{}' must be a positive integer weight",
                 b.routing_key, self.name
@@ -355,7 +372,7 @@ impl Exchange {
             }
             Table::Fanout(v) => v.iter().for_each(&mut f),
             Table::Topic(t) => t.for_each_match(routing_key, &mut f),
-                        Table::Headers(v) => {
+            Table::Headers(v) => {
                 for (m, d) in v {
                     if m.matches(headers) {
                         f(d);

@@ -6,9 +6,9 @@
 //! out, then use it.
 
 pub mod alarms;
+pub mod conns;
 pub mod declare;
 pub mod delayed;
-pub mod conns;
 pub mod exchange;
 pub mod headers;
 pub mod persist;
@@ -155,9 +155,18 @@ impl VHost {
         out: &mut Vec<Arc<QueueRef>>,
     ) {
         // Exchange-level x-message-deduplication: a duplicate is not routed.
-        if let (Some(cache), Some(id)) = (&ex.dedup, headers.and_then(crate::queue::core::DedupCache::id_in)) {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            if cache.lock().unwrap_or_else(|e| e.into_inner()).check_and_insert(id, now) {
+        if let (Some(cache), Some(id)) = (
+            &ex.dedup,
+            headers.and_then(crate::queue::core::DedupCache::id_in),
+        ) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check_and_insert(id, now)
+            {
                 return;
             }
         }
@@ -205,7 +214,9 @@ impl VHost {
             // An alternate-exchange argument wins over a policy's.
             let ae_name = match &ex.alternate {
                 Some(n) => Some(n.clone()),
-                None => policy::for_exchange(self, &ex.name).and_then(|p| p.alternate_exchange.clone()),
+                None => {
+                    policy::for_exchange(self, &ex.name).and_then(|p| p.alternate_exchange.clone())
+                }
             };
             if let Some(ae) = ae_name.as_deref().and_then(|n| self.exchange(n)) {
                 self.route_from(&ae, routing_key, headers, out, visited);
@@ -213,7 +224,7 @@ impl VHost {
         }
     }
 
-        /// Removes a deleted queue from the registry and from every binding.
+    /// Removes a deleted queue from the registry and from every binding.
     /// Auto-delete exchanges left without bindings go too; returns the
     /// durable exchanges removed that way (to forget in the store).
     pub fn forget_queue(&self, q: &QueueRef) -> Vec<String> {
@@ -268,7 +279,7 @@ pub struct Broker {
     pub connections: DashMap<u64, conns::ConnInfo>,
     ids: AtomicU64,
     gids: AtomicU64,
-        /// Holds messages published to x-delayed-message exchanges.
+    /// Holds messages published to x-delayed-message exchanges.
     pub delayed: std::sync::OnceLock<delayed::DelayedScheduler>,
     /// Resource limits and their last readings.
     pub limits: alarms::Limits,
@@ -298,7 +309,7 @@ impl Broker {
             connections: DashMap::new(),
             ids: AtomicU64::new(first_id.max(1)),
             gids: AtomicU64::new(first_gid.max(1)),
-                        storage,
+            storage,
             delayed: std::sync::OnceLock::new(),
             limits: alarms::Limits::default(),
             shutdown,

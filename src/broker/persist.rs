@@ -126,23 +126,40 @@ impl Storage {
         let def = ExchangeDef {
             vhost: vhost.to_string(),
             name: ex.name.clone(),
-                        kind: ex.type_name().to_string(),
+            kind: ex.type_name().to_string(),
             auto_delete: ex.auto_delete,
             internal: ex.internal,
             arguments: ex.arguments.clone(),
         };
-        self.defs.put(Table::Exchanges, &Definitions::key(&[vhost, &ex.name]), &def).await
+        self.defs
+            .put(
+                Table::Exchanges,
+                &Definitions::key(&[vhost, &ex.name]),
+                &def,
+            )
+            .await
     }
 
     /// Forgets an exchange and every binding from or to it.
     pub async fn delete_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
-        self.defs.delete(Table::Exchanges, &Definitions::key(&[vhost, name])).await?;
-        self.delete_bindings_where(vhost, |b| b.source == name || (!b.to_queue && b.destination == name)).await
+        self.defs
+            .delete(Table::Exchanges, &Definitions::key(&[vhost, name]))
+            .await?;
+        self.delete_bindings_where(vhost, |b| {
+            b.source == name || (!b.to_queue && b.destination == name)
+        })
+        .await
     }
 
     /// Records a durable queue.
     pub async fn put_queue(&self, def: &QueueDef) -> Result<(), StoreError> {
-        self.defs.put(Table::Queues, &Definitions::key(&[&def.vhost, &def.name]), def).await
+        self.defs
+            .put(
+                Table::Queues,
+                &Definitions::key(&[&def.vhost, &def.name]),
+                def,
+            )
+            .await
     }
 
     /// Forgets a queue (if the stored one is this id) and its bindings.
@@ -154,7 +171,8 @@ impl Storage {
             }
             _ => return Ok(()),
         }
-        self.delete_bindings_where(vhost, |b| b.to_queue && b.destination == name).await
+        self.delete_bindings_where(vhost, |b| b.to_queue && b.destination == name)
+            .await
     }
 
     /// Records a durable binding.
@@ -164,10 +182,17 @@ impl Storage {
 
     /// Forgets a binding.
     pub async fn delete_binding(&self, def: &BindingDef) -> Result<(), StoreError> {
-        self.defs.delete(Table::Bindings, &binding_key(def)).await.map(|_| ())
+        self.defs
+            .delete(Table::Bindings, &binding_key(def))
+            .await
+            .map(|_| ())
     }
 
-    async fn delete_bindings_where(&self, vhost: &str, pred: impl Fn(&BindingDef) -> bool) -> Result<(), StoreError> {
+    async fn delete_bindings_where(
+        &self,
+        vhost: &str,
+        pred: impl Fn(&BindingDef) -> bool,
+    ) -> Result<(), StoreError> {
         let all: Vec<(String, BindingDef)> = self.defs.list(Table::Bindings)?;
         for (k, b) in all {
             if b.vhost == vhost && pred(&b) {
@@ -179,20 +204,38 @@ impl Storage {
 
     /// Records a vhost.
     pub async fn put_vhost(&self, name: &str) -> Result<(), StoreError> {
-        self.defs.put(Table::VHosts, name, &VHostDef { name: name.to_string() }).await
+        self.defs
+            .put(
+                Table::VHosts,
+                name,
+                &VHostDef {
+                    name: name.to_string(),
+                },
+            )
+            .await
     }
 }
 
 /// Rebuilds vhosts, exchanges and bindings from the definitions store;
 /// returns the queue definitions for the caller to start.
-pub fn recover_definitions(broker: &Arc<Broker>, defs: &Definitions) -> Result<Vec<QueueDef>, StoreError> {
+pub fn recover_definitions(
+    broker: &Arc<Broker>,
+    defs: &Definitions,
+) -> Result<Vec<QueueDef>, StoreError> {
     for (_, v) in defs.list::<VHostDef>(Table::VHosts)? {
-        broker.vhosts.entry(v.name.clone()).or_insert_with(|| VHost::new(&v.name));
+        broker
+            .vhosts
+            .entry(v.name.clone())
+            .or_insert_with(|| VHost::new(&v.name));
     }
     for (_, e) in defs.list::<ExchangeDef>(Table::Exchanges)? {
-                let delayed = e.kind == super::exchange::DELAYED_TYPE;
+        let delayed = e.kind == super::exchange::DELAYED_TYPE;
         let kind_name = if delayed {
-            e.arguments.inner().get("x-delayed-type").and_then(super::headers::value_str).unwrap_or_default()
+            e.arguments
+                .inner()
+                .get("x-delayed-type")
+                .and_then(super::headers::value_str)
+                .unwrap_or_default()
         } else {
             e.kind.clone()
         };
@@ -200,29 +243,49 @@ pub fn recover_definitions(broker: &Arc<Broker>, defs: &Definitions) -> Result<V
             tracing::warn!(exchange = %e.name, vhost = %e.vhost, "skipping stored exchange of unknown type '{}'", e.kind);
             continue;
         };
-        let vhost = broker.vhosts.entry(e.vhost.clone()).or_insert_with(|| VHost::new(&e.vhost)).value().clone();
-                let mut ex = Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, e.arguments);
+        let vhost = broker
+            .vhosts
+            .entry(e.vhost.clone())
+            .or_insert_with(|| VHost::new(&e.vhost))
+            .value()
+            .clone();
+        let mut ex = Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, e.arguments);
         if delayed {
             ex = ex.into_delayed();
         }
         vhost.exchanges.insert(e.name.clone(), Arc::new(ex));
     }
-    Ok(defs.list::<QueueDef>(Table::Queues)?.into_iter().map(|(_, q)| q).collect())
+    Ok(defs
+        .list::<QueueDef>(Table::Queues)?
+        .into_iter()
+        .map(|(_, q)| q)
+        .collect())
 }
 
 /// Re-creates stored bindings once exchanges and queues exist.
 pub fn recover_bindings(broker: &Arc<Broker>, defs: &Definitions) -> Result<usize, StoreError> {
     let mut n = 0;
     for (_, b) in defs.list::<BindingDef>(Table::Bindings)? {
-        let Some(vhost) = broker.vhost(&b.vhost) else { continue };
-        let Some(src) = vhost.exchange(&b.source) else { continue };
+        let Some(vhost) = broker.vhost(&b.vhost) else {
+            continue;
+        };
+        let Some(src) = vhost.exchange(&b.source) else {
+            continue;
+        };
         let dest = if b.to_queue {
             vhost.queue(&b.destination).map(Destination::Queue)
         } else {
             vhost.exchange(&b.destination).map(Destination::Exchange)
         };
         let Some(dest) = dest else { continue };
-        if src.bind(Binding { dest, routing_key: b.routing_key, arguments: b.arguments }).is_ok() {
+        if src
+            .bind(Binding {
+                dest,
+                routing_key: b.routing_key,
+                arguments: b.arguments,
+            })
+            .is_ok()
+        {
             n += 1;
         }
     }

@@ -47,7 +47,10 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{node}", get(node))
         .route("/api/connections", get(connections))
-        .route("/api/connections/{name}", get(connection).delete(close_connection))
+        .route(
+            "/api/connections/{name}",
+            get(connection).delete(close_connection),
+        )
         .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
         .route("/api/channels", get(channels))
         .route("/api/consumers", get(consumers))
@@ -59,16 +62,28 @@ pub fn routes() -> axum::Router<AppState> {
             get(exchange).put(put_exchange).delete(delete_exchange),
         )
         .route("/api/exchanges/{vhost}/{name}/publish", post(publish))
-        .route("/api/exchanges/{vhost}/{name}/bindings/source", get(exchange_bindings_source))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(exchange_bindings_source),
+        )
         .route(
             "/api/exchanges/{vhost}/{name}/bindings/destination",
             get(exchange_bindings_destination),
         )
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues_vhost))
-                .route("/api/queues/{vhost}/{name}", get(queue).put(put_queue).delete(delete_queue))
-        .route("/api/super-streams/{vhost}/{name}", axum::routing::put(put_super_stream))
-        .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(purge_queue))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue).put(put_queue).delete(delete_queue),
+        )
+        .route(
+            "/api/super-streams/{vhost}/{name}",
+            axum::routing::put(put_super_stream),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            axum::routing::delete(purge_queue),
+        )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route("/api/queues/{vhost}/{name}/peek", get(peek_messages))
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
@@ -83,20 +98,34 @@ pub fn routes() -> axum::Router<AppState> {
             get(binding).delete(delete_binding),
         )
         .route("/api/vhosts", get(vhosts))
-        .route("/api/vhosts/{vhost}", get(vhost).put(put_vhost).delete(delete_vhost))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhost).put(put_vhost).delete(delete_vhost),
+        )
         .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
         .route("/api/users", get(users))
-        .route("/api/users/{name}", get(user).put(put_user).delete(delete_user))
+        .route(
+            "/api/users/{name}",
+            get(user).put(put_user).delete(delete_user),
+        )
         .route("/api/users/{name}/permissions", get(user_permissions))
         .route("/api/permissions", get(permissions))
         .route(
             "/api/permissions/{vhost}/{user}",
-            get(permission).put(put_permission).delete(delete_permission),
+            get(permission)
+                .put(put_permission)
+                .delete(delete_permission),
         )
         .route("/api/policies", get(policies))
         .route("/api/policies/{vhost}", get(policies_vhost))
-        .route("/api/policies/{vhost}/{name}", get(policy).put(put_policy).delete(delete_policy))
-        .route("/api/definitions", get(export_definitions).post(import_definitions))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policy).put(put_policy).delete(delete_policy),
+        )
+        .route(
+            "/api/definitions",
+            get(export_definitions).post(import_definitions),
+        )
         .route("/api/health/checks/alarms", get(health_alarms))
         .route("/api/aliveness-test/{vhost}", get(aliveness))
         .fallback(|| async { ApiError::not_found() })
@@ -126,7 +155,8 @@ fn rate(v: f64) -> Value {
 
 async fn overview(State(st): State<AppState>, caller: Caller) -> R {
     let b = &st.broker;
-    let (mut ready, mut unacked, mut consumers, mut nqueues, mut nex) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut ready, mut unacked, mut consumers, mut nqueues, mut nex) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut p, mut d, mut r, mut a) = (0, 0, 0, 0);
     for v in visible_vhosts(b, &caller) {
         nex += v.exchanges.len() as u64;
@@ -156,7 +186,11 @@ async fn overview(State(st): State<AppState>, caller: Caller) -> R {
         json!({"node": node_name(), "protocol": "http/prometheus", "ip_address": cfg.metrics.bind, "port": cfg.metrics.port}),
     ];
     if cfg.tls.enabled {
-        let bind = if cfg.tls.bind.is_empty() { &cfg.amqp.bind } else { &cfg.tls.bind };
+        let bind = if cfg.tls.bind.is_empty() {
+            &cfg.amqp.bind
+        } else {
+            &cfg.tls.bind
+        };
         listeners.push(json!({"node": node_name(), "protocol": "amqp/ssl", "ip_address": bind, "port": cfg.tls.port}));
     }
     ok_json(json!({
@@ -237,7 +271,15 @@ async fn aliveness(State(st): State<AppState>, caller: Caller, Path(vh): Path<St
     if !caller.can_see(b, &vh) {
         return Err(ApiError::unauthorised("Access refused."));
     }
-    let q = ops::declare_queue(b, &vh, "aliveness-test", false, false, FieldTable::default()).await?;
+    let q = ops::declare_queue(
+        b,
+        &vh,
+        "aliveness-test",
+        false,
+        false,
+        FieldTable::default(),
+    )
+    .await?;
     ops::publish(
         b,
         &vh,
@@ -321,10 +363,19 @@ fn visible_conns(b: &Broker, caller: &Caller) -> Vec<crate::broker::conns::ConnI
 }
 
 async fn connections(State(st): State<AppState>, caller: Caller) -> R {
-    ok_json(Value::Array(visible_conns(&st.broker, &caller).iter().map(conn_json).collect()))
+    ok_json(Value::Array(
+        visible_conns(&st.broker, &caller)
+            .iter()
+            .map(conn_json)
+            .collect(),
+    ))
 }
 
-async fn vhost_connections(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
+async fn vhost_connections(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(vh): Path<String>,
+) -> R {
     ops::vhost(&st.broker, &vh)?;
     ok_json(Value::Array(
         visible_conns(&st.broker, &caller)
@@ -335,7 +386,11 @@ async fn vhost_connections(State(st): State<AppState>, caller: Caller, Path(vh):
     ))
 }
 
-fn find_conn(b: &Broker, caller: &Caller, name: &str) -> Result<crate::broker::conns::ConnInfo, ApiError> {
+fn find_conn(
+    b: &Broker,
+    caller: &Caller,
+    name: &str,
+) -> Result<crate::broker::conns::ConnInfo, ApiError> {
     visible_conns(b, caller)
         .into_iter()
         .find(|c| c.name == name)
@@ -346,7 +401,12 @@ async fn connection(State(st): State<AppState>, caller: Caller, Path(name): Path
     ok_json(conn_json(&find_conn(&st.broker, &caller, &name)?))
 }
 
-async fn close_connection(State(st): State<AppState>, caller: Caller, Path(name): Path<String>, headers: axum::http::HeaderMap) -> R {
+async fn close_connection(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> R {
     let c = find_conn(&st.broker, &caller, &name)?;
     if !caller.is_admin() && c.user != caller.user.name {
         return Err(ApiError::unauthorised("Not administrator user"));
@@ -378,7 +438,11 @@ async fn channels(State(st): State<AppState>, caller: Caller) -> R {
     ok_json(Value::Array(out))
 }
 
-async fn consumer_list(b: &Broker, caller: &Caller, only: Option<&str>) -> Result<Vec<Value>, ApiError> {
+async fn consumer_list(
+    b: &Broker,
+    caller: &Caller,
+    only: Option<&str>,
+) -> Result<Vec<Value>, ApiError> {
     let conns: Vec<_> = b.connections.iter().map(|c| c.value().clone()).collect();
     let mut out = Vec::new();
     for v in visible_vhosts(b, caller) {
@@ -387,7 +451,10 @@ async fn consumer_list(b: &Broker, caller: &Caller, only: Option<&str>) -> Resul
         }
         for q in all_queues(&v) {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if !q.send(crate::queue::QueueCmd::Consumers { reply: tx }).await {
+            if !q
+                .send(crate::queue::QueueCmd::Consumers { reply: tx })
+                .await
+            {
                 continue;
             }
             for ci in rx.await.unwrap_or_default() {
@@ -415,12 +482,16 @@ async fn consumer_list(b: &Broker, caller: &Caller, only: Option<&str>) -> Resul
 }
 
 async fn consumers(State(st): State<AppState>, caller: Caller) -> R {
-    ok_json(Value::Array(consumer_list(&st.broker, &caller, None).await?))
+    ok_json(Value::Array(
+        consumer_list(&st.broker, &caller, None).await?,
+    ))
 }
 
 async fn consumers_vhost(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
     ops::vhost(&st.broker, &vh)?;
-    ok_json(Value::Array(consumer_list(&st.broker, &caller, Some(&vh)).await?))
+    ok_json(Value::Array(
+        consumer_list(&st.broker, &caller, Some(&vh)).await?,
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -467,11 +538,18 @@ fn seen_vhost(b: &Broker, caller: &Caller, vh: &str) -> Result<Arc<VHost>, ApiEr
 async fn exchanges_vhost(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     ok_json(Value::Array(
-        sorted_exchanges(&v).iter().map(|e| exchange_json(&v, e)).collect(),
+        sorted_exchanges(&v)
+            .iter()
+            .map(|e| exchange_json(&v, e))
+            .collect(),
     ))
 }
 
-async fn exchange(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn exchange(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let e = v.exchange(&name).ok_or_else(ApiError::not_found)?;
     ok_json(exchange_json(&v, &e))
@@ -481,7 +559,8 @@ fn body_json(body: &axum::body::Bytes) -> Result<Value, ApiError> {
     if body.iter().all(|c| c.is_ascii_whitespace()) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
 }
 
 fn field_bool(v: &Value, k: &str, default: bool) -> bool {
@@ -496,7 +575,12 @@ fn field_str<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
-async fn put_exchange(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn put_exchange(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_admin()?;
     let b = body_json(&body)?;
     let existed = ops::vhost(&st.broker, &vh)?.exchange(&name).is_some();
@@ -587,15 +671,30 @@ fn properties_to_json(p: &BasicProperties) -> Value {
             m.insert(k.into(), v);
         }
     };
-    put("content_type", p.content_type().as_ref().map(|v| v.as_str().into()));
-    put("content_encoding", p.content_encoding().as_ref().map(|v| v.as_str().into()));
+    put(
+        "content_type",
+        p.content_type().as_ref().map(|v| v.as_str().into()),
+    );
+    put(
+        "content_encoding",
+        p.content_encoding().as_ref().map(|v| v.as_str().into()),
+    );
     put("headers", p.headers().as_ref().map(table_to_json));
     put("delivery_mode", p.delivery_mode().map(Into::into));
     put("priority", p.priority().map(Into::into));
-    put("correlation_id", p.correlation_id().as_ref().map(|v| v.as_str().into()));
+    put(
+        "correlation_id",
+        p.correlation_id().as_ref().map(|v| v.as_str().into()),
+    );
     put("reply_to", p.reply_to().as_ref().map(|v| v.as_str().into()));
-    put("expiration", p.expiration().as_ref().map(|v| v.as_str().into()));
-    put("message_id", p.message_id().as_ref().map(|v| v.as_str().into()));
+    put(
+        "expiration",
+        p.expiration().as_ref().map(|v| v.as_str().into()),
+    );
+    put(
+        "message_id",
+        p.message_id().as_ref().map(|v| v.as_str().into()),
+    );
     put("timestamp", p.timestamp().map(Into::into));
     put("type", p.kind().as_ref().map(|v| v.as_str().into()));
     put("user_id", p.user_id().as_ref().map(|v| v.as_str().into()));
@@ -603,7 +702,12 @@ fn properties_to_json(p: &BasicProperties) -> Value {
     Value::Object(m)
 }
 
-async fn publish(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn publish(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     let b = body_json(&body)?;
     let bk = &st.broker;
     ops::vhost(bk, &vh)?;
@@ -616,8 +720,10 @@ async fn publish(State(st): State<AppState>, caller: Caller, Path((vh, name)): P
         &name,
     )
     .map_err(|e| ApiError::unauthorised(e.text))?;
-    let rk = field_str(&b, "routing_key").ok_or_else(|| ApiError::bad_request("routing_key missing"))?;
-    let payload = field_str(&b, "payload").ok_or_else(|| ApiError::bad_request("payload missing"))?;
+    let rk =
+        field_str(&b, "routing_key").ok_or_else(|| ApiError::bad_request("routing_key missing"))?;
+    let payload =
+        field_str(&b, "payload").ok_or_else(|| ApiError::bad_request("payload missing"))?;
     let body = match field_str(&b, "payload_encoding").unwrap_or("string") {
         "string" => bytes::Bytes::copy_from_slice(payload.as_bytes()),
         "base64" => {
@@ -628,7 +734,11 @@ async fn publish(State(st): State<AppState>, caller: Caller, Path((vh, name)): P
                     .map_err(|_| ApiError::bad_request("payload is not valid base64"))?,
             )
         }
-        other => return Err(ApiError::bad_request(format!("unknown payload_encoding '{other}'"))),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "unknown payload_encoding '{other}'"
+            )));
+        }
     };
     let props = properties_from_json(b.get("properties").unwrap_or(&Value::Null));
     let routed = ops::publish(bk, &vh, &name, rk, props, body).await?;
@@ -698,15 +808,26 @@ async fn bindings_vhost(State(st): State<AppState>, caller: Caller, Path(vh): Pa
     ok_json(Value::Array(vhost_bindings(&v)))
 }
 
-async fn exchange_bindings_source(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn exchange_bindings_source(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
     ok_json(Value::Array(
-        vhost_bindings(&v).into_iter().filter(|b| b["source"] == name.as_str()).collect(),
+        vhost_bindings(&v)
+            .into_iter()
+            .filter(|b| b["source"] == name.as_str())
+            .collect(),
     ))
 }
 
-async fn exchange_bindings_destination(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn exchange_bindings_destination(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
     ok_json(Value::Array(
@@ -717,7 +838,11 @@ async fn exchange_bindings_destination(State(st): State<AppState>, caller: Calle
     ))
 }
 
-async fn queue_bindings(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn queue_bindings(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.queue(&name).ok_or_else(ApiError::not_found)?;
     ok_json(Value::Array(
@@ -736,7 +861,12 @@ fn dest_is_queue(dtype: &str) -> Result<bool, ApiError> {
     }
 }
 
-fn bindings_matching(v: &VHost, source: &str, to_queue: bool, dest: &str) -> Result<Vec<Value>, ApiError> {
+fn bindings_matching(
+    v: &VHost,
+    source: &str,
+    to_queue: bool,
+    dest: &str,
+) -> Result<Vec<Value>, ApiError> {
     let src = v.exchange(source).ok_or_else(ApiError::not_found)?;
     let found = if to_queue {
         v.queue(dest).is_some()
@@ -760,7 +890,12 @@ async fn bindings_between(
     Path((vh, source, dtype, dest)): Path<(String, String, String, String)>,
 ) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
-    ok_json(Value::Array(bindings_matching(&v, &source, dest_is_queue(&dtype)?, &dest)?))
+    ok_json(Value::Array(bindings_matching(
+        &v,
+        &source,
+        dest_is_queue(&dtype)?,
+        &dest,
+    )?))
 }
 
 async fn post_binding(
@@ -806,7 +941,16 @@ async fn delete_binding(
         .into_iter()
         .find(|b| b.dest.is(to_queue, &dest) && props_key(&b.routing_key, &b.arguments) == props)
         .ok_or_else(ApiError::not_found)?;
-    ops::unbind(&st.broker, &vh, &source, to_queue, &dest, &b.routing_key, &b.arguments).await?;
+    ops::unbind(
+        &st.broker,
+        &vh,
+        &source,
+        to_queue,
+        &dest,
+        &b.routing_key,
+        &b.arguments,
+    )
+    .await?;
     no_content()
 }
 
@@ -816,7 +960,9 @@ async fn delete_binding(
 /// Message rates: the last sample per queue id.
 fn rates(q: &QueueRef) -> (f64, f64, f64) {
     use std::sync::{Mutex, OnceLock};
-    static SAMPLES: OnceLock<Mutex<HashMap<u64, (std::time::Instant, (u64, u64, u64, u64), (f64, f64, f64))>>> = OnceLock::new();
+    static SAMPLES: OnceLock<
+        Mutex<HashMap<u64, (std::time::Instant, (u64, u64, u64, u64), (f64, f64, f64))>>,
+    > = OnceLock::new();
     let now = std::time::Instant::now();
     let t = super::stats::totals(q);
     let Ok(mut m) = SAMPLES.get_or_init(Default::default).lock() else {
@@ -842,7 +988,9 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
     let c = q.stats().await.unwrap_or_default();
     let (published, delivered, redelivered, acked) = super::stats::totals(q);
     let (pr, dr, ar) = rates(q);
-    let owner = q.exclusive_owner.and_then(|id| b.connections.get(&id).map(|c| c.name.clone()));
+    let owner = q
+        .exclusive_owner
+        .and_then(|id| b.connections.get(&id).map(|c| c.name.clone()));
     json!({
         "name": q.name,
         "vhost": q.vhost,
@@ -896,13 +1044,22 @@ async fn queues_vhost(State(st): State<AppState>, caller: Caller, Path(vh): Path
     ok_json(Value::Array(out))
 }
 
-async fn queue(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn queue(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let q = v.queue(&name).ok_or_else(ApiError::not_found)?;
     ok_json(queue_json(&st.broker, &q).await)
 }
 
-async fn put_super_stream(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn put_super_stream(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_admin()?;
     let b = body_json(&body)?;
     let n = b.get("partitions").and_then(Value::as_u64).unwrap_or(3) as u32;
@@ -910,13 +1067,21 @@ async fn put_super_stream(State(st): State<AppState>, caller: Caller, Path((vh, 
     created()
 }
 
-async fn put_queue(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn put_queue(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_admin()?;
     let b = body_json(&body)?;
     let existed = ops::vhost(&st.broker, &vh)?.queue(&name).is_some();
     let mut args = json_to_table(b.get("arguments").unwrap_or(&Value::Null));
     if let Some(t) = field_str(&b, "type") {
-        args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(t.into()));
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(t.into()),
+        );
     }
     ops::declare_queue(
         &st.broker,
@@ -938,11 +1103,20 @@ async fn delete_queue(
 ) -> R {
     caller.require_admin()?;
     let q = ops::queue(&st.broker, &vh, &name)?;
-    ops::delete_queue_ref(&q, dq.if_unused.unwrap_or(false), dq.if_empty.unwrap_or(false)).await?;
+    ops::delete_queue_ref(
+        &q,
+        dq.if_unused.unwrap_or(false),
+        dq.if_empty.unwrap_or(false),
+    )
+    .await?;
     no_content()
 }
 
-async fn purge_queue(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn purge_queue(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let q = ops::queue(&st.broker, &vh, &name)?;
     if !caller.is_admin() {
         crate::auth::permissions::check(
@@ -959,12 +1133,20 @@ async fn purge_queue(State(st): State<AppState>, caller: Caller, Path((vh, name)
     no_content()
 }
 
-fn message_json(m: &crate::queue::message::Message, redelivered: bool, remaining: u64, encoding: &str) -> Value {
+fn message_json(
+    m: &crate::queue::message::Message,
+    redelivered: bool,
+    remaining: u64,
+    encoding: &str,
+) -> Value {
     let (payload, enc) = match (encoding, std::str::from_utf8(&m.body)) {
         ("auto", Ok(s)) => (s.to_string(), "string"),
         _ => {
             use base64::Engine;
-            (base64::engine::general_purpose::STANDARD.encode(&m.body), "base64")
+            (
+                base64::engine::general_purpose::STANDARD.encode(&m.body),
+                "base64",
+            )
         }
     };
     json!({
@@ -979,7 +1161,12 @@ fn message_json(m: &crate::queue::message::Message, redelivered: bool, remaining
     })
 }
 
-async fn get_messages(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn get_messages(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     let b = body_json(&body)?;
     let q = ops::queue(&st.broker, &vh, &name)?;
     crate::auth::permissions::check(
@@ -1001,7 +1188,11 @@ async fn get_messages(State(st): State<AppState>, caller: Caller, Path((vh, name
     let got = ops::get(&st.broker, &q, count, requeue).await;
     let out: Vec<Value> = got
         .iter()
-        .filter_map(|(e, left)| e.msg.as_ref().map(|m| message_json(m, e.redelivered, *left, &encoding)))
+        .filter_map(|(e, left)| {
+            e.msg
+                .as_ref()
+                .map(|m| message_json(m, e.redelivered, *left, &encoding))
+        })
         .collect();
     ok_json(Value::Array(out))
 }
@@ -1080,19 +1271,27 @@ fn user_json(u: &crate::auth::User) -> Value {
 
 async fn users(State(st): State<AppState>, caller: Caller) -> R {
     caller.require_admin()?;
-    ok_json(Value::Array(st.broker.users.list().iter().map(user_json).collect()))
+    ok_json(Value::Array(
+        st.broker.users.list().iter().map(user_json).collect(),
+    ))
 }
 
 async fn user(State(st): State<AppState>, caller: Caller, Path(name): Path<String>) -> R {
     caller.require_admin()?;
-    ok_json(user_json(&st.broker.users.get(&name).ok_or_else(ApiError::not_found)?))
+    ok_json(user_json(
+        &st.broker.users.get(&name).ok_or_else(ApiError::not_found)?,
+    ))
 }
 
 /// Creates or updates a user from RabbitMQ's JSON (password or
 /// password_hash, tags as a list or a comma-separated string).
 pub async fn apply_user(b: &Broker, name: &str, body: &Value) -> Result<bool, ApiError> {
     let tags = match body.get("tags") {
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(String::from).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
         Some(Value::String(s)) => crate::auth::store::split_tags(s),
         _ => Vec::new(),
     };
@@ -1103,7 +1302,9 @@ pub async fn apply_user(b: &Broker, name: &str, body: &Value) -> Result<bool, Ap
         let def = crate::auth::store::UserDef {
             name: name.into(),
             password_hash: h.into(),
-            hashing_algorithm: field_str(body, "hashing_algorithm").unwrap_or(crate::auth::store::SHA256).into(),
+            hashing_algorithm: field_str(body, "hashing_algorithm")
+                .unwrap_or(crate::auth::store::SHA256)
+                .into(),
             tags: vec![],
             limits: Default::default(),
         };
@@ -1116,7 +1317,9 @@ pub async fn apply_user(b: &Broker, name: &str, body: &Value) -> Result<bool, Ap
     } else if let Some(u) = &existing {
         u.password_hash.clone()
     } else {
-        return Err(ApiError::bad_request("password or password_hash must be set"));
+        return Err(ApiError::bad_request(
+            "password or password_hash must be set",
+        ));
     };
     b.users.add_hashed(name, hash, tags);
     if let (Some(st), Some(u)) = (&b.storage, b.users.get(name)) {
@@ -1125,7 +1328,12 @@ pub async fn apply_user(b: &Broker, name: &str, body: &Value) -> Result<bool, Ap
     Ok(existing.is_none())
 }
 
-async fn put_user(State(st): State<AppState>, caller: Caller, Path(name): Path<String>, body: axum::body::Bytes) -> R {
+async fn put_user(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_admin()?;
     let b = body_json(&body)?;
     if apply_user(&st.broker, &name, &b).await? {
@@ -1153,11 +1361,20 @@ fn perm_json(user: &str, vhost: &str, p: &crate::auth::permissions::Permission) 
 async fn permissions(State(st): State<AppState>, caller: Caller) -> R {
     caller.require_admin()?;
     ok_json(Value::Array(
-        st.broker.users.permissions().iter().map(|(u, v, p)| perm_json(u, v, p)).collect(),
+        st.broker
+            .users
+            .permissions()
+            .iter()
+            .map(|(u, v, p)| perm_json(u, v, p))
+            .collect(),
     ))
 }
 
-async fn vhost_permissions(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
+async fn vhost_permissions(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(vh): Path<String>,
+) -> R {
     caller.require_admin()?;
     ops::vhost(&st.broker, &vh)?;
     ok_json(Value::Array(
@@ -1171,7 +1388,11 @@ async fn vhost_permissions(State(st): State<AppState>, caller: Caller, Path(vh):
     ))
 }
 
-async fn user_permissions(State(st): State<AppState>, caller: Caller, Path(name): Path<String>) -> R {
+async fn user_permissions(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> R {
     caller.require_admin()?;
     st.broker.users.get(&name).ok_or_else(ApiError::not_found)?;
     ok_json(Value::Array(
@@ -1185,14 +1406,27 @@ async fn user_permissions(State(st): State<AppState>, caller: Caller, Path(name)
     ))
 }
 
-async fn permission(State(st): State<AppState>, caller: Caller, Path((vh, user)): Path<(String, String)>) -> R {
+async fn permission(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user)): Path<(String, String)>,
+) -> R {
     caller.require_admin()?;
-    let p = st.broker.users.permission(&user, &vh).ok_or_else(ApiError::not_found)?;
+    let p = st
+        .broker
+        .users
+        .permission(&user, &vh)
+        .ok_or_else(ApiError::not_found)?;
     ok_json(perm_json(&user, &vh, &p))
 }
 
 /// Sets a permission (vhost and user must exist).
-pub async fn apply_permission(b: &Broker, vh: &str, user: &str, body: &Value) -> Result<bool, ApiError> {
+pub async fn apply_permission(
+    b: &Broker,
+    vh: &str,
+    user: &str,
+    body: &Value,
+) -> Result<bool, ApiError> {
     ops::vhost(b, vh).map_err(|_| ApiError::bad_request(format!("vhost '{vh}' does not exist")))?;
     b.users
         .get(user)
@@ -1207,7 +1441,11 @@ pub async fn apply_permission(b: &Broker, vh: &str, user: &str, body: &Value) ->
         .map_err(|e| ApiError::bad_request(format!("invalid regular expression: {e}")))?;
     let existed = b.users.permission(user, vh).is_some();
     if let Some(st) = &b.storage {
-        crate::auth::store::put_permission(&st.defs, &crate::auth::store::PermissionDef::of(user, vh, &p)).await?;
+        crate::auth::store::put_permission(
+            &st.defs,
+            &crate::auth::store::PermissionDef::of(user, vh, &p),
+        )
+        .await?;
     }
     b.users.set_permission(user, vh, p);
     Ok(!existed)
@@ -1228,7 +1466,11 @@ async fn put_permission(
     }
 }
 
-async fn delete_permission(State(st): State<AppState>, caller: Caller, Path((vh, user)): Path<(String, String)>) -> R {
+async fn delete_permission(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user)): Path<(String, String)>,
+) -> R {
     caller.require_admin()?;
     if !st.broker.users.clear_permission(&user, &vh) {
         return Err(ApiError::not_found());
@@ -1245,7 +1487,9 @@ async fn delete_permission(State(st): State<AppState>, caller: Caller, Path((vh,
 use super::definitions::PolicyDef;
 
 fn policies_in(b: &Broker, vhost: Option<&str>) -> Result<Vec<PolicyDef>, ApiError> {
-    let Some(st) = &b.storage else { return Ok(Vec::new()) };
+    let Some(st) = &b.storage else {
+        return Ok(Vec::new());
+    };
     Ok(st
         .defs
         .list::<PolicyDef>(crate::store::defs::Table::Policies)?
@@ -1264,7 +1508,11 @@ async fn policies_vhost(State(st): State<AppState>, _c: Caller, Path(vh): Path<S
     ok_json(serde_json::to_value(policies_in(&st.broker, Some(&vh))?).unwrap_or_default())
 }
 
-async fn policy(State(st): State<AppState>, _c: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn policy(
+    State(st): State<AppState>,
+    _c: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     let p = policies_in(&st.broker, Some(&vh))?
         .into_iter()
         .find(|p| p.name == name)
@@ -1272,7 +1520,12 @@ async fn policy(State(st): State<AppState>, _c: Caller, Path((vh, name)): Path<(
     ok_json(serde_json::to_value(p).unwrap_or_default())
 }
 
-async fn put_policy(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>, body: axum::body::Bytes) -> R {
+async fn put_policy(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_policymaker()?;
     let mut b = body_json(&body)?;
     ops::vhost(&st.broker, &vh)?;
@@ -1280,19 +1533,30 @@ async fn put_policy(State(st): State<AppState>, caller: Caller, Path((vh, name))
         m.insert("name".into(), name.clone().into());
         m.insert("vhost".into(), vh.clone().into());
     }
-    let p: PolicyDef = serde_json::from_value(b).map_err(|e| ApiError::bad_request(format!("invalid policy: {e}")))?;
-    let existed = policies_in(&st.broker, Some(&vh))?.iter().any(|x| x.name == name);
+    let p: PolicyDef = serde_json::from_value(b)
+        .map_err(|e| ApiError::bad_request(format!("invalid policy: {e}")))?;
+    let existed = policies_in(&st.broker, Some(&vh))?
+        .iter()
+        .any(|x| x.name == name);
     super::definitions::put_policy(&st.broker, &p).await?;
     if existed { no_content() } else { created() }
 }
 
-async fn delete_policy(State(st): State<AppState>, caller: Caller, Path((vh, name)): Path<(String, String)>) -> R {
+async fn delete_policy(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, name)): Path<(String, String)>,
+) -> R {
     caller.require_policymaker()?;
     let Some(s) = &st.broker.storage else {
         return Err(ApiError::not_found());
     };
     let key = crate::store::defs::Definitions::key(&[&vh, &name]);
-    if !s.defs.delete(crate::store::defs::Table::Policies, &key).await? {
+    if !s
+        .defs
+        .delete(crate::store::defs::Table::Policies, &key)
+        .await?
+    {
         return Err(ApiError::not_found());
     }
     crate::broker::policy::reload(&st.broker, &vh).await;
@@ -1307,7 +1571,11 @@ async fn export_definitions(State(st): State<AppState>, caller: Caller) -> R {
     ok_json(super::definitions::export(&st.broker)?)
 }
 
-async fn import_definitions(State(st): State<AppState>, caller: Caller, body: axum::body::Bytes) -> R {
+async fn import_definitions(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> R {
     caller.require_admin()?;
     let b = body_json(&body)?;
     super::definitions::import(&st.broker, &b).await?;

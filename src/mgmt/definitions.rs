@@ -42,15 +42,33 @@ fn all() -> String {
 
 /// Stores a policy (validating its pattern).
 pub async fn put_policy(b: &Broker, p: &PolicyDef) -> Result<(), ApiError> {
-    regex::Regex::new(&p.pattern).map_err(|e| ApiError::bad_request(format!("invalid pattern '{}': {e}", p.pattern)))?;
-    if !["queues", "exchanges", "all", "classic_queues", "quorum_queues", "streams"].contains(&p.apply_to.as_str()) {
-        return Err(ApiError::bad_request(format!("invalid apply-to '{}'", p.apply_to)));
+    regex::Regex::new(&p.pattern)
+        .map_err(|e| ApiError::bad_request(format!("invalid pattern '{}': {e}", p.pattern)))?;
+    if ![
+        "queues",
+        "exchanges",
+        "all",
+        "classic_queues",
+        "quorum_queues",
+        "streams",
+    ]
+    .contains(&p.apply_to.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid apply-to '{}'",
+            p.apply_to
+        )));
     }
     if p.definition.is_empty() {
         return Err(ApiError::bad_request("policy definition must not be empty"));
     }
-    let st = b.storage.as_ref().ok_or_else(|| ApiError::internal("no definitions store"))?;
-    st.defs.put(Table::Policies, &Definitions::key(&[&p.vhost, &p.name]), p).await?;
+    let st = b
+        .storage
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("no definitions store"))?;
+    st.defs
+        .put(Table::Policies, &Definitions::key(&[&p.vhost, &p.name]), p)
+        .await?;
     crate::broker::policy::reload(b, &p.vhost).await;
     Ok(())
 }
@@ -89,19 +107,28 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
     let mut bindings = Vec::new();
     for vn in &vnames {
         let Some(v) = b.vhost(vn) else { continue };
-        let mut qs: Vec<_> = v.queues.iter().map(|q| q.value().clone()).filter(|q| q.is_stored()).collect();
+        let mut qs: Vec<_> = v
+            .queues
+            .iter()
+            .map(|q| q.value().clone())
+            .filter(|q| q.is_stored())
+            .collect();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         for q in qs {
-            queues.push(json!({"name": q.name, "vhost": vn, "durable": true, "auto_delete": q.auto_delete,
-                               "arguments": table_to_json(&q.arguments)}));
+            queues.push(
+                json!({"name": q.name, "vhost": vn, "durable": true, "auto_delete": q.auto_delete,
+                               "arguments": table_to_json(&q.arguments)}),
+            );
         }
         let mut es: Vec<_> = v.exchanges.iter().map(|e| e.value().clone()).collect();
         es.sort_by(|a, b| a.name.cmp(&b.name));
         for e in &es {
             if e.durable && !e.name.is_empty() && !e.name.starts_with("amq.") {
-                exchanges.push(json!({"name": e.name, "vhost": vn, "type": e.kind.as_str(), "durable": true,
+                exchanges.push(
+                    json!({"name": e.name, "vhost": vn, "type": e.kind.as_str(), "durable": true,
                                       "auto_delete": e.auto_delete, "internal": e.internal,
-                                      "arguments": table_to_json(&e.arguments)}));
+                                      "arguments": table_to_json(&e.arguments)}),
+                );
             }
             for bd in e.bindings() {
                 if !crate::broker::persist::binding_is_durable(e, &bd.dest) {
@@ -111,9 +138,11 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
                     Destination::Queue(_) => "queue",
                     Destination::Exchange(_) => "exchange",
                 };
-                bindings.push(json!({"source": e.name, "vhost": vn, "destination": bd.dest.name(),
+                bindings.push(
+                    json!({"source": e.name, "vhost": vn, "destination": bd.dest.name(),
                                      "destination_type": dtype, "routing_key": bd.routing_key,
-                                     "arguments": table_to_json(&bd.arguments)}));
+                                     "arguments": table_to_json(&bd.arguments)}),
+                );
             }
         }
     }
@@ -143,7 +172,9 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
 }
 
 fn list<'a>(d: &'a Value, k: &str) -> &'a [Value] {
-    d.get(k).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+    d.get(k)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -183,7 +214,9 @@ pub async fn import(b: &std::sync::Arc<Broker>, d: &Value) -> Result<(), ApiErro
     for p in list(d, "permissions") {
         note(
             format!("permission of '{}' on '{}'", s(p, "user"), s(p, "vhost")),
-            super::api::apply_permission(b, s(p, "vhost"), s(p, "user"), p).await.map(|_| ()),
+            super::api::apply_permission(b, s(p, "vhost"), s(p, "user"), p)
+                .await
+                .map(|_| ()),
         );
     }
     for p in list(d, "policies") {
@@ -205,7 +238,10 @@ pub async fn import(b: &std::sync::Arc<Broker>, d: &Value) -> Result<(), ApiErro
             json_to_table(e.get("arguments").unwrap_or(&Value::Null)),
         )
         .await;
-        note(format!("exchange '{}' in vhost '{}'", s(e, "name"), s(e, "vhost")), r);
+        note(
+            format!("exchange '{}' in vhost '{}'", s(e, "name"), s(e, "vhost")),
+            r,
+        );
     }
     for q in list(d, "queues") {
         let r = ops::declare_queue(
@@ -218,7 +254,10 @@ pub async fn import(b: &std::sync::Arc<Broker>, d: &Value) -> Result<(), ApiErro
         )
         .await
         .map(|_| ());
-        note(format!("queue '{}' in vhost '{}'", s(q, "name"), s(q, "vhost")), r);
+        note(
+            format!("queue '{}' in vhost '{}'", s(q, "name"), s(q, "vhost")),
+            r,
+        );
     }
     for bd in list(d, "bindings") {
         let r = ops::bind(

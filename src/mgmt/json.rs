@@ -14,17 +14,24 @@ pub fn value_to_json(v: &AMQPValue) -> Value {
         AMQPValue::LongInt(n) => (*n).into(),
         AMQPValue::LongUInt(n) => (*n).into(),
         AMQPValue::LongLongInt(n) => (*n).into(),
-        AMQPValue::Float(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number),
+        AMQPValue::Float(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number)
+        }
         AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
         AMQPValue::DecimalValue(d) => {
-            serde_json::Number::from_f64(f64::from(d.value) / 10f64.powi(i32::from(d.scale))).map_or(Value::Null, Value::Number)
+            serde_json::Number::from_f64(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+                .map_or(Value::Null, Value::Number)
         }
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_string()),
-        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
         AMQPValue::Timestamp(t) => (*t).into(),
         AMQPValue::FieldTable(t) => table_to_json(t),
-        AMQPValue::ByteArray(b) => Value::String(String::from_utf8_lossy(b.as_slice()).into_owned()),
+        AMQPValue::ByteArray(b) => {
+            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
+        }
         AMQPValue::Void => Value::Null,
     }
 }

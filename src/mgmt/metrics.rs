@@ -23,18 +23,25 @@ pub fn uptime_ms() -> u64 {
 /// The metrics routes.
 pub fn router(broker: Arc<Broker>) -> axum::Router {
     let _ = uptime_ms();
-    axum::Router::new().route("/metrics", get(scrape)).with_state(broker)
+    axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(broker)
 }
 
 async fn scrape(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         render(&b).await,
     )
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -47,12 +54,21 @@ pub async fn render(b: &Broker) -> String {
     let mut out = String::with_capacity(4096);
     let l = &b.limits;
     let alarm = b.alarm().borrow().clone();
-    let conns: Vec<usize> = b.connections.iter().map(|c| c.channel_numbers().len()).collect();
+    let conns: Vec<usize> = b
+        .connections
+        .iter()
+        .map(|c| c.channel_numbers().len())
+        .collect();
     let g = |out: &mut String, name: &str, help: &str, v: f64| {
         family(out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     };
-    g(&mut out, "rabbitmq_connections", "Connections currently open", conns.len() as f64);
+    g(
+        &mut out,
+        "rabbitmq_connections",
+        "Connections currently open",
+        conns.len() as f64,
+    );
     g(
         &mut out,
         "rabbitmq_channels",
@@ -113,10 +129,24 @@ pub async fn render(b: &Broker) -> String {
     queues.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
     let mut rows = Vec::with_capacity(queues.len());
     for q in &queues {
-        rows.push((q.clone(), q.stats().await.unwrap_or_default(), super::stats::totals(q)));
+        rows.push((
+            q.clone(),
+            q.stats().await.unwrap_or_default(),
+            super::stats::totals(q),
+        ));
     }
-    g(&mut out, "rabbitmq_queues", "Queues available", queues.len() as f64);
-    let per_queue: [(&str, &str, &str, fn(&crate::queue::core::Counts, (u64, u64, u64, u64)) -> u64); 8] = [
+    g(
+        &mut out,
+        "rabbitmq_queues",
+        "Queues available",
+        queues.len() as f64,
+    );
+    let per_queue: [(
+        &str,
+        &str,
+        &str,
+        fn(&crate::queue::core::Counts, (u64, u64, u64, u64)) -> u64,
+    ); 8] = [
         (
             "rabbitmq_queue_messages_ready",
             "gauge",
@@ -135,7 +165,12 @@ pub async fn render(b: &Broker) -> String {
             "Sum of ready and unacknowledged messages",
             |c, _| c.ready + c.unacked,
         ),
-        ("rabbitmq_queue_consumers", "gauge", "Consumers on a queue", |c, _| c.consumers),
+        (
+            "rabbitmq_queue_consumers",
+            "gauge",
+            "Consumers on a queue",
+            |c, _| c.consumers,
+        ),
         (
             "rabbitmq_queue_messages_published_total",
             "counter",
@@ -164,18 +199,37 @@ pub async fn render(b: &Broker) -> String {
     for (name, kind, help, f) in per_queue {
         family(&mut out, name, kind, help);
         for (q, c, t) in &rows {
-            let _ = writeln!(out, "{name}{{vhost=\"{}\",queue=\"{}\"}} {}", esc(&q.vhost), esc(&q.name), f(c, *t));
+            let _ = writeln!(
+                out,
+                "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
+                esc(&q.vhost),
+                esc(&q.name),
+                f(c, *t)
+            );
         }
     }
-    let sum = |i: usize| rows.iter().map(|(_, _, t)| [t.0, t.1, t.2, t.3][i]).sum::<u64>();
+    let sum = |i: usize| {
+        rows.iter()
+            .map(|(_, _, t)| [t.0, t.1, t.2, t.3][i])
+            .sum::<u64>()
+    };
     for (i, (name, help)) in [
         (
             "rabbitmq_global_messages_received_total",
             "Messages received from publishers (per target queue)",
         ),
-        ("rabbitmq_global_messages_delivered_total", "Messages delivered to consumers"),
-        ("rabbitmq_global_messages_redelivered_total", "Messages redelivered to consumers"),
-        ("rabbitmq_global_messages_acknowledged_total", "Messages acknowledged by consumers"),
+        (
+            "rabbitmq_global_messages_delivered_total",
+            "Messages delivered to consumers",
+        ),
+        (
+            "rabbitmq_global_messages_redelivered_total",
+            "Messages redelivered to consumers",
+        ),
+        (
+            "rabbitmq_global_messages_acknowledged_total",
+            "Messages acknowledged by consumers",
+        ),
     ]
     .iter()
     .enumerate()
@@ -204,7 +258,12 @@ pub async fn render(b: &Broker) -> String {
             "fdatasync calls on message store segments (one per group commit)",
         );
         let _ = writeln!(out, "warren_store_fsyncs_total {}", s.fsyncs);
-        g(&mut out, "warren_store_segments", "Message store segment files", s.segments as f64);
+        g(
+            &mut out,
+            "warren_store_segments",
+            "Message store segment files",
+            s.segments as f64,
+        );
         g(
             &mut out,
             "warren_store_bytes_on_disk",

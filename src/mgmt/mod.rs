@@ -125,7 +125,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             (
                 self.status,
-                [(header::WWW_AUTHENTICATE, "Basic realm=\"RabbitMQ Management\"")],
+                [(
+                    header::WWW_AUTHENTICATE,
+                    "Basic realm=\"RabbitMQ Management\"",
+                )],
                 body,
             )
                 .into_response()
@@ -180,7 +183,10 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let failed = || ApiError::unauthorised("Login failed");
         let auth = parts
             .headers
@@ -188,7 +194,9 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(failed)?;
         let b64 = auth.strip_prefix("Basic ").ok_or_else(failed)?;
-        let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|_| failed())?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| failed())?;
         let raw = String::from_utf8(raw).map_err(|_| failed())?;
         let (name, pass) = raw.split_once(':').ok_or_else(failed)?;
         // In-process (oneshot) requests carry no peer: treat them as local.
@@ -196,7 +204,11 @@ impl FromRequestParts<AppState> for Caller {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .is_none_or(|c| c.0.ip().is_loopback());
-        let user = state.broker.users.login(name, pass, loopback).map_err(|_| failed())?;
+        let user = state
+            .broker
+            .users
+            .login(name, pass, loopback)
+            .map_err(|_| failed())?;
         if !["administrator", "monitoring", "management", "policymaker"]
             .iter()
             .any(|t| user.has_tag(t))
@@ -209,15 +221,27 @@ impl FromRequestParts<AppState> for Caller {
 
 /// Binds the management and metrics listeners (when enabled) and serves
 /// them until shutdown. Returns their addresses.
-pub async fn serve(broker: &Arc<Broker>, shutdown: watch::Receiver<bool>) -> Result<(Option<SocketAddr>, Option<SocketAddr>), StartError> {
+pub async fn serve(
+    broker: &Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>), StartError> {
     let cfg = &broker.config;
     let mut mgmt_addr = None;
     if cfg.mgmt.enabled {
-        let (listener, addr) = listen("management API", &cfg.mgmt.bind, cfg.mgmt.port, "--mgmt-port").await?;
+        let (listener, addr) = listen(
+            "management API",
+            &cfg.mgmt.bind,
+            cfg.mgmt.port,
+            "--mgmt-port",
+        )
+        .await?;
         let app = router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let stop = stopped(shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!("management API server failed: {e}");
             }
         });
@@ -226,11 +250,20 @@ pub async fn serve(broker: &Arc<Broker>, shutdown: watch::Receiver<bool>) -> Res
     }
     let mut metrics_addr = None;
     if cfg.metrics.enabled {
-        let (listener, addr) = listen("Prometheus metrics", &cfg.metrics.bind, cfg.metrics.port, "--metrics-port").await?;
+        let (listener, addr) = listen(
+            "Prometheus metrics",
+            &cfg.metrics.bind,
+            cfg.metrics.port,
+            "--metrics-port",
+        )
+        .await?;
         let app = metrics::router(broker.clone());
         let stop = stopped(shutdown);
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!("metrics server failed: {e}");
             }
         });
@@ -240,13 +273,20 @@ pub async fn serve(broker: &Arc<Broker>, shutdown: watch::Receiver<bool>) -> Res
     Ok((mgmt_addr, metrics_addr))
 }
 
-fn stopped(mut shutdown: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+fn stopped(
+    mut shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
         let _ = shutdown.wait_for(|s| *s).await;
     }
 }
 
-async fn listen(what: &'static str, bind: &str, port: u16, flag: &'static str) -> Result<(TcpListener, SocketAddr), StartError> {
+async fn listen(
+    what: &'static str,
+    bind: &str,
+    port: u16,
+    flag: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let addr = format!("{bind}:{port}");
     let err = |source| StartError::HttpBind {
         what,

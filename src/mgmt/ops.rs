@@ -63,7 +63,10 @@ pub async fn delete_vhost(b: &Broker, name: &str) -> Result<(), ApiError> {
                 st.defs.delete(Table::Bindings, &k).await?;
             }
         }
-        for (k, p) in st.defs.list::<super::definitions::PolicyDef>(Table::Policies)? {
+        for (k, p) in st
+            .defs
+            .list::<super::definitions::PolicyDef>(Table::Policies)?
+        {
             if p.vhost == name {
                 st.defs.delete(Table::Policies, &k).await?;
             }
@@ -87,14 +90,33 @@ pub async fn declare_exchange(
     arguments: FieldTable,
 ) -> Result<(), ApiError> {
     let v = vhost(b, vhost_name)?;
-    let k = ExchangeKind::parse(kind).ok_or_else(|| ApiError::bad_request(format!("unknown exchange type '{kind}'")))?;
+    let k = ExchangeKind::parse(kind)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown exchange type '{kind}'")))?;
     if name.is_empty() || (name.starts_with("amq.") && v.exchange(name).is_none()) {
-        return Err(ApiError::bad_request(format!("exchange name '{name}' is reserved")));
+        return Err(ApiError::bad_request(format!(
+            "exchange name '{name}' is reserved"
+        )));
     }
-    let new = Arc::new(Exchange::new(name, k, durable, auto_delete, internal, arguments));
-    let existing = v.exchanges.entry(name.to_string()).or_insert(new.clone()).value().clone();
+    let new = Arc::new(Exchange::new(
+        name,
+        k,
+        durable,
+        auto_delete,
+        internal,
+        arguments,
+    ));
+    let existing = v
+        .exchanges
+        .entry(name.to_string())
+        .or_insert(new.clone())
+        .value()
+        .clone();
     if !Arc::ptr_eq(&existing, &new) {
-        if existing.kind != k || existing.durable != durable || existing.auto_delete != auto_delete || existing.internal != internal {
+        if existing.kind != k
+            || existing.durable != durable
+            || existing.auto_delete != auto_delete
+            || existing.internal != internal
+        {
             return Err(ApiError::bad_request(format!(
                 "PRECONDITION_FAILED - inequivalent arg for exchange '{name}' in vhost '{vhost_name}'"
             )));
@@ -110,7 +132,12 @@ pub async fn declare_exchange(
 }
 
 /// exchange.delete.
-pub async fn delete_exchange(b: &Broker, vhost_name: &str, name: &str, if_unused: bool) -> Result<(), ApiError> {
+pub async fn delete_exchange(
+    b: &Broker,
+    vhost_name: &str,
+    name: &str,
+    if_unused: bool,
+) -> Result<(), ApiError> {
     let v = vhost(b, vhost_name)?;
     let ex = v.exchange(name).ok_or_else(ApiError::not_found)?;
     if name.is_empty() || name.starts_with("amq.") {
@@ -119,7 +146,9 @@ pub async fn delete_exchange(b: &Broker, vhost_name: &str, name: &str, if_unused
         )));
     }
     if if_unused && ex.binding_count() > 0 {
-        return Err(ApiError::bad_request(format!("exchange '{name}' in vhost '{vhost_name}' in use")));
+        return Err(ApiError::bad_request(format!(
+            "exchange '{name}' in vhost '{vhost_name}' in use"
+        )));
     }
     let gone = v.delete_exchange(name);
     if let Some(st) = &b.storage {
@@ -166,7 +195,11 @@ pub async fn declare_queue(
 }
 
 /// queue.delete of a known queue; the number of messages deleted.
-pub async fn delete_queue_ref(q: &QueueRef, if_unused: bool, if_empty: bool) -> Result<u64, ApiError> {
+pub async fn delete_queue_ref(
+    q: &QueueRef,
+    if_unused: bool,
+    if_empty: bool,
+) -> Result<u64, ApiError> {
     let (tx, rx) = oneshot::channel();
     if !q
         .send(QueueCmd::Delete {
@@ -186,7 +219,9 @@ pub async fn delete_queue_ref(q: &QueueRef, if_unused: bool, if_empty: bool) -> 
 
 /// The queue, or 404.
 pub fn queue(b: &Broker, vhost_name: &str, name: &str) -> Result<Arc<QueueRef>, ApiError> {
-    vhost(b, vhost_name)?.queue(name).ok_or_else(ApiError::not_found)
+    vhost(b, vhost_name)?
+        .queue(name)
+        .ok_or_else(ApiError::not_found)
 }
 
 /// queue.purge; the number purged.
@@ -211,7 +246,9 @@ pub async fn bind(
 ) -> Result<(), ApiError> {
     let v = vhost(b, vhost_name)?;
     if source.is_empty() {
-        return Err(ApiError::bad_request("operation not permitted on the default exchange"));
+        return Err(ApiError::bad_request(
+            "operation not permitted on the default exchange",
+        ));
     }
     let src = v.exchange(source).ok_or_else(ApiError::not_found)?;
     let dest = if to_queue {
@@ -226,7 +263,8 @@ pub async fn bind(
     };
     if src.bind(binding.clone())? && binding_is_durable(&src, &binding.dest) {
         if let Some(st) = &b.storage {
-            st.put_binding(&BindingDef::of(vhost_name, source, &binding)).await?;
+            st.put_binding(&BindingDef::of(vhost_name, source, &binding))
+                .await?;
         }
     }
     Ok(())
@@ -261,7 +299,8 @@ pub async fn unbind(
             arguments: arguments.clone(),
         };
         if binding_is_durable(&src, &binding.dest) {
-            st.delete_binding(&BindingDef::of(vhost_name, source, &binding)).await?;
+            st.delete_binding(&BindingDef::of(vhost_name, source, &binding))
+                .await?;
         }
         if left == 0 && src.auto_delete {
             for n in v.delete_exchange(&src.name) {
@@ -301,7 +340,11 @@ pub async fn publish(
     let mut gid = 0;
     if msg.is_persistent() {
         if let Some(st) = &b.storage {
-            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored()).map(|q| q.id).collect();
+            let stored: Vec<u64> = targets
+                .iter()
+                .filter(|q| q.is_stored())
+                .map(|q| q.id)
+                .collect();
             if !stored.is_empty() {
                 gid = b.next_gid();
                 // Wait for the group commit: the API answers once it is durable.
@@ -321,7 +364,9 @@ pub async fn publish(
     }
     for q in targets {
         let g = if q.is_stored() { gid } else { 0 };
-        q.metrics.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        q.metrics
+            .published
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = q
             .send(QueueCmd::Publish {
                 msgs: vec![(msg.clone(), g)],
@@ -384,15 +429,35 @@ pub async fn peek(q: &QueueRef, count: usize) -> Vec<(Arc<Message>, bool)> {
 /// behind a durable x-consistent-hash exchange NAME (each bound with weight
 /// 1), so a routing key always lands on the same partition and per-key
 /// order holds.
-pub async fn add_super_stream(b: &Arc<Broker>, vhost_name: &str, name: &str, partitions: u32) -> Result<(), ApiError> {
+pub async fn add_super_stream(
+    b: &Arc<Broker>,
+    vhost_name: &str,
+    name: &str,
+    partitions: u32,
+) -> Result<(), ApiError> {
     if partitions == 0 || partitions > 1000 {
-        return Err(ApiError::bad_request("partitions must be between 1 and 1000"));
+        return Err(ApiError::bad_request(
+            "partitions must be between 1 and 1000",
+        ));
     }
-    declare_exchange(b, vhost_name, name, "x-consistent-hash", true, false, false, FieldTable::default()).await?;
+    declare_exchange(
+        b,
+        vhost_name,
+        name,
+        "x-consistent-hash",
+        true,
+        false,
+        false,
+        FieldTable::default(),
+    )
+    .await?;
     for i in 0..partitions {
         let q = format!("{name}-{i}");
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), amq_protocol::types::AMQPValue::LongString("stream".into()));
+        args.insert(
+            "x-queue-type".into(),
+            amq_protocol::types::AMQPValue::LongString("stream".into()),
+        );
         declare_queue(b, vhost_name, &q, true, false, args).await?;
         bind(b, vhost_name, name, true, &q, "1", FieldTable::default()).await?;
     }

@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 
 /// Counts deliveries (consumer deliveries and basic.get) from `q`.
 pub fn count_deliveries(q: &QueueRef, msgs: &[Envelope]) {
-    q.metrics.delivered.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+    q.metrics
+        .delivered
+        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
     let re = msgs.iter().filter(|e| e.redelivered).count() as u64;
     if re > 0 {
         q.metrics.redelivered.fetch_add(re, Ordering::Relaxed);

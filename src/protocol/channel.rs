@@ -314,7 +314,9 @@ impl Connection {
                 let (cid, mid) = (m.get_amqp_class_id(), m.get_amqp_method_id());
                 self.flush_pending().await.map_err(AmqpError::internal)?;
                 let span = tracing::debug_span!("ch", ch);
-                tracing::Instrument::instrument(self.handle_method(ch, m), span).await.map_err(|e| e.on(cid, mid))
+                tracing::Instrument::instrument(self.handle_method(ch, m), span)
+                    .await
+                    .map_err(|e| e.on(cid, mid))
             }
             frame::FRAME_HEADER => {
                 let max = self.broker.config.amqp.max_message_size;
@@ -399,14 +401,17 @@ impl Connection {
         };
         let mut properties = header.properties;
         let mut raw_properties = header.raw_properties;
-                if let Some(exp) = properties.expiration() {
+        if let Some(exp) = properties.expiration() {
             let why = match exp.as_str().parse::<i64>() {
                 Ok(n) if n < 0 => Some(format!("{{value_negative,{n}}}")),
                 Ok(_) => None,
                 Err(_) => Some("no_integer".to_string()),
             };
             if let Some(why) = why {
-                return Err(AmqpError::precondition(format!("invalid expiration '{exp}': {why}")).on(60, 40));
+                return Err(
+                    AmqpError::precondition(format!("invalid expiration '{exp}': {why}"))
+                        .on(60, 40),
+                );
             }
         }
         if let Some(uid) = properties.user_id() {
@@ -457,7 +462,11 @@ impl Connection {
             }
         }
         // Checked on a cache miss only: the cached exchange was authorised.
-        self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, name)?;
+        self.check_perm(
+            crate::auth::permissions::Perm::Write,
+            crate::auth::permissions::ResourceKind::Exchange,
+            name,
+        )?;
         let ex = self.find_exchange(name)?;
         if ex.internal {
             return Err(AmqpError::new(
@@ -479,7 +488,7 @@ impl Connection {
         msg: Arc<Message>,
         mandatory: bool,
     ) -> Result<(), AmqpError> {
-                let ex = self.publish_exchange(ch, msg.exchange_str())?;
+        let ex = self.publish_exchange(ch, msg.exchange_str())?;
         if ex.delayed {
             if let Some(delay) = crate::broker::delayed::delay_of(&msg) {
                 return self.publish_delayed(ch, msg, delay);
@@ -519,12 +528,16 @@ impl Connection {
             }
             return Ok(());
         }
-                // Persistent messages routed to durable queues are written to the
+        // Persistent messages routed to durable queues are written to the
         // store once (for all those queues) and confirmed after the group
         // commit; the store counts as one more party to the confirm.
         let mut gid = 0;
         if msg.is_persistent() && self.broker.storage.is_some() {
-            let stored: Vec<u64> = targets.iter().filter(|q| q.is_stored() && !q.is_stream()).map(|q| q.id).collect();
+            let stored: Vec<u64> = targets
+                .iter()
+                .filter(|q| q.is_stored() && !q.is_stream())
+                .map(|q| q.id)
+                .collect();
             if !stored.is_empty() {
                 gid = self.broker.next_gid();
                 self.pend_store(PendingStore {
@@ -540,19 +553,23 @@ impl Connection {
             self.chan(ch)?.unconfirmed.insert(s, (parties, false));
         }
         for q in &targets {
-            let g = if q.is_stored() && !q.is_stream() { gid } else { 0 };
+            let g = if q.is_stored() && !q.is_stream() {
+                gid
+            } else {
+                0
+            };
             self.pend_publish(ch, q, msg.clone(), g, seq);
         }
         Ok(())
     }
 
-        /// A message for an x-delayed-message exchange with a positive x-delay:
+    /// A message for an x-delayed-message exchange with a positive x-delay:
     /// held by the scheduler (and, when persistent, in the store under the
     /// delayed pseudo-queue) until due, then routed. Confirmed once held
     /// (persistent ones once on disk); mandatory cannot be honoured, as with
     /// RabbitMQ's plugin.
     fn publish_delayed(&mut self, ch: u16, msg: Arc<Message>, delay: u64) -> Result<(), AmqpError> {
-        use crate::broker::delayed::{Delayed, DELAYED_QUEUE_ID, stored_copy};
+        use crate::broker::delayed::{DELAYED_QUEUE_ID, Delayed, stored_copy};
         let due = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
@@ -569,7 +586,12 @@ impl Connection {
         if msg.is_persistent() && self.broker.storage.is_some() {
             gid = self.broker.next_gid();
             let copy = Arc::new(stored_copy(&msg, due, self.vname()));
-            self.pend_store(PendingStore { gid, queues: vec![DELAYED_QUEUE_ID], msg: copy, confirm: seq.map(|s| (ch, s)) });
+            self.pend_store(PendingStore {
+                gid,
+                queues: vec![DELAYED_QUEUE_ID],
+                msg: copy,
+                confirm: seq.map(|s| (ch, s)),
+            });
             if let Some(s) = seq {
                 self.chan(ch)?.unconfirmed.insert(s, (1, false));
             }
@@ -578,8 +600,17 @@ impl Connection {
         }
         let vhost = self.vname().to_string();
         match self.broker.delayed.get() {
-            Some(s) => s.schedule(Delayed { due, vhost, msg, gid }),
-            None => return Err(AmqpError::internal("delayed message scheduler is not running")),
+            Some(s) => s.schedule(Delayed {
+                due,
+                vhost,
+                msg,
+                gid,
+            }),
+            None => {
+                return Err(AmqpError::internal(
+                    "delayed message scheduler is not running",
+                ));
+            }
         }
         Ok(())
     }
@@ -710,7 +741,7 @@ impl Connection {
                 });
             }
         }
-                // Written: the queue may send more (flow credit, every consumer).
+        // Written: the queue may send more (flow credit, every consumer).
         self.pend_credit(&queue, consumer, n);
         for (q, id) in std::mem::take(&mut self.pending_undeliverable) {
             self.pend_settle(&q, Outcome::Undeliverable, id);
@@ -727,7 +758,11 @@ impl Connection {
             // ack or nack of their tags must not reach the queue (the
             // message may be with another consumer by then).
             let mut shared_n = 0;
-            for e in chan.unacked.iter_mut().filter(|e| e.consumer == consumer && !e.revoked) {
+            for e in chan
+                .unacked
+                .iter_mut()
+                .filter(|e| e.consumer == consumer && !e.revoked)
+            {
                 e.revoked = true;
                 if e.shared {
                     e.shared = false;
@@ -922,7 +957,7 @@ impl Connection {
                 if d.passive {
                     self.find_exchange(name)?;
                 } else {
-                                        let delayed = d.kind.as_str() == crate::broker::exchange::DELAYED_TYPE;
+                    let delayed = d.kind.as_str() == crate::broker::exchange::DELAYED_TYPE;
                     let kind = if delayed {
                         // RabbitMQ's delayed-message plugin: the routing type
                         // comes from the x-delayed-type argument.
@@ -938,7 +973,10 @@ impl Connection {
                             })?
                     } else {
                         ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
-                            AmqpError::new(code::COMMAND_INVALID, format!("unknown exchange type '{}'", d.kind))
+                            AmqpError::new(
+                                code::COMMAND_INVALID,
+                                format!("unknown exchange type '{}'", d.kind),
+                            )
                         })?
                     };
                     if name.is_empty() {
@@ -953,7 +991,11 @@ impl Connection {
                             format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
                         ));
                     }
-                    self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Exchange, name)?;
+                    self.check_perm(
+                        crate::auth::permissions::Perm::Configure,
+                        crate::auth::permissions::ResourceKind::Exchange,
+                        name,
+                    )?;
                     if let Some(ae) = d.arguments.inner().get("alternate-exchange") {
                         if crate::broker::headers::value_str(ae).is_none() {
                             return Err(AmqpError::precondition(format!(
@@ -962,16 +1004,31 @@ impl Connection {
                             )));
                         }
                     }
-                                        let mut built = Exchange::new(name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+                    let mut built = Exchange::new(
+                        name,
+                        kind,
+                        d.durable,
+                        d.auto_delete,
+                        d.internal,
+                        d.arguments.clone(),
+                    );
                     if delayed {
                         built = built.into_delayed();
                     }
                     let new = Arc::new(built);
-                    let existing = self.vhost.exchanges.entry(name.to_string()).or_insert(new.clone()).value().clone();
+                    let existing = self
+                        .vhost
+                        .exchanges
+                        .entry(name.to_string())
+                        .or_insert(new.clone())
+                        .value()
+                        .clone();
                     if Arc::ptr_eq(&existing, &new) && new.durable {
                         if let Some(st) = &self.broker.storage {
                             st.put_exchange(&vname, &new).await.map_err(|e| {
-                                AmqpError::internal(format!("cannot record durable exchange '{name}': {e}"))
+                                AmqpError::internal(format!(
+                                    "cannot record durable exchange '{name}': {e}"
+                                ))
                             })?;
                         }
                     }
@@ -980,8 +1037,12 @@ impl Connection {
                             "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vname}': received '{got}' but current is '{cur}'"
                         ))
                     };
-                                        if existing.kind != kind || existing.delayed != delayed {
-                        return Err(ineq("type", d.kind.to_string(), existing.type_name().into()));
+                    if existing.kind != kind || existing.delayed != delayed {
+                        return Err(ineq(
+                            "type",
+                            d.kind.to_string(),
+                            existing.type_name().into(),
+                        ));
                     }
                     if existing.durable != d.durable {
                         return Err(ineq(
@@ -1039,7 +1100,11 @@ impl Connection {
                         ),
                     ));
                 }
-                self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Exchange, name)?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Configure,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    name,
+                )?;
                 if let Some(ex) = self.vhost.exchange(name) {
                     if d.if_unused && ex.binding_count() > 0 {
                         return Err(AmqpError::precondition(format!(
@@ -1047,7 +1112,7 @@ impl Connection {
                             self.vname()
                         )));
                     }
-                                        let gone = self.vhost.delete_exchange(name);
+                    let gone = self.vhost.delete_exchange(name);
                     self.forget_exchanges(gone).await;
                 }
                 if !d.nowait {
@@ -1059,9 +1124,17 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Bind(b) => {
-                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, b.destination.as_str())?;
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.source.as_str())?;
-                                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Write,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.destination.as_str(),
+                )?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.source.as_str(),
+                )?;
+                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
                 let binding = Binding {
                     dest: Destination::Exchange(dst),
                     routing_key: b.routing_key.to_string(),
@@ -1079,11 +1152,23 @@ impl Connection {
                 Ok(())
             }
             ex_m::AMQPMethod::Unbind(b) => {
-                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Exchange, b.destination.as_str())?;
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.source.as_str())?;
-                                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
-                let (removed, left) =
-                    src.unbind(false, b.destination.as_str(), b.routing_key.as_str(), &b.arguments);
+                self.check_perm(
+                    crate::auth::permissions::Perm::Write,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.destination.as_str(),
+                )?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.source.as_str(),
+                )?;
+                let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                let (removed, left) = src.unbind(
+                    false,
+                    b.destination.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                );
                 if removed {
                     let binding = Binding {
                         dest: Destination::Exchange(dst),
@@ -1111,20 +1196,35 @@ impl Connection {
         }
     }
 
-        /// Records (or forgets) a binding in the store when it is durable.
-    async fn persist_binding(&self, src: &Exchange, b: &Binding, add: bool) -> Result<(), AmqpError> {
-        let Some(st) = &self.broker.storage else { return Ok(()) };
+    /// Records (or forgets) a binding in the store when it is durable.
+    async fn persist_binding(
+        &self,
+        src: &Exchange,
+        b: &Binding,
+        add: bool,
+    ) -> Result<(), AmqpError> {
+        let Some(st) = &self.broker.storage else {
+            return Ok(());
+        };
         if !crate::broker::persist::binding_is_durable(src, &b.dest) {
             return Ok(());
         }
         let def = crate::broker::persist::BindingDef::of(self.vname(), &src.name, b);
-        let r = if add { st.put_binding(&def).await } else { st.delete_binding(&def).await };
-        r.map_err(|e| AmqpError::internal(format!("cannot record binding from '{}': {e}", src.name)))
+        let r = if add {
+            st.put_binding(&def).await
+        } else {
+            st.delete_binding(&def).await
+        };
+        r.map_err(|e| {
+            AmqpError::internal(format!("cannot record binding from '{}': {e}", src.name))
+        })
     }
 
     /// Forgets deleted durable exchanges in the store.
     async fn forget_exchanges(&self, names: Vec<String>) {
-        let Some(st) = &self.broker.storage else { return };
+        let Some(st) = &self.broker.storage else {
+            return;
+        };
         for n in names {
             if let Err(e) = st.delete_exchange(self.vname(), &n).await {
                 tracing::error!(
@@ -1155,8 +1255,16 @@ impl Connection {
             q_m::AMQPMethod::Declare(d) => self.queue_declare(ch, d).await,
             q_m::AMQPMethod::Bind(b) => {
                 let q = self.find_queue(ch, b.queue.as_str())?;
-                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.exchange.as_str())?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Write,
+                    crate::auth::permissions::ResourceKind::Queue,
+                    &q.name,
+                )?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.exchange.as_str(),
+                )?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
                     return Err(AmqpError::new(
@@ -1164,7 +1272,7 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
-                                let binding = Binding {
+                let binding = Binding {
                     dest: Destination::Queue(q),
                     routing_key: b.routing_key.to_string(),
                     arguments: b.arguments.clone(),
@@ -1182,8 +1290,16 @@ impl Connection {
             }
             q_m::AMQPMethod::Unbind(b) => {
                 let q = self.find_queue(ch, b.queue.as_str())?;
-                self.check_perm(crate::auth::permissions::Perm::Write, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Exchange, b.exchange.as_str())?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Write,
+                    crate::auth::permissions::ResourceKind::Queue,
+                    &q.name,
+                )?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Exchange,
+                    b.exchange.as_str(),
+                )?;
                 let ex = self.find_exchange(b.exchange.as_str())?;
                 if ex.name.is_empty() {
                     return Err(AmqpError::new(
@@ -1191,7 +1307,8 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
-                                let (removed, left) = ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
+                let (removed, left) =
+                    ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
                 if removed {
                     let binding = Binding {
                         dest: Destination::Queue(q.clone()),
@@ -1212,7 +1329,11 @@ impl Connection {
             }
             q_m::AMQPMethod::Purge(p) => {
                 let q = self.find_queue(ch, p.queue.as_str())?;
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Queue,
+                    &q.name,
+                )?;
                 let (tx, rx) = oneshot::channel();
                 let n = if q.send(QueueCmd::Purge { reply: tx }).await {
                     rx.await.unwrap_or(0)
@@ -1235,7 +1356,11 @@ impl Connection {
                 } else {
                     d.queue.to_string()
                 };
-                self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Queue, &name)?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Configure,
+                    crate::auth::permissions::ResourceKind::Queue,
+                    &name,
+                )?;
                 let mut count = 0;
                 if let Some(q) = self.vhost.queue(&name) {
                     self.check_exclusive(&q)?;
@@ -1290,7 +1415,11 @@ impl Connection {
                 format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
-        self.check_perm(crate::auth::permissions::Perm::Configure, crate::auth::permissions::ResourceKind::Queue, &name)?;
+        self.check_perm(
+            crate::auth::permissions::Perm::Configure,
+            crate::auth::permissions::ResourceKind::Queue,
+            &name,
+        )?;
         let spec = crate::broker::declare::NewQueue {
             name: name.clone(),
             durable: d.durable,
@@ -1298,7 +1427,8 @@ impl Connection {
             auto_delete: d.auto_delete,
             arguments: d.arguments.clone(),
         };
-        let (q, created) = crate::broker::declare::declare_queue(&self.broker, &self.vhost, spec).await?;
+        let (q, created) =
+            crate::broker::declare::declare_queue(&self.broker, &self.vhost, spec).await?;
         if created && d.exclusive {
             self.exclusive_queues.push(q.clone());
         }
@@ -1317,7 +1447,7 @@ impl Connection {
         if q.exclusive_owner.is_some() != d.exclusive {
             return Err(AmqpError::queue_locked(&vname, &name));
         }
-                check_equivalent(&q.arguments, &d.arguments, &name, &vname)?;
+        check_equivalent(&q.arguments, &d.arguments, &name, &vname)?;
         // A redeclare counts as use (x-expires).
         let _ = q.tx.try_send(QueueCmd::Touch);
         let c = q.stats().await.unwrap_or_default();
@@ -1407,9 +1537,19 @@ impl Connection {
             basic::AMQPMethod::Get(g) => {
                 let q = self.find_queue(ch, g.queue.as_str())?;
                 if q.is_stream() {
-                    return Err(AmqpError::new(code::NOT_IMPLEMENTED, format!("basic.get not supported by stream queues queue '{}' in vhost '{}'", q.name, q.vhost)));
+                    return Err(AmqpError::new(
+                        code::NOT_IMPLEMENTED,
+                        format!(
+                            "basic.get not supported by stream queues queue '{}' in vhost '{}'",
+                            q.name, q.vhost
+                        ),
+                    ));
                 }
-                self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
+                self.check_perm(
+                    crate::auth::permissions::Perm::Read,
+                    crate::auth::permissions::ResourceKind::Queue,
+                    &q.name,
+                )?;
                 let (tx, rx) = oneshot::channel();
                 let owner = Owner {
                     conn: self.id,
@@ -1587,7 +1727,11 @@ impl Connection {
             );
         } else {
             let q = self.find_queue(ch, c.queue.as_str())?;
-            self.check_perm(crate::auth::permissions::Perm::Read, crate::auth::permissions::ResourceKind::Queue, &q.name)?;
+            self.check_perm(
+                crate::auth::permissions::Perm::Read,
+                crate::auth::permissions::ResourceKind::Queue,
+                &q.name,
+            )?;
             let id = self.broker.next_id();
             let conn_id = self.id;
             let chan = self.chan(ch)?;

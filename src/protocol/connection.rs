@@ -12,6 +12,7 @@
 use super::channel::Channel;
 use super::error::{AmqpError, code};
 use super::frame::{self, RawFrame};
+use super::socket::Socket;
 use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
 use crate::queue::core::{ConsumerId, MsgId, Outcome, Owner};
 use crate::queue::message::Message;
@@ -24,7 +25,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use super::socket::Socket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -79,7 +79,10 @@ struct PendingPublish {
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.stores.is_empty() && self.publishes.is_empty() && self.settles.is_empty() && self.credits.is_empty()
+        self.stores.is_empty()
+            && self.publishes.is_empty()
+            && self.settles.is_empty()
+            && self.credits.is_empty()
     }
 }
 
@@ -106,7 +109,7 @@ pub(crate) struct Connection {
     closing: Option<Instant>,
     last_read: Instant,
     last_write: Instant,
-        /// Queues this connection published to in its last batch (flow control).
+    /// Queues this connection published to in its last batch (flow control).
     recent_targets: Vec<Arc<QueueRef>>,
     /// While a recent target is overloaded, reads wait until this instant.
     throttle_until: Option<Instant>,
@@ -128,7 +131,13 @@ pub(crate) struct Connection {
 /// Serves one accepted socket until it closes. Never panics on client input.
 /// `peer` and `local` are the TCP addresses (for a TLS connection, those of
 /// the TCP socket the TLS session runs on, not of the internal socket pair).
-pub async fn serve(mut stream: Socket, peer: SocketAddr, local: SocketAddr, id: u64, broker: Arc<Broker>) {
+pub async fn serve(
+    mut stream: Socket,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    broker: Arc<Broker>,
+) {
     let timeout = Duration::from_millis(broker.config.amqp.handshake_timeout_ms);
     let hs = match tokio::time::timeout(timeout, handshake(&mut stream, peer, &broker)).await {
         Ok(Ok(hs)) => hs,
@@ -178,7 +187,11 @@ pub async fn serve(mut stream: Socket, peer: SocketAddr, local: SocketAddr, id: 
         peer,
         stream,
         // Idle connections should cost little: buffers grow on demand.
-        inbuf: if hs.leftover.is_empty() { BytesMut::new() } else { hs.leftover },
+        inbuf: if hs.leftover.is_empty() {
+            BytesMut::new()
+        } else {
+            hs.leftover
+        },
         out: BytesMut::new(),
         frame_max: hs.frame_max,
         channel_max: hs.channel_max,
@@ -195,7 +208,7 @@ pub async fn serve(mut stream: Socket, peer: SocketAddr, local: SocketAddr, id: 
         closing: None,
         last_read: now,
         last_write: now,
-                recent_targets: Vec::new(),
+        recent_targets: Vec::new(),
         throttle_until: None,
         throttle_pause: Duration::ZERO,
         client_closed: false,
@@ -540,7 +553,7 @@ impl Connection {
             if let Err(e) = self.write_out() {
                 return format!("write error: {e}");
             }
-                        if let Some(deadline) = self.closing {
+            if let Some(deadline) = self.closing {
                 if self.client_closed {
                     return "closed by the client (connection.close)".into();
                 }
@@ -548,7 +561,7 @@ impl Connection {
                     return "client did not answer connection.close in time".into();
                 }
             }
-                        // Flow control: a publisher to a queue that is not keeping up
+            // Flow control: a publisher to a queue that is not keeping up
             // reads one buffer per pause. The pause is bounded, so it can
             // slow a publisher but never deadlock one that also consumes.
             let now = Instant::now();
@@ -561,7 +574,8 @@ impl Connection {
                 None => {
                     if self.recent_targets.iter().any(|q| q.is_overloaded()) {
                         // Back off harder the longer the queue stays over.
-                        self.throttle_pause = (self.throttle_pause * 2).clamp(FLOW_PAUSE_MIN, FLOW_PAUSE_MAX);
+                        self.throttle_pause =
+                            (self.throttle_pause * 2).clamp(FLOW_PAUSE_MIN, FLOW_PAUSE_MAX);
                         self.throttle_until = Some(now + self.throttle_pause);
                         true
                     } else {
@@ -573,7 +587,7 @@ impl Connection {
             let read_ok = self.out.len() < OUT_HARD_LIMIT && !self.blocked && !throttled;
             let inbox_ok = self.out.len() < OUT_SOFT_LIMIT && self.closing.is_none();
             let want_write = !self.out.is_empty();
-                        let mut tick = match self.closing {
+            let mut tick = match self.closing {
                 Some(d) => d.min(next_tick),
                 None => next_tick,
             };
@@ -839,7 +853,7 @@ impl Connection {
                     AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
                 );
                 let _ = self.write_out();
-                                self.closing = Some(Instant::now());
+                self.closing = Some(Instant::now());
                 self.client_closed = true;
                 Ok(())
             }
@@ -933,9 +947,11 @@ impl Connection {
                 seqs,
                 nack,
             } => self.on_confirms(channel, &seqs, nack),
-            ConnCmd::ConsumerCancelled { channel, consumer, revoked } => {
-                self.on_server_cancel(channel, consumer, revoked)
-            }
+            ConnCmd::ConsumerCancelled {
+                channel,
+                consumer,
+                revoked,
+            } => self.on_server_cancel(channel, consumer, revoked),
             ConnCmd::DirectReply { channel, msg } => self.deliver_direct_reply(channel, &msg),
             ConnCmd::ForceClose { reason } => {
                 self.start_close(&AmqpError::new(code::CONNECTION_FORCED, reason));
@@ -949,7 +965,7 @@ impl Connection {
         if self.pending.is_empty() {
             return Ok(());
         }
-                let pending = std::mem::take(&mut self.pending);
+        let pending = std::mem::take(&mut self.pending);
         self.recent_targets.clear();
         for p in &pending.publishes {
             if !self.recent_targets.iter().any(|q| q.id == p.queue.id) {
@@ -964,12 +980,22 @@ impl Connection {
                     let tx = self.tx.clone();
                     Box::new(move |r: Result<(), crate::store::StoreError>| {
                         if let Err(e) = &r {
-                            tracing::error!("persisting a message failed, publisher gets basic.nack: {e}");
+                            tracing::error!(
+                                "persisting a message failed, publisher gets basic.nack: {e}"
+                            );
                         }
-                        let _ = tx.send(ConnCmd::Confirm { channel, seqs: vec![seq], nack: r.is_err() });
+                        let _ = tx.send(ConnCmd::Confirm {
+                            channel,
+                            seqs: vec![seq],
+                            nack: r.is_err(),
+                        });
                     }) as crate::store::Completion
                 });
-                if let Err(e) = storage.msgs.append(s.gid, s.queues, s.msg.parts(), done).await {
+                if let Err(e) = storage
+                    .msgs
+                    .append(s.gid, s.queues, s.msg.parts(), done)
+                    .await
+                {
                     tracing::error!("cannot persist message: {e}");
                     if let Some((channel, seq)) = s.confirm {
                         self.on_confirms(channel, &[seq], true);
@@ -977,9 +1003,14 @@ impl Connection {
                 }
             }
         }
-                for p in pending.publishes {
-            p.queue.metrics.published.fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            p.queue.inflight.fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for p in pending.publishes {
+            p.queue
+                .metrics
+                .published
+                .fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            p.queue
+                .inflight
+                .fetch_add(p.msgs.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let confirm = p.confirm.then(|| ConfirmTo {
                 conn: self.tx.clone(),
                 channel: p.channel,
@@ -1001,7 +1032,9 @@ impl Connection {
         }
         for (q, outcome, ids) in pending.settles {
             if outcome == Outcome::Ack {
-                q.metrics.acked.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                q.metrics
+                    .acked
+                    .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
             let _ = q.send(QueueCmd::Settle { ids, outcome }).await;
         }
@@ -1011,7 +1044,7 @@ impl Connection {
         Ok(())
     }
 
-        /// Queues a message for the store in this read's batch.
+    /// Queues a message for the store in this read's batch.
     pub fn pend_store(&mut self, item: PendingStore) {
         self.pending.stores.push(item);
     }
@@ -1044,7 +1077,7 @@ impl Connection {
                 &mut self.pending.publishes[last]
             }
         };
-                entry.msgs.push((msg, gid));
+        entry.msgs.push((msg, gid));
         if let Some(s) = seq {
             entry.seqs.push(s);
         }

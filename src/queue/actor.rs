@@ -12,7 +12,9 @@
 //! store has them and read back ahead of delivery. Publishes are written to
 //! the store by the publishing connection, before they reach the queue.
 
-use super::core::{Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Outcome, QueueCore};
+use super::core::{
+    Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Outcome, QueueCore,
+};
 use super::deadletter;
 use super::message::Message;
 use super::{QueueCmd, QueueRef};
@@ -41,9 +43,9 @@ pub struct QueueInit {
     pub window: usize,
     /// Storage, for durable queues.
     pub storage: Option<Storage>,
-        /// Messages found in the store at start.
+    /// Messages found in the store at start.
     pub recovered: Vec<RecoveredMessage>,
-        /// Ready messages above which publishers are slowed (when consumers are attached).
+    /// Ready messages above which publishers are slowed (when consumers are attached).
     pub flow_threshold: u64,
     /// Hands out store ids (the broker's counter), for dead-lettered
     /// persistent messages.
@@ -60,7 +62,7 @@ pub struct QueueActor {
     out: Vec<(ConsumerId, Envelope)>,
     storage: Option<Storage>,
     /// Store ids to forget / mark delivered after this batch.
-            forget: Vec<u64>,
+    forget: Vec<u64>,
     delivered: Vec<u64>,
     flow_threshold: u64,
     /// Last consumer activity, basic.get or redeclare (ms), for x-expires.
@@ -72,7 +74,9 @@ pub struct QueueActor {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_until_ms(deadline: Option<u64>) {
@@ -86,7 +90,10 @@ fn vhost_broker_gid(gids: &Option<Arc<dyn Fn() -> u64 + Send + Sync>>) -> Option
 }
 
 /// Creates a queue: its registry entry and its actor task.
-pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueInit) -> Arc<QueueRef> {
+pub fn spawn(
+    make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef,
+    init: QueueInit,
+) -> Arc<QueueRef> {
     let (tx, rx) = mpsc::channel(init.inbox.max(1));
     let q = Arc::new(make(tx));
     let storage = if q.is_stored() { init.storage } else { None };
@@ -123,15 +130,19 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: QueueI
         ever_consumed: false,
         out: Vec::new(),
         storage,
-                forget: Vec::new(),
+        forget: Vec::new(),
         delivered: Vec::new(),
-                flow_threshold: init.flow_threshold,
+        flow_threshold: init.flow_threshold,
         last_used: now_ms(),
         gids: init.gids,
         eff: crate::broker::policy::effective(&init.vhost, &q),
     };
     actor.core.set_limits(actor.eff.limits.clone());
-    actor.core.set_retry(super::args::effective_retry(&q.args, &q.arguments, |k| actor.eff.policy_value(k)));
+    actor
+        .core
+        .set_retry(super::args::effective_retry(&q.args, &q.arguments, |k| {
+            actor.eff.policy_value(k)
+        }));
     actor.page();
     actor.update_flow();
     let span = tracing::debug_span!("queue", name = %q.name, vhost = %q.vhost);
@@ -145,7 +156,7 @@ enum Flow {
 }
 
 impl QueueActor {
-        async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut cmds = Vec::with_capacity(64);
         loop {
             let deadline = self.next_deadline();
@@ -183,8 +194,20 @@ impl QueueActor {
     /// When the actor must wake up without a command: the next message
     /// expiry or the queue's own expiry (x-expires).
     fn next_deadline(&self) -> Option<u64> {
-        let q_exp = self.eff.expires.filter(|_| self.core.consumer_count() == 0).map(|e| self.last_used + e);
-        [self.core.next_expiry(), q_exp, self.core.next_timeout(), self.core.next_retry()].into_iter().flatten().min()
+        let q_exp = self
+            .eff
+            .expires
+            .filter(|_| self.core.consumer_count() == 0)
+            .map(|e| self.last_used + e);
+        [
+            self.core.next_expiry(),
+            q_exp,
+            self.core.next_timeout(),
+            self.core.next_retry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Consumer timeout: a consumer that held a delivery unacked too long is
@@ -195,14 +218,26 @@ impl QueueActor {
             return;
         }
         for cid in self.core.timed_out(now_ms()) {
-            warn!(consumer = cid, "consumer timed out holding an unacknowledged delivery; cancelling it");
+            warn!(
+                consumer = cid,
+                "consumer timed out holding an unacknowledged delivery; cancelling it"
+            );
             let settled = self.core.cancel_and_requeue(cid);
             if let Some(link) = self.links.remove(&cid) {
-                let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: cid, revoked: true });
+                let _ = link.conn.send(ConnCmd::ConsumerCancelled {
+                    channel: link.channel,
+                    consumer: cid,
+                    revoked: true,
+                });
             }
             let dead = settled.dead;
             let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
-            self.forget.extend(settled.removed_gids.into_iter().filter(|g| !handled.contains(g)));
+            self.forget.extend(
+                settled
+                    .removed_gids
+                    .into_iter()
+                    .filter(|g| !handled.contains(g)),
+            );
             self.dead_letter(dead).await;
         }
     }
@@ -229,7 +264,9 @@ impl QueueActor {
             if env.gid != 0 {
                 self.forget.push(env.gid);
             }
-            let (Some(dlx), Some(vhost)) = (dlx.as_deref(), vhost.as_ref()) else { continue };
+            let (Some(dlx), Some(vhost)) = (dlx.as_deref(), vhost.as_ref()) else {
+                continue;
+            };
             if !self.fill_body(&mut env) {
                 continue;
             }
@@ -238,9 +275,21 @@ impl QueueActor {
                 trace!(dlx, "dead-letter exchange does not exist; message dropped");
                 continue;
             };
-            let out = deadletter::dead_lettered(&msg, &self.q.name, reason, now_secs, dlx, self.eff.dead_letter_routing_key.as_deref());
+            let out = deadletter::dead_lettered(
+                &msg,
+                &self.q.name,
+                reason,
+                now_secs,
+                dlx,
+                self.eff.dead_letter_routing_key.as_deref(),
+            );
             let mut targets = Vec::new();
-            vhost.route(&ex, out.routing_key_str(), out.properties.headers().as_ref(), &mut targets);
+            vhost.route(
+                &ex,
+                out.routing_key_str(),
+                out.properties.headers().as_ref(),
+                &mut targets,
+            );
             if reason != DeadReason::Rejected {
                 targets.retain(|t| !deadletter::is_cycle(&out, &t.name));
             }
@@ -251,7 +300,11 @@ impl QueueActor {
             let mut gid = 0;
             if out.is_persistent() {
                 if let Some(st) = &self.storage {
-                    let stored: Vec<u64> = targets.iter().filter(|t| t.is_stored()).map(|t| t.id).collect();
+                    let stored: Vec<u64> = targets
+                        .iter()
+                        .filter(|t| t.is_stored())
+                        .map(|t| t.id)
+                        .collect();
                     if !stored.is_empty() {
                         if let Some(b) = vhost_broker_gid(&self.gids) {
                             gid = b;
@@ -265,7 +318,10 @@ impl QueueActor {
             }
             for t in targets {
                 let g = if t.is_stored() { gid } else { 0 };
-                let cmd = QueueCmd::Publish { msgs: vec![(out.clone(), g)], confirm: None };
+                let cmd = QueueCmd::Publish {
+                    msgs: vec![(out.clone(), g)],
+                    confirm: None,
+                };
                 // Never wait on another queue from here: two queues that
                 // dead-letter into each other would deadlock.
                 if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
@@ -278,14 +334,18 @@ impl QueueActor {
         }
     }
 
-        /// Flow control: while the backlog is over the threshold and consumers
+    /// Flow control: while the backlog is over the threshold and consumers
     /// are attached (so it is draining, just not fast enough), publishers to
     /// this queue slow down. Without consumers a backlog is expected; the
     /// memory alarm and paging bound it instead.
-            fn update_flow(&mut self) {
+    fn update_flow(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.q.ready_gauge.store(self.core.ready_len() as u64, Relaxed);
-        self.q.consumers_gauge.store(self.core.consumer_count() as u64, Relaxed);
+        self.q
+            .ready_gauge
+            .store(self.core.ready_len() as u64, Relaxed);
+        self.q
+            .consumers_gauge
+            .store(self.core.consumer_count() as u64, Relaxed);
         self.q.flow_threshold.store(self.flow_threshold, Relaxed);
     }
 
@@ -322,14 +382,17 @@ impl QueueActor {
         ready.page_out(|gid| msgs.contains(gid));
         let lost = ready.page_in(|gid| load(msgs, gid));
         for e in lost {
-            error!(gid = e.gid, "a stored message of this queue could not be read back and is lost; check the data directory for damage");
+            error!(
+                gid = e.gid,
+                "a stored message of this queue could not be read back and is lost; check the data directory for damage"
+            );
             self.forget.push(e.gid);
         }
     }
 
     async fn handle(&mut self, cmd: QueueCmd) -> Flow {
         match cmd {
-                                    QueueCmd::Publish { msgs, confirm } => {
+            QueueCmd::Publish { msgs, confirm } => {
                 trace!(n = msgs.len(), "enqueue");
                 let _ = self.q.inflight.fetch_update(
                     std::sync::atomic::Ordering::Relaxed,
@@ -357,15 +420,31 @@ impl QueueActor {
                     // messages also wait for the store's group commit).
                     // Refused by a length limit: basic.nack.
                     if rejected.is_empty() {
-                        let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: c.seqs, nack: false });
+                        let _ = c.conn.send(ConnCmd::Confirm {
+                            channel: c.channel,
+                            seqs: c.seqs,
+                            nack: false,
+                        });
                     } else {
                         let (mut acks, mut nacks) = (Vec::new(), Vec::new());
                         for (i, s) in c.seqs.into_iter().enumerate() {
-                            if rejected.contains(&i) { nacks.push(s) } else { acks.push(s) }
+                            if rejected.contains(&i) {
+                                nacks.push(s)
+                            } else {
+                                acks.push(s)
+                            }
                         }
-                        let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: nacks, nack: true });
+                        let _ = c.conn.send(ConnCmd::Confirm {
+                            channel: c.channel,
+                            seqs: nacks,
+                            nack: true,
+                        });
                         if !acks.is_empty() {
-                            let _ = c.conn.send(ConnCmd::Confirm { channel: c.channel, seqs: acks, nack: false });
+                            let _ = c.conn.send(ConnCmd::Confirm {
+                                channel: c.channel,
+                                seqs: acks,
+                                nack: false,
+                            });
                         }
                     }
                 }
@@ -381,10 +460,20 @@ impl QueueActor {
                     // Hook: other policy keys (e.g. delayed retry) are in
                     // self.eff.policy_value(key).
                     let eff = &self.eff;
-                    self.core.set_retry(super::args::effective_retry(&self.q.args, &self.q.arguments, |k| eff.policy_value(k)));
+                    self.core.set_retry(super::args::effective_retry(
+                        &self.q.args,
+                        &self.q.arguments,
+                        |k| eff.policy_value(k),
+                    ));
                 }
             }
-            QueueCmd::Consume { mut spec, conn, tag, reply, args } => {
+            QueueCmd::Consume {
+                mut spec,
+                conn,
+                tag,
+                reply,
+                args,
+            } => {
                 match consume_args(&args, self.q.args.consumer_timeout) {
                     Ok((priority, timeout)) => {
                         spec.priority = priority;
@@ -397,7 +486,7 @@ impl QueueActor {
                 }
                 let id = spec.id;
                 let channel = spec.owner.channel;
-                                self.last_used = now_ms();
+                self.last_used = now_ms();
                 let res = match self.core.add_consumer(spec) {
                     Ok(()) => {
                         self.links.insert(id, Link { conn, channel, tag });
@@ -406,12 +495,15 @@ impl QueueActor {
                     }
                     Err(ConsumeRefused::ExclusiveInUse) => Err(AmqpError::new(
                         crate::protocol::error::code::ACCESS_REFUSED,
-                        format!("queue '{}' in vhost '{}' in exclusive use", self.q.name, self.q.vhost),
+                        format!(
+                            "queue '{}' in vhost '{}' in exclusive use",
+                            self.q.name, self.q.vhost
+                        ),
                     )),
                 };
                 let _ = reply.send(res);
             }
-                        QueueCmd::Cancel { consumer, reply } => {
+            QueueCmd::Cancel { consumer, reply } => {
                 self.last_used = now_ms();
                 self.core.remove_consumer(consumer);
                 self.links.remove(&consumer);
@@ -419,16 +511,31 @@ impl QueueActor {
                     let _ = r.send(());
                 }
             }
-                        QueueCmd::Settle { ids, outcome } => {
+            QueueCmd::Settle { ids, outcome } => {
                 let settled = self.core.settle(&ids, outcome);
                 let mut dead = settled.dead;
-                dead.extend(settled.discarded.into_iter().map(|e| (e, DeadReason::Rejected)));
+                dead.extend(
+                    settled
+                        .discarded
+                        .into_iter()
+                        .map(|e| (e, DeadReason::Rejected)),
+                );
                 // dead_letter forgets the store records of what it handles.
-                let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
-                self.forget.extend(settled.removed_gids.into_iter().filter(|g| !handled.contains(g)));
+                let handled: std::collections::HashSet<u64> =
+                    dead.iter().map(|(e, _)| e.gid).collect();
+                self.forget.extend(
+                    settled
+                        .removed_gids
+                        .into_iter()
+                        .filter(|g| !handled.contains(g)),
+                );
                 self.dead_letter(dead).await;
             }
-                        QueueCmd::Get { owner, no_ack, reply } => {
+            QueueCmd::Get {
+                owner,
+                no_ack,
+                reply,
+            } => {
                 self.last_used = now_ms();
                 let mut got = self.core.get(owner, no_ack);
                 if let Some((env, _)) = got.as_mut() {
@@ -446,13 +553,26 @@ impl QueueActor {
             }
             QueueCmd::Credit { consumer, n } => self.core.credit(consumer, n),
             QueueCmd::ChannelClosed { owner } => {
-                for id in self.core.channel_closed(owner) {
+                let (gone, settled) = self.core.channel_closed(owner);
+                for id in gone {
                     self.links.remove(&id);
                 }
+                // Messages returned past their delivery limit are
+                // dead-lettered, not lost.
+                let handled: std::collections::HashSet<u64> =
+                    settled.dead.iter().map(|(e, _)| e.gid).collect();
+                self.forget.extend(
+                    settled
+                        .removed_gids
+                        .into_iter()
+                        .filter(|g| !handled.contains(g)),
+                );
+                self.dead_letter(settled.dead).await;
             }
             QueueCmd::Purge { reply } => {
                 let purged = self.core.purge();
-                self.forget.extend(purged.iter().map(|e| e.gid).filter(|g| *g != 0));
+                self.forget
+                    .extend(purged.iter().map(|e| e.gid).filter(|g| *g != 0));
                 let _ = reply.send(purged.len() as u64);
             }
             QueueCmd::Stats { reply } => {
@@ -460,12 +580,18 @@ impl QueueActor {
             }
             QueueCmd::Kick => {}
             QueueCmd::Peek { count, reply } => {
-                let envs: Vec<(Option<Arc<Message>>, u64, bool)> =
-                    self.core.ready_mut().iter().take(count).map(|e| (e.msg.clone(), e.gid, e.redelivered)).collect();
+                let envs: Vec<(Option<Arc<Message>>, u64, bool)> = self
+                    .core
+                    .ready_mut()
+                    .iter()
+                    .take(count)
+                    .map(|e| (e.msg.clone(), e.gid, e.redelivered))
+                    .collect();
                 let msgs = envs
                     .into_iter()
                     .filter_map(|(m, gid, r)| {
-                        let m = m.or_else(|| self.storage.as_ref().and_then(|st| load(&st.msgs, gid)))?;
+                        let m =
+                            m.or_else(|| self.storage.as_ref().and_then(|st| load(&st.msgs, gid)))?;
                         Some((m, r))
                     })
                     .collect();
@@ -475,16 +601,30 @@ impl QueueActor {
                 let infos = self
                     .links
                     .values()
-                    .map(|l| super::ConsumerInfo { tag: l.tag.to_string(), channel: l.channel, conn: l.conn.clone() })
+                    .map(|l| super::ConsumerInfo {
+                        tag: l.tag.to_string(),
+                        channel: l.channel,
+                        conn: l.conn.clone(),
+                    })
                     .collect();
                 let _ = reply.send(infos);
             }
-            QueueCmd::Delete { if_unused, if_empty, reply } => {
+            QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            } => {
                 let counts = self.core.counts();
                 let refused = if if_unused && counts.consumers > 0 {
-                    Some(format!("queue '{}' in vhost '{}' in use", self.q.name, self.q.vhost))
+                    Some(format!(
+                        "queue '{}' in vhost '{}' in use",
+                        self.q.name, self.q.vhost
+                    ))
                 } else if if_empty && counts.ready > 0 {
-                    Some(format!("queue '{}' in vhost '{}' not empty", self.q.name, self.q.vhost))
+                    Some(format!(
+                        "queue '{}' in vhost '{}' not empty",
+                        self.q.name, self.q.vhost
+                    ))
                 } else {
                     None
                 };
@@ -513,7 +653,11 @@ impl QueueActor {
             dropped_exchanges = vhost.forget_queue(&self.q);
         }
         for (id, link) in self.links.drain() {
-            let _ = link.conn.send(ConnCmd::ConsumerCancelled { channel: link.channel, consumer: id, revoked: false });
+            let _ = link.conn.send(ConnCmd::ConsumerCancelled {
+                channel: link.channel,
+                consumer: id,
+                revoked: false,
+            });
         }
         if let Some(st) = &self.storage {
             let mut gids = self.core.stored_gids();
@@ -521,8 +665,13 @@ impl QueueActor {
             if let Err(e) = st.msgs.drop_queue(self.q.id, gids).await {
                 warn!("could not drop the deleted queue's messages from the store: {e}");
             }
-            if let Err(e) = st.delete_queue(&self.q.vhost, &self.q.name, self.q.id).await {
-                error!("could not remove the deleted queue from the definitions store: {e}; it may reappear after a restart");
+            if let Err(e) = st
+                .delete_queue(&self.q.vhost, &self.q.name, self.q.id)
+                .await
+            {
+                error!(
+                    "could not remove the deleted queue from the definitions store: {e}; it may reappear after a restart"
+                );
             }
             for x in dropped_exchanges {
                 let _ = st.delete_exchange(&self.q.vhost, &x).await;
@@ -542,7 +691,10 @@ impl QueueActor {
                 true
             }
             None => {
-                error!(gid = env.gid, "a stored message of this queue could not be read back and is lost; check the data directory for damage");
+                error!(
+                    gid = env.gid,
+                    "a stored message of this queue could not be read back and is lost; check the data directory for damage"
+                );
                 self.forget.push(env.gid);
                 false
             }
@@ -562,12 +714,15 @@ impl QueueActor {
                 unreadable.push(env.id);
                 continue;
             }
-                        if env.gid != 0 && !env.redelivered {
+            if env.gid != 0 && !env.redelivered {
                 self.delivered.push(env.gid);
             }
             if env.delivery_count > 0 {
                 if let Some(m) = &env.msg {
-                    env.msg = Some(Arc::new(deadletter::with_delivery_count(m, env.delivery_count)));
+                    env.msg = Some(Arc::new(deadletter::with_delivery_count(
+                        m,
+                        env.delivery_count,
+                    )));
                 }
             }
             match batches.iter_mut().find(|(c, _)| *c == cid) {
@@ -612,7 +767,10 @@ impl QueueActor {
 
 /// basic.consume arguments for classic queues: x-priority (integer) and
 /// x-consumer-timeout (ms, overriding the queue's).
-fn consume_args(args: &amq_protocol::types::FieldTable, queue_timeout: Option<u64>) -> Result<(i32, Option<u64>), AmqpError> {
+fn consume_args(
+    args: &amq_protocol::types::FieldTable,
+    queue_timeout: Option<u64>,
+) -> Result<(i32, Option<u64>), AmqpError> {
     use crate::broker::headers::value_int;
     let mut priority = 0;
     let mut timeout = queue_timeout;

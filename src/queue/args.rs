@@ -73,7 +73,10 @@ impl RetryArgs {
         let count = count.max(1);
         let d = match self.backoff {
             Backoff::Linear => self.min.saturating_mul(count),
-            Backoff::Exponential => self.min.saturating_mul(1u64.checked_shl((count - 1).min(63) as u32).unwrap_or(u64::MAX)),
+            Backoff::Exponential => self.min.saturating_mul(
+                1u64.checked_shl((count - 1).min(63) as u32)
+                    .unwrap_or(u64::MAX),
+            ),
         };
         self.max.map_or(d, |m| d.min(m))
     }
@@ -406,7 +409,10 @@ impl QueueArgs {
             }
         }
         if let Some(d) = out.dedup.as_mut() {
-            for (k, slot, min) in [("x-cache-size", &mut d.cache_size, 1), ("x-cache-ttl", &mut d.cache_ttl, 1)] {
+            for (k, slot, min) in [
+                ("x-cache-size", &mut d.cache_size, 1),
+                ("x-cache-ttl", &mut d.cache_ttl, 1),
+            ] {
                 if let Some(v) = args.inner().get(k) {
                     *slot = Some(int(k, v, min)?);
                 }

@@ -118,7 +118,7 @@ struct ConsumerState {
 }
 
 impl ConsumerState {
-        /// Flow credit bounds what is in flight to the connection for every
+    /// Flow credit bounds what is in flight to the connection for every
     /// consumer (so an unlimited prefetch cannot pull a whole backlog into
     /// memory); prefetch bounds what is unacked.
     fn has_credit(&self) -> bool {
@@ -188,7 +188,7 @@ pub struct Counts {
     pub unacked: u64,
     /// Consumers attached.
     pub consumers: u64,
-        /// Bytes of ready message bodies.
+    /// Bytes of ready message bodies.
     pub ready_bytes: u64,
     /// Ready messages whose body is held in memory (the rest are paged out).
     pub in_memory: u64,
@@ -242,7 +242,10 @@ pub struct DedupCache {
 impl DedupCache {
     /// An empty cache.
     pub fn new(args: super::args::DedupArgs) -> Self {
-        DedupCache { args, ..Default::default() }
+        DedupCache {
+            args,
+            ..Default::default()
+        }
     }
 
     /// The deduplication id of a message: its x-deduplication-header
@@ -254,12 +257,15 @@ impl DedupCache {
     /// The deduplication id in a header table.
     pub fn id_in(h: &amq_protocol::types::FieldTable) -> Option<String> {
         let v = h.inner().get("x-deduplication-header")?;
-        crate::broker::headers::value_str(v).or_else(|| crate::broker::headers::value_int(v).map(|i| i.to_string()))
+        crate::broker::headers::value_str(v)
+            .or_else(|| crate::broker::headers::value_int(v).map(|i| i.to_string()))
     }
 
     /// True if `id` was seen and is still remembered at `now`.
     pub fn contains(&self, id: &str, now: u64) -> bool {
-        self.seen.get(id).is_some_and(|(exp, _)| *exp == 0 || *exp > now)
+        self.seen
+            .get(id)
+            .is_some_and(|(exp, _)| *exp == 0 || *exp > now)
     }
 
     /// True if `id` was seen and is still remembered at `now`; otherwise
@@ -271,12 +277,17 @@ impl DedupCache {
             }
         }
         self.seq += 1;
-        let exp = self.args.cache_ttl.map_or(0, |t| now.saturating_add(t).max(1));
+        let exp = self
+            .args
+            .cache_ttl
+            .map_or(0, |t| now.saturating_add(t).max(1));
         self.seen.insert(id.clone(), (exp, self.seq));
         self.order.push_back((self.seq, id));
         let cap = self.args.cache_size.unwrap_or(u64::MAX);
         while self.seen.len() as u64 > cap || self.order.len() > 2 * self.seen.len() + 64 {
-            let Some((seq, old)) = self.order.pop_front() else { break };
+            let Some((seq, old)) = self.order.pop_front() else {
+                break;
+            };
             if self.seen.get(&old).is_some_and(|(_, s)| *s == seq) {
                 self.seen.remove(&old);
             }
@@ -466,7 +477,7 @@ impl QueueCore {
         id
     }
 
-        /// Sets lifecycle limits (at creation, or when a policy changes).
+    /// Sets lifecycle limits (at creation, or when a policy changes).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
     }
@@ -481,7 +492,12 @@ impl QueueCore {
     /// applies the length limits. Returns whether it was taken, and any
     /// messages that left the queue because of it (drop-head victims, or the
     /// refused message itself with reject-publish-dlx).
-    pub fn publish(&mut self, msg: Arc<Message>, gid: u64, now: u64) -> (Admission, Vec<(Envelope, DeadReason)>) {
+    pub fn publish(
+        &mut self,
+        msg: Arc<Message>,
+        gid: u64,
+        now: u64,
+    ) -> (Admission, Vec<(Envelope, DeadReason)>) {
         let dedup_id = self.dedup.as_ref().and_then(|_| DedupCache::id_of(&msg));
         if let (Some(cache), Some(id)) = (self.dedup.as_ref(), dedup_id.as_ref()) {
             if cache.contains(id, now) {
@@ -489,7 +505,11 @@ impl QueueCore {
             }
         }
         let size = msg.body.len().min(u32::MAX as usize) as u32;
-        let per_msg = msg.properties.expiration().as_ref().and_then(|e| e.as_str().parse::<u64>().ok());
+        let per_msg = msg
+            .properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok());
         let ttl = match (self.limits.message_ttl, per_msg) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -498,20 +518,42 @@ impl QueueCore {
         let priority = self.priority_of(&msg);
         let mut dead = Vec::new();
         let over = |q: &Self, extra_n: u64, extra_b: u64| {
-            q.limits.max_length.is_some_and(|m| q.ready.len() as u64 + extra_n > m)
-                || q.limits.max_length_bytes.is_some_and(|m| q.ready.bytes() + extra_b > m)
+            q.limits
+                .max_length
+                .is_some_and(|m| q.ready.len() as u64 + extra_n > m)
+                || q.limits
+                    .max_length_bytes
+                    .is_some_and(|m| q.ready.bytes() + extra_b > m)
         };
         use super::args::Overflow;
         if self.limits.overflow != Overflow::DropHead && over(self, 1, u64::from(size)) {
             if self.limits.overflow == Overflow::RejectPublishDlx {
-                let env = Envelope { id: 0, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires, priority };
+                let env = Envelope {
+                    id: 0,
+                    gid,
+                    msg: Some(msg),
+                    size,
+                    delivery_count: 0,
+                    redelivered: false,
+                    expires,
+                    priority,
+                };
                 dead.push((env, DeadReason::MaxLen));
             }
             return (Admission::Rejected, dead);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.ready.push_back(Envelope { id, gid, msg: Some(msg), size, delivery_count: 0, redelivered: false, expires, priority });
+        self.ready.push_back(Envelope {
+            id,
+            gid,
+            msg: Some(msg),
+            size,
+            delivery_count: 0,
+            redelivered: false,
+            expires,
+            priority,
+        });
         if per_msg.is_some() && expires != 0 {
             self.expiries.push(Reverse((expires, id)));
         }
@@ -540,7 +582,10 @@ impl QueueCore {
                 out.push((e, DeadReason::Expired));
             }
         }
-        for e in self.ready.pop_front_while(|e| e.expires != 0 && e.expires <= now) {
+        for e in self
+            .ready
+            .pop_front_while(|e| e.expires != 0 && e.expires <= now)
+        {
             out.push((e, DeadReason::Expired));
         }
         out
@@ -567,12 +612,12 @@ impl QueueCore {
             ready: (self.ready.len() + self.delayed.len()) as u64,
             unacked: self.unacked.len() as u64,
             consumers: self.consumers.len() as u64,
-                        ready_bytes: self.ready.bytes(),
+            ready_bytes: self.ready.bytes(),
             in_memory: self.ready.in_memory() as u64,
         }
     }
 
-        /// Number of ready messages (cheap).
+    /// Number of ready messages (cheap).
     pub fn ready_len(&self) -> usize {
         self.ready.len()
     }
@@ -594,7 +639,8 @@ impl QueueCore {
         let pos = if self.single_active {
             self.consumers.len()
         } else {
-            self.consumers.partition_point(|c| c.spec.priority >= spec.priority)
+            self.consumers
+                .partition_point(|c| c.spec.priority >= spec.priority)
         };
         self.consumers.insert(
             pos,
@@ -620,7 +666,11 @@ impl QueueCore {
         }
         // A group's cursor lives in its first consumer: hand it on.
         let starts_group = pos == 0 || self.consumers[pos - 1].spec.priority != c.spec.priority;
-        if let Some(next) = self.consumers.get_mut(pos).filter(|n| starts_group && n.spec.priority == c.spec.priority) {
+        if let Some(next) = self
+            .consumers
+            .get_mut(pos)
+            .filter(|n| starts_group && n.spec.priority == c.spec.priority)
+        {
             next.rr = c.rr.saturating_sub(1);
         }
         true
@@ -639,7 +689,10 @@ impl QueueCore {
                 break;
             }
             self.timeouts.pop();
-            let live = self.unacked.get(&id).is_some_and(|u| u.consumer == Some(cid) && u.deadline == at);
+            let live = self
+                .unacked
+                .get(&id)
+                .is_some_and(|u| u.consumer == Some(cid) && u.deadline == at);
             if live && !out.contains(&cid) {
                 out.push(cid);
             }
@@ -764,7 +817,9 @@ impl QueueCore {
         if self.timeouts.len() > 64 + 2 * self.unacked.len() {
             let unacked = &self.unacked;
             self.timeouts.retain(|Reverse((at, id, cid))| {
-                unacked.get(id).is_some_and(|u| u.consumer == Some(*cid) && u.deadline == *at)
+                unacked
+                    .get(id)
+                    .is_some_and(|u| u.consumer == Some(*cid) && u.deadline == *at)
             });
         }
     }
@@ -841,7 +896,7 @@ impl QueueCore {
 
     /// A channel closed: every delivery it held goes back to the queue, and
     /// its consumers are removed. Returns the removed consumer ids.
-    pub fn channel_closed(&mut self, owner: Owner) -> Vec<ConsumerId> {
+    pub fn channel_closed(&mut self, owner: Owner) -> (Vec<ConsumerId>, Settled) {
         let mut ids: Vec<MsgId> = self
             .unacked
             .iter()
@@ -849,7 +904,8 @@ impl QueueCore {
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();
-        self.settle(&ids, Outcome::Return);
+        // Returned messages over the delivery limit come back in `dead`.
+        let settled = self.settle(&ids, Outcome::Return);
         let gone: Vec<ConsumerId> = self
             .consumers
             .iter()
@@ -859,7 +915,7 @@ impl QueueCore {
         for id in &gone {
             self.remove_consumer(*id);
         }
-        gone
+        (gone, settled)
     }
 
     /// Drops every ready message; returns them (the store forgets them).
@@ -1027,12 +1083,18 @@ mod tests {
     fn priorities_deliver_highest_first_fifo_within() {
         let mut q = QueueCore::new(2);
         q.set_max_priority(5);
-        for (i, p) in [None, Some(3), Some(9), Some(3), Some(0)].into_iter().enumerate() {
+        for (i, p) in [None, Some(3), Some(9), Some(3), Some(0)]
+            .into_iter()
+            .enumerate()
+        {
             q.enqueue(msg_p(i as u64, p), 0);
         }
         // 9 is capped at 5; no priority is 0.
         assert_eq!(q.ready.ids(), vec![2, 1, 3, 0, 4]);
-        let owner = Owner { conn: 1, channel: 1 };
+        let owner = Owner {
+            conn: 1,
+            channel: 1,
+        };
         let (e, _) = q.get(owner, false).unwrap();
         assert_eq!(e.id, 2);
         let (e1, _) = q.get(owner, false).unwrap();
@@ -1060,7 +1122,10 @@ mod tests {
         q.add_consumer(hi_b).unwrap();
         let mut out = vec![];
         q.dispatch(&mut out);
-        assert_eq!(ids_of(&out), vec![(2, 0), (3, 1), (1, 2), (1, 3), (1, 4), (1, 5)]);
+        assert_eq!(
+            ids_of(&out),
+            vec![(2, 0), (3, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+        );
     }
 
     #[test]
@@ -1076,7 +1141,10 @@ mod tests {
         q.dispatch(&mut out);
         assert_eq!(ids_of(&out), vec![(1, 0), (1, 1)]);
         out.clear();
-        q.channel_closed(Owner { conn: 1, channel: 1 });
+        q.channel_closed(Owner {
+            conn: 1,
+            channel: 1,
+        });
         q.dispatch(&mut out);
         assert_eq!(ids_of(&out), vec![(2, 0), (2, 1), (2, 2), (2, 3)]);
         assert!(out[0].1.redelivered && !out[2].1.redelivered);
@@ -1097,7 +1165,15 @@ mod tests {
         assert_eq!(q.timed_out(1_100), vec![1]);
         q.cancel_and_requeue(1);
         assert_eq!(q.consumer_count(), 0);
-        let (e, _) = q.get(Owner { conn: 1, channel: 2 }, true).unwrap();
+        let (e, _) = q
+            .get(
+                Owner {
+                    conn: 1,
+                    channel: 2,
+                },
+                true,
+            )
+            .unwrap();
         assert!(e.redelivered);
     }
 
@@ -1105,7 +1181,12 @@ mod tests {
     fn delayed_retry_waits_without_blocking_and_returns_in_place() {
         use super::super::args::{Backoff, RetryArgs, RetryType};
         let mut q = QueueCore::new(10);
-        q.set_retry(RetryArgs { kind: RetryType::Returned, min: 100, max: Some(250), backoff: Backoff::Exponential });
+        q.set_retry(RetryArgs {
+            kind: RetryType::Returned,
+            min: 100,
+            max: Some(250),
+            backoff: Backoff::Exponential,
+        });
         q.add_consumer(spec(1, 1)).unwrap();
         for i in 0..3 {
             q.enqueue(msg(i), 0);

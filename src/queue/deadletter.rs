@@ -33,7 +33,8 @@ pub fn dead_lettered(
     let field = |t: &FieldTable, k: &str| t.inner().get(k).and_then(value_str);
     let existing = deaths.iter().position(|d| match d {
         AMQPValue::FieldTable(t) => {
-            field(t, "queue").as_deref() == Some(queue) && field(t, "reason").as_deref() == Some(reason.as_str())
+            field(t, "queue").as_deref() == Some(queue)
+                && field(t, "reason").as_deref() == Some(reason.as_str())
         }
         _ => false,
     });
@@ -43,7 +44,11 @@ pub fn dead_lettered(
                 AMQPValue::FieldTable(t) => t,
                 _ => FieldTable::default(),
             };
-            let count = t.inner().get("count").and_then(crate::broker::headers::value_int).unwrap_or(0);
+            let count = t
+                .inner()
+                .get("count")
+                .and_then(crate::broker::headers::value_int)
+                .unwrap_or(0);
             t.insert("count".into(), AMQPValue::LongLongInt(count + 1));
             t.insert("time".into(), AMQPValue::Timestamp(now_secs));
             t
@@ -66,7 +71,10 @@ pub fn dead_lettered(
         }
     };
     deaths.insert(0, AMQPValue::FieldTable(entry));
-    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(deaths)));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
     if !headers.contains_key("x-first-death-reason") {
         headers.insert("x-first-death-reason".into(), ls(reason.as_str()));
         headers.insert("x-first-death-queue".into(), ls(queue));
@@ -77,19 +85,43 @@ pub fn dead_lettered(
     headers.insert("x-last-death-exchange".into(), ls(msg.exchange_str()));
     // Rebuild without the expiration (it must not expire again downstream).
     let mut rebuilt = amq_protocol::protocol::BasicProperties::default();
-    if let Some(v) = props.content_type() { rebuilt = rebuilt.with_content_type(v.clone()); }
-    if let Some(v) = props.content_encoding() { rebuilt = rebuilt.with_content_encoding(v.clone()); }
+    if let Some(v) = props.content_type() {
+        rebuilt = rebuilt.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        rebuilt = rebuilt.with_content_encoding(v.clone());
+    }
     rebuilt = rebuilt.with_headers(headers);
-    if let Some(v) = props.delivery_mode() { rebuilt = rebuilt.with_delivery_mode(*v); }
-    if let Some(v) = props.priority() { rebuilt = rebuilt.with_priority(*v); }
-    if let Some(v) = props.correlation_id() { rebuilt = rebuilt.with_correlation_id(v.clone()); }
-    if let Some(v) = props.reply_to() { rebuilt = rebuilt.with_reply_to(v.clone()); }
-    if let Some(v) = props.message_id() { rebuilt = rebuilt.with_message_id(v.clone()); }
-    if let Some(v) = props.timestamp() { rebuilt = rebuilt.with_timestamp(*v); }
-    if let Some(v) = props.kind() { rebuilt = rebuilt.with_type(v.clone()); }
-    if let Some(v) = props.user_id() { rebuilt = rebuilt.with_user_id(v.clone()); }
-    if let Some(v) = props.app_id() { rebuilt = rebuilt.with_app_id(v.clone()); }
-    if let Some(v) = props.cluster_id() { rebuilt = rebuilt.with_cluster_id(v.clone()); }
+    if let Some(v) = props.delivery_mode() {
+        rebuilt = rebuilt.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        rebuilt = rebuilt.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        rebuilt = rebuilt.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        rebuilt = rebuilt.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        rebuilt = rebuilt.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        rebuilt = rebuilt.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        rebuilt = rebuilt.with_type(v.clone());
+    }
+    if let Some(v) = props.user_id() {
+        rebuilt = rebuilt.with_user_id(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        rebuilt = rebuilt.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        rebuilt = rebuilt.with_cluster_id(v.clone());
+    }
     props = rebuilt;
     let routing_key = dl_routing_key.unwrap_or(msg.routing_key_str());
     Message {
@@ -105,11 +137,18 @@ pub fn dead_lettered(
 /// rejection must not go back to a queue it already died in, unless a
 /// rejection happened along the way.
 pub fn is_cycle(msg: &Message, target_queue: &str) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) = msg.properties.headers().as_ref().and_then(|h| h.inner().get("x-death")) else {
+    let Some(AMQPValue::FieldArray(deaths)) = msg
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death"))
+    else {
         return false;
     };
     for d in deaths.as_slice() {
-        let AMQPValue::FieldTable(t) = d else { continue };
+        let AMQPValue::FieldTable(t) = d else {
+            continue;
+        };
         if t.inner().get("reason").and_then(value_str).as_deref() == Some("rejected") {
             return false;
         }
@@ -124,7 +163,10 @@ pub fn is_cycle(msg: &Message, target_queue: &str) -> bool {
 /// only quorum queues as in RabbitMQ).
 pub fn with_delivery_count(msg: &Message, count: u16) -> Message {
     let mut headers = msg.properties.headers().clone().unwrap_or_default();
-    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(i64::from(count)));
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(count)),
+    );
     let props = msg.properties.clone().with_headers(headers);
     Message {
         exchange: msg.exchange.clone(),
@@ -140,7 +182,9 @@ mod tests {
     use super::*;
 
     fn msg() -> Message {
-        let props = amq_protocol::protocol::BasicProperties::default().with_expiration("5000".into()).with_delivery_mode(2);
+        let props = amq_protocol::protocol::BasicProperties::default()
+            .with_expiration("5000".into())
+            .with_delivery_mode(2);
         Message {
             exchange: Bytes::from_static(b"ex"),
             routing_key: Bytes::from_static(b"rk"),
@@ -151,7 +195,14 @@ mod tests {
     }
 
     fn deaths(m: &Message) -> Vec<FieldTable> {
-        match m.properties.headers().as_ref().unwrap().inner().get("x-death") {
+        match m
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-death")
+        {
             Some(AMQPValue::FieldArray(a)) => a
                 .as_slice()
                 .iter()
@@ -170,8 +221,14 @@ mod tests {
         assert!(m1.properties.expiration().is_none());
         let d = deaths(&m1);
         assert_eq!(d.len(), 1);
-        assert_eq!(value_str(&d[0].inner()["original-expiration"]).as_deref(), Some("5000"));
-        assert_eq!(value_str(&d[0].inner()["reason"]).as_deref(), Some("expired"));
+        assert_eq!(
+            value_str(&d[0].inner()["original-expiration"]).as_deref(),
+            Some("5000")
+        );
+        assert_eq!(
+            value_str(&d[0].inner()["reason"]).as_deref(),
+            Some("expired")
+        );
         assert_eq!(m1.routing_key_str(), "rk");
         assert_eq!(m1.exchange_str(), "dlx");
         let m2 = dead_lettered(&m1, "q2", DeadReason::Rejected, 101, "dlx", Some("again"));
@@ -179,10 +236,19 @@ mod tests {
         let d = deaths(&m3);
         assert_eq!(d.len(), 2, "one entry per queue and reason");
         assert_eq!(value_str(&d[0].inner()["queue"]).as_deref(), Some("q1"));
-        assert_eq!(crate::broker::headers::value_int(&d[0].inner()["count"]), Some(2));
+        assert_eq!(
+            crate::broker::headers::value_int(&d[0].inner()["count"]),
+            Some(2)
+        );
         let h = m3.properties.headers().as_ref().unwrap();
-        assert_eq!(value_str(&h.inner()["x-first-death-queue"]).as_deref(), Some("q1"));
-        assert_eq!(value_str(&h.inner()["x-last-death-reason"]).as_deref(), Some("expired"));
+        assert_eq!(
+            value_str(&h.inner()["x-first-death-queue"]).as_deref(),
+            Some("q1")
+        );
+        assert_eq!(
+            value_str(&h.inner()["x-last-death-reason"]).as_deref(),
+            Some("expired")
+        );
         assert!(is_cycle(&m1, "q1"));
         assert!(!is_cycle(&m2, "q1"), "a rejection breaks the cycle");
     }

@@ -47,7 +47,8 @@ impl Message {
 impl Message {
     /// Rebuilds a message read back from the store.
     pub fn from_parts(p: crate::store::MessageParts) -> Option<Message> {
-        let (rest, properties) = amq_protocol::protocol::basic::parse_properties(&p.raw_properties[..]).ok()?;
+        let (rest, properties) =
+            amq_protocol::protocol::basic::parse_properties(&p.raw_properties[..]).ok()?;
         if !rest.is_empty() {
             return None;
         }

@@ -106,7 +106,7 @@ pub enum QueueCmd {
         /// Reply.
         reply: oneshot::Sender<Counts>,
     },
-        /// Re-run dispatch (a channel-wide prefetch limit freed up).
+    /// Re-run dispatch (a channel-wide prefetch limit freed up).
     Kick,
     /// The queue was redeclared: it counts as used (x-expires).
     Touch,
@@ -174,7 +174,7 @@ pub struct QueueRef {
     /// The actor's inbox (bounded: a full inbox is backpressure).
     pub tx: mpsc::Sender<QueueCmd>,
     deleted: AtomicBool,
-        /// Flow-control gauges: ready messages and consumers (written by the
+    /// Flow-control gauges: ready messages and consumers (written by the
     /// actor after each batch), messages sent but not yet taken from the
     /// inbox (added by publishers, subtracted by the actor), and the
     /// threshold. Publishers read them before reading more from their socket.

@@ -36,7 +36,7 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<Arc<Segment>>, Recovery, u64), 
             Some((no, _)) => {
                 acks.insert(no);
             }
-                        None if name == "LOCK" => {}
+            None if name == "LOCK" => {}
             None => {
                 warn!(file = ?entry.path(), "ignoring unknown file in the message store directory")
             }

@@ -22,7 +22,9 @@ pub struct TestBroker {
 
 fn init_logs() {
     if std::env::var("WARREN_TEST_VERBOSE").is_ok() {
-        let _ = tracing_subscriber::fmt().with_env_filter("debug").try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .try_init();
     }
 }
 
@@ -72,7 +74,9 @@ impl TestBroker {
 
 /// Waits for `fut` at most `secs` seconds, failing the test otherwise.
 pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut).await.expect("timed out")
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .expect("timed out")
 }
 
 // ---------------------------------------------------------------------------
@@ -126,7 +130,10 @@ pub async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<String> {
     settle().await;
     let mut out = Vec::new();
     while let Some(m) = ch
-        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .expect("basic.get")
     {
@@ -194,7 +201,10 @@ pub enum RawEvent {
 /// Encodes one frame.
 pub fn encode_frame(f: &AMQPFrame) -> Vec<u8> {
     let ctx = WriteContext::from(Vec::new());
-    gen_frame::<Vec<u8>>(f)(ctx).expect("gen frame").into_inner().0
+    gen_frame::<Vec<u8>>(f)(ctx)
+        .expect("gen frame")
+        .into_inner()
+        .0
 }
 
 /// Encodes a frame from its parts (type, channel, payload), with a chosen end octet.
@@ -227,7 +237,10 @@ impl RawClient {
     /// Connects and completes the handshake as guest on "/", answering tune
     /// with the server's own values except `heartbeat`.
     pub async fn handshake(addr: SocketAddr, heartbeat: u16) -> RawClient {
-        RawClient::connect(addr).await.handshake_as_guest(heartbeat).await
+        RawClient::connect(addr)
+            .await
+            .handshake_as_guest(heartbeat)
+            .await
     }
 
     /// Completes the handshake (as `handshake` does) on a fresh client.
@@ -235,7 +248,9 @@ impl RawClient {
         let mut c = self;
         c.send(AMQP_HEADER).await;
         match c.method().await {
-            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => c.server_properties = s.server_properties,
+            (0, AMQPClass::Connection(conn_m::AMQPMethod::Start(s))) => {
+                c.server_properties = s.server_properties
+            }
             other => panic!("expected connection.start, got {other:?}"),
         }
         c.send_method(
@@ -264,7 +279,9 @@ impl RawClient {
         c.tune = Some(tune);
         c.send_method(
             0,
-            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open { virtual_host: "/".into() })),
+            AMQPClass::Connection(conn_m::AMQPMethod::Open(conn_m::Open {
+                virtual_host: "/".into(),
+            })),
         )
         .await;
         match c.method().await {
@@ -290,8 +307,11 @@ impl RawClient {
     /// Opens channel `ch` and waits for open-ok.
     pub async fn open_channel(&mut self, ch: u16) {
         use amq_protocol::protocol::channel as chan_m;
-        self.send_method(ch, AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})))
-            .await;
+        self.send_method(
+            ch,
+            AMQPClass::Channel(chan_m::AMQPMethod::Open(chan_m::Open {})),
+        )
+        .await;
         match self.method().await {
             (c, AMQPClass::Channel(chan_m::AMQPMethod::OpenOk(_))) if c == ch => {}
             other => panic!("expected channel.open-ok on {ch}, got {other:?}"),
@@ -307,7 +327,8 @@ impl RawClient {
                 return RawEvent::Bytes(b);
             }
             if self.buf.len() >= 7 {
-                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]]) as usize;
+                let size = u32::from_be_bytes([self.buf[3], self.buf[4], self.buf[5], self.buf[6]])
+                    as usize;
                 if self.buf.len() >= size + 8 {
                     let bytes: Vec<u8> = self.buf.drain(..size + 8).collect();
                     match parse_frame(&bytes[..]) {
@@ -320,7 +341,9 @@ impl RawClient {
             // future holding a read too big for a test thread's stack).
             self.buf.reserve(65536);
             let before = self.buf.len();
-            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+            {
                 Err(_) => panic!("timed out waiting for a frame"),
                 Ok(Err(_)) => 0, // reset counts as closed
                 Ok(Ok(n)) => n,
@@ -350,10 +373,21 @@ impl RawClient {
     pub async fn expect_connection_close(&mut self) -> (u16, String, u16, u16) {
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(c)))) => {
-                    self.send_method(0, AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})))
-                        .await;
-                    return (c.reply_code, c.reply_text.to_string(), c.class_id, c.method_id);
+                RawEvent::Frame(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::Close(c)),
+                )) => {
+                    self.send_method(
+                        0,
+                        AMQPClass::Connection(conn_m::AMQPMethod::CloseOk(conn_m::CloseOk {})),
+                    )
+                    .await;
+                    return (
+                        c.reply_code,
+                        c.reply_text.to_string(),
+                        c.class_id,
+                        c.method_id,
+                    );
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected connection.close, got {other:?}"),
@@ -366,11 +400,20 @@ impl RawClient {
         use amq_protocol::protocol::channel as chan_m;
         loop {
             match self.next().await {
-                RawEvent::Frame(AMQPFrame::Method(c, AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)))) if c == ch => {
+                RawEvent::Frame(AMQPFrame::Method(
+                    c,
+                    AMQPClass::Channel(chan_m::AMQPMethod::Close(cl)),
+                )) if c == ch => {
                     return (cl.reply_code, cl.reply_text.to_string());
                 }
-                RawEvent::Frame(AMQPFrame::Method(0, AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)))) => {
-                    panic!("expected channel.close, got connection.close {} {}", cl.reply_code, cl.reply_text)
+                RawEvent::Frame(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(conn_m::AMQPMethod::Close(cl)),
+                )) => {
+                    panic!(
+                        "expected channel.close, got connection.close {} {}",
+                        cl.reply_code, cl.reply_text
+                    )
                 }
                 RawEvent::Frame(_) => continue,
                 other => panic!("expected channel.close, got {other:?}"),
@@ -433,7 +476,8 @@ impl ChannelWatch {
                 match self.0.next().await {
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
-                        break amqp_error(&e).unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}"));
+                        break amqp_error(&e)
+                            .unwrap_or_else(|| panic!("expected an AMQP error, got {e:?}"));
                     }
                     None => panic!("channel ended without an error"),
                 }

@@ -23,7 +23,11 @@ impl WarrenProcess {
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> WarrenProcess {
         let log = data_dir.with_extension(format!("log-{}", std::process::id()));
-        let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args([
                 "--bind",
@@ -47,7 +51,11 @@ impl WarrenProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
-            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&log2).ok();
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log2)
+                .ok();
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(o) = out.as_mut() {
@@ -67,13 +75,18 @@ impl WarrenProcess {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "warren did not become ready; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        let addr: SocketAddr = addr.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("address");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "warren did not become ready; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let addr: SocketAddr = addr
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .expect("address");
         WarrenProcess {
             child,
             addr,
@@ -119,5 +132,8 @@ impl Drop for WarrenProcess {
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }

@@ -13,29 +13,89 @@ async fn persistent_delayed_message_survives_restart() {
     let data = dir.path().join("data");
     let w = WarrenProcess::start(&data);
     {
-        let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
         let mut args = FieldTable::default();
-        args.insert("x-delayed-type".into(), AMQPValue::LongString(LongString::from(b"direct".to_vec())));
-        ch.exchange_declare("later".into(), lapin::ExchangeKind::Custom("x-delayed-message".into()), ExchangeDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
-        ch.queue_declare("dq".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
-        ch.queue_bind("dq".into(), "later".into(), "k".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        args.insert(
+            "x-delayed-type".into(),
+            AMQPValue::LongString(LongString::from(b"direct".to_vec())),
+        );
+        ch.exchange_declare(
+            "later".into(),
+            lapin::ExchangeKind::Custom("x-delayed-message".into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            "dq".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            "dq".into(),
+            "later".into(),
+            "k".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         let mut h = FieldTable::default();
         h.insert("x-delay".into(), AMQPValue::LongInt(1500));
-        let props = BasicProperties::default().with_delivery_mode(2).with_headers(h);
-        let c = ch.basic_publish("later".into(), "k".into(), BasicPublishOptions::default(), b"wait for me", props).await.unwrap().await.unwrap();
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let c = ch
+            .basic_publish(
+                "later".into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                b"wait for me",
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert!(c.is_ack());
     }
     w.stop();
     let w = WarrenProcess::start(&data);
-    let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let mut c = ch.basic_consume("dq".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut c = ch
+        .basic_consume(
+            "dq".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let d = within(10, c.next()).await.unwrap().unwrap();
     assert_eq!(d.data, b"wait for me");
     let h = d.properties.headers().clone().unwrap();
-    assert!(!h.contains_key("x-warren-delay-due"), "internal headers are stripped");
+    assert!(
+        !h.contains_key("x-warren-delay-due"),
+        "internal headers are stripped"
+    );
     d.ack(BasicAckOptions::default()).await.unwrap();
     drop(conn);
     w.stop();

@@ -1,8 +1,8 @@
 use crate::common::*;
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use std::time::Duration;
 
 async fn wait_blocked(conn: &lapin::Connection, want: bool) {
@@ -27,21 +27,51 @@ async fn tiny_memory_watermark_blocks_publishers_until_raised() {
     let broker = b.handle.as_ref().unwrap().broker.clone();
     let publisher = b.connect().await;
     let pch = publisher.create_channel().await.unwrap();
-    pch.queue_declare("mem".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    pch.basic_publish("".into(), "mem".into(), BasicPublishOptions::default(), b"first", BasicProperties::default()).await.unwrap();
+    pch.queue_declare(
+        "mem".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    pch.basic_publish(
+        "".into(),
+        "mem".into(),
+        BasicPublishOptions::default(),
+        b"first",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
     wait_blocked(&publisher, true).await;
 
     let consumer = b.connect().await;
     assert!(!consumer.status().blocked(), "consumers are not blocked");
     let cch = consumer.create_channel().await.unwrap();
-    let mut c = cch.basic_consume("mem".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut c = cch
+        .basic_consume(
+            "mem".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let d = within(5, c.next()).await.unwrap().unwrap();
     assert_eq!(d.data, b"first");
     d.ack(BasicAckOptions::default()).await.unwrap();
 
     broker.limits.set_memory_bytes(u64::MAX / 2);
     wait_blocked(&publisher, false).await;
-    pch.basic_publish("".into(), "mem".into(), BasicPublishOptions::default(), b"second", BasicProperties::default()).await.unwrap();
+    pch.basic_publish(
+        "".into(),
+        "mem".into(),
+        BasicPublishOptions::default(),
+        b"second",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
     let d = within(5, c.next()).await.unwrap().unwrap();
     assert_eq!(d.data, b"second");
 }
@@ -58,8 +88,22 @@ async fn disk_free_limit_blocks_publishers() {
     let broker = b.handle.as_ref().unwrap().broker.clone();
     let publisher = b.connect().await;
     let pch = publisher.create_channel().await.unwrap();
-    pch.queue_declare("disk".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    pch.basic_publish("".into(), "disk".into(), BasicPublishOptions::default(), b"x", BasicProperties::default()).await.unwrap();
+    pch.queue_declare(
+        "disk".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    pch.basic_publish(
+        "".into(),
+        "disk".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
     wait_blocked(&publisher, true).await;
     broker.limits.set_disk_free_bytes(0);
     wait_blocked(&publisher, false).await;

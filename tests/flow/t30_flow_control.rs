@@ -1,10 +1,10 @@
 use crate::common::*;
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// A publisher faster than the queue's consumer is slowed down so the
@@ -18,9 +18,23 @@ async fn fast_publisher_is_slowed_to_consumer_speed() {
     let cconn = b.connect().await;
     let pch = pconn.create_channel().await.unwrap();
     let cch = cconn.create_channel().await.unwrap();
-    pch.queue_declare("flow".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    pch.queue_declare(
+        "flow".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     cch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
-    let mut c = cch.basic_consume("flow".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut c = cch
+        .basic_consume(
+            "flow".into(),
+            "slow".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let total = 30000u32;
     let consumer = tokio::spawn(async move {
         let mut next = 0u32;
@@ -49,11 +63,22 @@ async fn fast_publisher_is_slowed_to_consumer_speed() {
         max
     });
     for i in 0..total {
-        pch.basic_publish("".into(), "flow".into(), BasicPublishOptions::default(), &i.to_be_bytes(), BasicProperties::default()).await.unwrap();
+        pch.basic_publish(
+            "".into(),
+            "flow".into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
     }
     within(60, consumer).await.unwrap();
     done.store(true, Ordering::Relaxed);
     let max = watcher.await.unwrap();
-    assert!(max < 12000, "backlog stayed bounded near the threshold (max ready {max} of {total})");
+    assert!(
+        max < 12000,
+        "backlog stayed bounded near the threshold (max ready {max} of {total})"
+    );
     assert!(!q.is_overloaded());
 }

@@ -12,6 +12,6 @@ mod t20_limits;
 mod t30_priority;
 mod t40_consumers;
 mod t50_delayed;
+mod t60_policies;
 mod t70_retry;
 mod t80_dedup;
-mod t60_policies;

@@ -46,7 +46,11 @@ async fn objects_have_rabbitmq_fields() {
     assert_eq!(q["type"], "classic");
     assert_eq!(q["message_stats"]["publish"], 2);
     assert!(q["message_stats"]["ack_details"]["rate"].is_number());
-    assert!(q["message_stats"]["deliver_get_details"].get("rate").is_some());
+    assert!(
+        q["message_stats"]["deliver_get_details"]
+            .get("rate")
+            .is_some()
+    );
 
     let (_, list) = call(&broker, "GET", "/api/queues", None).await;
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -101,11 +105,25 @@ async fn objects_have_rabbitmq_fields() {
     let (_, chs) = call(&broker, "GET", "/api/channels", None).await;
     assert_eq!(chs.as_array().unwrap().len(), 1);
     let (_, ex) = call(&broker, "GET", "/api/exchanges/%2F/amq.topic", None).await;
-    has(&ex, &["name", "vhost", "type", "durable", "auto_delete", "internal", "arguments"]);
+    has(
+        &ex,
+        &[
+            "name",
+            "vhost",
+            "type",
+            "durable",
+            "auto_delete",
+            "internal",
+            "arguments",
+        ],
+    );
     let (_, vh) = call(&broker, "GET", "/api/vhosts", None).await;
     assert_eq!(vh[0]["name"], "/");
     let (_, u) = call(&broker, "GET", "/api/users", None).await;
-    has(&u[0], &["name", "password_hash", "hashing_algorithm", "tags"]);
+    has(
+        &u[0],
+        &["name", "password_hash", "hashing_algorithm", "tags"],
+    );
     let (_, p) = call(&broker, "GET", "/api/permissions", None).await;
     assert_eq!(
         p[0],
@@ -131,7 +149,11 @@ async fn objects_have_rabbitmq_fields() {
     // close the connection with 320
     let path = format!(
         "/api/connections/{}",
-        c0["name"].as_str().unwrap().replace(' ', "%20").replace('>', "%3E")
+        c0["name"]
+            .as_str()
+            .unwrap()
+            .replace(' ', "%20")
+            .replace('>', "%3E")
     );
     let (s, _) = call(&broker, "DELETE", &path, None).await;
     assert_eq!(s, 204);
@@ -166,12 +188,22 @@ async fn writes_publish_get_peek_purge() {
     )
     .await;
     assert_eq!(s, 201);
-    let (s, _) = call(&broker, "POST", "/api/bindings/%2F/e/ex1/q/qa", Some(json!({"routing_key": "a.#"}))).await;
+    let (s, _) = call(
+        &broker,
+        "POST",
+        "/api/bindings/%2F/e/ex1/q/qa",
+        Some(json!({"routing_key": "a.#"})),
+    )
+    .await;
     assert_eq!(s, 201);
     let (_, bs) = call(&broker, "GET", "/api/bindings/%2F/e/ex1/q/qa", None).await;
     assert_eq!(bs[0]["routing_key"], "a.#");
     let (_, bs) = call(&broker, "GET", "/api/queues/%2F/qa/bindings", None).await;
-    assert_eq!(bs.as_array().unwrap().len(), 2, "default binding + a.#: {bs}");
+    assert_eq!(
+        bs.as_array().unwrap().len(),
+        2,
+        "default binding + a.#: {bs}"
+    );
     for i in 0..3 {
         let (s, r) = call(
             &broker,
@@ -226,8 +258,17 @@ async fn writes_publish_get_peek_purge() {
     assert_eq!(s, 204);
     let (_, q) = call(&broker, "GET", "/api/queues/%2F/qa", None).await;
     assert_eq!(q["messages"], 0);
-    let props = bs[1]["properties_key"].as_str().unwrap().replace('#', "%23");
-    let (s, _) = call(&broker, "DELETE", &format!("/api/bindings/%2F/e/ex1/q/qa/{props}"), None).await;
+    let props = bs[1]["properties_key"]
+        .as_str()
+        .unwrap()
+        .replace('#', "%23");
+    let (s, _) = call(
+        &broker,
+        "DELETE",
+        &format!("/api/bindings/%2F/e/ex1/q/qa/{props}"),
+        None,
+    )
+    .await;
     assert_eq!(s, 204);
     let (s, _) = call(&broker, "DELETE", "/api/queues/%2F/qa", None).await;
     assert_eq!(s, 204);
@@ -262,7 +303,14 @@ async fn errors_and_auth() {
     let (s, e) = call_as(&broker, None, "GET", "/api/overview", None).await;
     assert_eq!(s, 401);
     assert_eq!(e["error"], "not_authorised");
-    let (s, _) = call_as(&broker, Some(("guest", "bad")), "GET", "/api/overview", None).await;
+    let (s, _) = call_as(
+        &broker,
+        Some(("guest", "bad")),
+        "GET",
+        "/api/overview",
+        None,
+    )
+    .await;
     assert_eq!(s, 401);
     call(
         &broker,
@@ -271,11 +319,20 @@ async fn errors_and_auth() {
         Some(json!({"password": "m", "tags": "monitoring"})),
     )
     .await;
-    call(&broker, "PUT", "/api/users/plain", Some(json!({"password": "p", "tags": ""}))).await;
+    call(
+        &broker,
+        "PUT",
+        "/api/users/plain",
+        Some(json!({"password": "p", "tags": ""})),
+    )
+    .await;
     let (s, _) = call_as(&broker, Some(("mon", "m")), "GET", "/api/queues", None).await;
     assert_eq!(s, 200);
     let (s, e) = call_as(&broker, Some(("mon", "m")), "PUT", "/api/vhosts/x", None).await;
-    assert_eq!((s.as_u16(), e["reason"].as_str().unwrap()), (401, "Not administrator user"));
+    assert_eq!(
+        (s.as_u16(), e["reason"].as_str().unwrap()),
+        (401, "Not administrator user")
+    );
     let (s, _) = call_as(&broker, Some(("plain", "p")), "GET", "/api/overview", None).await;
     assert_eq!(s, 401);
     let (s, _) = call(&broker, "GET", "/api/nothing-here", None).await;
@@ -306,9 +363,11 @@ async fn errors_and_auth() {
 async fn real_socket() {
     let b = TestBroker::start().await;
     let addr = b.mgmt_addr.expect("mgmt listening");
-    let (s, body) = tokio::task::spawn_blocking(move || get_socket(addr, "/api/overview", Some(("guest", "guest"))))
-        .await
-        .unwrap();
+    let (s, body) = tokio::task::spawn_blocking(move || {
+        get_socket(addr, "/api/overview", Some(("guest", "guest")))
+    })
+    .await
+    .unwrap();
     assert_eq!(s, 200);
     assert!(body.contains("\"rabbitmq_version\""));
     let (s, _) = tokio::task::spawn_blocking(move || get_socket(addr, "/api/overview", None))

@@ -7,30 +7,48 @@ use serde_json::{Value, json};
 async fn setup(broker: &std::sync::Arc<warren::broker::Broker>) {
     for (m, p, b) in [
         ("PUT", "/api/vhosts/app", None),
-        ("PUT", "/api/users/alice", Some(json!({"password": "a", "tags": ["management"]}))),
+        (
+            "PUT",
+            "/api/users/alice",
+            Some(json!({"password": "a", "tags": ["management"]})),
+        ),
         (
             "PUT",
             "/api/permissions/app/alice",
             Some(json!({"configure": "^a", "write": ".*", "read": ".*"})),
         ),
-        ("PUT", "/api/exchanges/app/events", Some(json!({"type": "topic", "durable": true}))),
+        (
+            "PUT",
+            "/api/exchanges/app/events",
+            Some(json!({"type": "topic", "durable": true})),
+        ),
         (
             "PUT",
             "/api/exchanges/app/fan",
-            Some(json!({"type": "fanout", "durable": true, "arguments": {"alternate-exchange": "events"}})),
+            Some(
+                json!({"type": "fanout", "durable": true, "arguments": {"alternate-exchange": "events"}}),
+            ),
         ),
         (
             "PUT",
             "/api/queues/app/orders",
             Some(json!({"durable": true, "arguments": {"x-max-length": 10}})),
         ),
-        ("PUT", "/api/queues/app/audit", Some(json!({"durable": true}))),
+        (
+            "PUT",
+            "/api/queues/app/audit",
+            Some(json!({"durable": true})),
+        ),
         (
             "POST",
             "/api/bindings/app/e/events/q/orders",
             Some(json!({"routing_key": "order.*"})),
         ),
-        ("POST", "/api/bindings/app/e/fan/e/events", Some(json!({"routing_key": ""}))),
+        (
+            "POST",
+            "/api/bindings/app/e/fan/e/events",
+            Some(json!({"routing_key": ""})),
+        ),
         (
             "POST",
             "/api/bindings/app/e/events/q/audit",
@@ -39,7 +57,9 @@ async fn setup(broker: &std::sync::Arc<warren::broker::Broker>) {
         (
             "PUT",
             "/api/policies/app/ttl",
-            Some(json!({"pattern": "^audit$", "definition": {"message-ttl": 60000}, "priority": 1, "apply-to": "queues"})),
+            Some(
+                json!({"pattern": "^audit$", "definition": {"message-ttl": 60000}, "priority": 1, "apply-to": "queues"}),
+            ),
         ),
     ] {
         let (s, e) = call(broker, m, p, b).await;
@@ -81,7 +101,11 @@ async fn round_trip() {
 async fn imports_a_rabbitmq_export() {
     let b = TestBroker::start().await;
     let broker = b.handle.as_ref().unwrap().broker.clone();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ops/fixtures/rabbitmq-definitions.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/ops/fixtures/rabbitmq-definitions.json"
+    ))
+    .unwrap();
     let d: Value = serde_json::from_str(&text).unwrap();
     let (s, e) = call(&broker, "POST", "/api/definitions", Some(d)).await;
     assert_eq!(s, 204, "{e}");

@@ -55,11 +55,28 @@ async fn commands_columns_exit_codes() {
 
     let (c, out, _) = run(&b, &["-q", "list_queues"]).await;
     assert_eq!((c, out.as_str()), (0, "work\t3\n"));
-    let (c, out, _) = run(&b, &["list_queues", "name", "messages_ready", "consumers", "durable"]).await;
+    let (c, out, _) = run(
+        &b,
+        &[
+            "list_queues",
+            "name",
+            "messages_ready",
+            "consumers",
+            "durable",
+        ],
+    )
+    .await;
     assert_eq!(c, 0);
-    assert!(out.contains("name\tmessages_ready\tconsumers\tdurable\n"), "{out}");
+    assert!(
+        out.contains("name\tmessages_ready\tconsumers\tdurable\n"),
+        "{out}"
+    );
     assert!(out.ends_with("work\t3\t0\tfalse\n"), "{out}");
-    let (_, out, _) = run(&b, &["--formatter", "json", "list_queues", "name", "messages"]).await;
+    let (_, out, _) = run(
+        &b,
+        &["--formatter", "json", "list_queues", "name", "messages"],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v, serde_json::json!([{"name": "work", "messages": 3}]));
     let (_, out, _) = run(&b, &["--formatter", "pretty_table", "list_queues"]).await;
@@ -76,9 +93,20 @@ async fn commands_columns_exit_codes() {
 
     assert_eq!(run(&b, &["add_user", "carol", "pw"]).await.0, 0);
     assert_eq!(run(&b, &["add_user", "carol", "pw"]).await.0, 65);
-    assert_eq!(run(&b, &["set_user_tags", "carol", "management"]).await.0, 0);
+    assert_eq!(
+        run(&b, &["set_user_tags", "carol", "management"]).await.0,
+        0
+    );
     assert_eq!(run(&b, &["add_vhost", "v9"]).await.0, 0);
-    assert_eq!(run(&b, &["-p", "v9", "set_permissions", "carol", ".*", ".*", ".*"]).await.0, 0);
+    assert_eq!(
+        run(
+            &b,
+            &["-p", "v9", "set_permissions", "carol", ".*", ".*", ".*"]
+        )
+        .await
+        .0,
+        0
+    );
     let (_, out, _) = run(&b, &["-q", "-p", "v9", "list_permissions"]).await;
     assert_eq!(out, "carol\t.*\t.*\t.*\n");
     let (_, out, _) = run(&b, &["-q", "list_user_permissions", "carol"]).await;
@@ -93,14 +121,27 @@ async fn commands_columns_exit_codes() {
     let (c, _, err) = run(&b, &["-u", "carol", "--password", "pw", "list_vhosts"]).await;
     assert_eq!(c, 77, "{err}");
     assert!(err.starts_with("Error: access refused"), "{err}");
-    assert_eq!(run(&b, &["-p", "v9", "clear_permissions", "carol"]).await.0, 0);
+    assert_eq!(
+        run(&b, &["-p", "v9", "clear_permissions", "carol"]).await.0,
+        0
+    );
     assert_eq!(run(&b, &["delete_user", "carol"]).await.0, 0);
     assert_eq!(run(&b, &["delete_vhost", "v9"]).await.0, 0);
 
     assert_eq!(
-        run(&b, &["set_policy", "lim", "^work$", "{\"max-length\": 10}", "--apply-to", "queues"])
-            .await
-            .0,
+        run(
+            &b,
+            &[
+                "set_policy",
+                "lim",
+                "^work$",
+                "{\"max-length\": 10}",
+                "--apply-to",
+                "queues"
+            ]
+        )
+        .await
+        .0,
         0
     );
     let (_, out, _) = run(&b, &["-q", "list_policies"]).await;
@@ -109,9 +150,23 @@ async fn commands_columns_exit_codes() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("defs.json");
-    assert_eq!(run(&b, &["export_definitions", path.to_str().unwrap()]).await.0, 0);
-    assert!(std::fs::read_to_string(&path).unwrap().contains("\"users\""));
-    assert_eq!(run(&b, &["import_definitions", path.to_str().unwrap()]).await.0, 0);
+    assert_eq!(
+        run(&b, &["export_definitions", path.to_str().unwrap()])
+            .await
+            .0,
+        0
+    );
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"users\"")
+    );
+    assert_eq!(
+        run(&b, &["import_definitions", path.to_str().unwrap()])
+            .await
+            .0,
+        0
+    );
 
     let (c, _, err) = run(&b, &["purge_queue", "missing"]).await;
     assert_eq!(c, 65);
@@ -119,9 +174,16 @@ async fn commands_columns_exit_codes() {
     assert_eq!(run(&b, &["purge_queue", "work"]).await.0, 0);
     let (c, out, _) = run(&b, &["delete_queue", "work"]).await;
     assert_eq!(c, 0);
-    assert!(out.contains("Queue was successfully deleted with 0 messages"), "{out}");
+    assert!(
+        out.contains("Queue was successfully deleted with 0 messages"),
+        "{out}"
+    );
 
-    let (_, out, _) = run(&b, &["-q", "--formatter", "json", "list_connections", "name"]).await;
+    let (_, out, _) = run(
+        &b,
+        &["-q", "--formatter", "json", "list_connections", "name"],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let name = v[0]["name"].as_str().unwrap().to_string();
     assert_eq!(run(&b, &["close_connection", &name, "bye"]).await.0, 0);

@@ -19,7 +19,10 @@ fn mgmt_addr(p: &WarrenProcess, nth: usize) -> String {
                 .trim_end_matches(|c: char| !c.is_ascii_digit())
                 .to_string();
         }
-        assert!(std::time::Instant::now() < deadline, "no mgmt line in log:\n{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mgmt line in log:\n{log}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -45,7 +48,14 @@ fn users_and_permissions_survive_restart() {
     assert_eq!(ctl(&a, &["add_vhost", "keep"]).0, 0);
     assert_eq!(ctl(&a, &["add_user", "dave", "pw"]).0, 0);
     assert_eq!(ctl(&a, &["set_user_tags", "dave", "monitoring"]).0, 0);
-    assert_eq!(ctl(&a, &["-p", "keep", "set_permissions", "dave", "^d", "^d", ".*"]).0, 0);
+    assert_eq!(
+        ctl(
+            &a,
+            &["-p", "keep", "set_permissions", "dave", "^d", "^d", ".*"]
+        )
+        .0,
+        0
+    );
     // guest deleted (as dave cannot administer, do it last as guest):
     // the default user must not come back on restart.
     assert_eq!(ctl(&a, &["delete_user", "guest"]).0, 0);
@@ -60,7 +70,10 @@ fn users_and_permissions_survive_restart() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let (c, out) = run(&["list_vhosts"]);
     assert_eq!((c, out.as_str()), (0, "/\nkeep\n"));

@@ -21,7 +21,10 @@ use std::time::Duration;
 /// Arguments of a stream declare, plus `extra`.
 pub fn stream_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
     for (k, v) in extra {
         t.insert((*k).into(), v.clone());
     }
@@ -43,8 +46,15 @@ pub async fn declare_stream(ch: &Channel, name: &str, extra: &[(&str, AMQPValue)
 }
 
 /// Publishes bodies with confirms and waits for every confirm.
-pub async fn publish_confirmed(ch: &Channel, queue: &str, bodies: impl IntoIterator<Item = String>, headers: Option<FieldTable>) {
-    ch.confirm_select(ConfirmSelectOptions::default()).await.ok();
+pub async fn publish_confirmed(
+    ch: &Channel,
+    queue: &str,
+    bodies: impl IntoIterator<Item = String>,
+    headers: Option<FieldTable>,
+) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok();
     let mut pending = Vec::new();
     for b in bodies {
         let mut p = BasicProperties::default();
@@ -52,9 +62,15 @@ pub async fn publish_confirmed(ch: &Channel, queue: &str, bodies: impl IntoItera
             p = p.with_headers(h.clone());
         }
         pending.push(
-            ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b.as_bytes(), p)
-                .await
-                .expect("publish"),
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b.as_bytes(),
+                p,
+            )
+            .await
+            .expect("publish"),
         );
     }
     for p in pending {
@@ -77,10 +93,24 @@ pub fn offset_of(d: &lapin::message::Delivery) -> i64 {
 
 /// Consumes (prefetch 10, manual acks) until `n` messages or `quiet` of
 /// silence; returns (offset, body) pairs and cancels the consumer.
-pub async fn read(ch: &Channel, queue: &str, tag: &str, args: FieldTable, n: usize, quiet: Duration) -> Vec<(i64, String)> {
-    ch.basic_qos(10, BasicQosOptions::default()).await.expect("qos");
+pub async fn read(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+    args: FieldTable,
+    n: usize,
+    quiet: Duration,
+) -> Vec<(i64, String)> {
+    ch.basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
     let mut c = ch
-        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args)
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
         .await
         .expect("consume");
     let mut out = Vec::new();

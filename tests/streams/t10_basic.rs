@@ -42,12 +42,16 @@ async fn declare_rules() {
     ];
     for (opts, prop) in cases {
         let ch = conn.create_channel().await.unwrap();
-        let (code, text) = expect_amqp_error(ch.queue_declare("s1".into(), opts, stream_args(&[])).await);
+        let (code, text) =
+            expect_amqp_error(ch.queue_declare("s1".into(), opts, stream_args(&[])).await);
         assert_eq!(
             (code, text.as_str()),
             (
                 406,
-                format!("PRECONDITION_FAILED - invalid property '{prop}' for queue 's1' in vhost '/'").as_str()
+                format!(
+                    "PRECONDITION_FAILED - invalid property '{prop}' for queue 's1' in vhost '/'"
+                )
+                .as_str()
             )
         );
     }
@@ -95,18 +99,40 @@ async fn offsets_and_replay() {
     assert_eq!(a, all, "first consumer replays everything");
     assert_eq!(bb, all, "second consumer replays everything independently");
     assert_eq!(
-        within(10, read(&c1, "s", "r3", from(AMQPValue::LongLongInt(42)), 50, QUIET)).await,
+        within(
+            10,
+            read(&c1, "s", "r3", from(AMQPValue::LongLongInt(42)), 50, QUIET)
+        )
+        .await,
         all[42..].to_vec()
     );
     assert_eq!(
-        within(10, read(&c1, "s", "r4", from(AMQPValue::LongInt(-3)), 50, QUIET)).await,
+        within(
+            10,
+            read(&c1, "s", "r4", from(AMQPValue::LongInt(-3)), 50, QUIET)
+        )
+        .await,
         all[47..].to_vec()
     );
     assert_eq!(
-        within(10, read(&c1, "s", "r5", from(AMQPValue::Timestamp(before)), 50, QUIET)).await,
+        within(
+            10,
+            read(
+                &c1,
+                "s",
+                "r5",
+                from(AMQPValue::Timestamp(before)),
+                50,
+                QUIET
+            )
+        )
+        .await,
         all
     );
-    assert_eq!(within(10, read(&c1, "s", "r6", from(s("1h")), 50, QUIET)).await, all);
+    assert_eq!(
+        within(10, read(&c1, "s", "r6", from(s("1h")), 50, QUIET)).await,
+        all
+    );
     let last = within(10, read(&c1, "s", "r7", from(s("last")), 50, QUIET)).await;
     assert!(
         !last.is_empty() && last.last() == all.last(),
@@ -117,18 +143,28 @@ async fn offsets_and_replay() {
     ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
     let reader = {
         let c = conn.create_channel().await.unwrap();
-        tokio::spawn(async move { read(&c, "s", "r8", from(s("next")), 5, Duration::from_secs(3)).await })
+        tokio::spawn(async move {
+            read(&c, "s", "r8", from(s("next")), 5, Duration::from_secs(3)).await
+        })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_confirmed(&ch, "s", bodies(50..55), None).await;
     let got = within(10, reader).await.unwrap();
-    assert_eq!(got, (50..55).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (50..55).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>()
+    );
 
     // No prefetch: refused as RabbitMQ does.
     let c3 = conn.create_channel().await.unwrap();
     let (code, text) = expect_amqp_error(
-        c3.basic_consume("s".into(), "x".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await,
+        c3.basic_consume(
+            "s".into(),
+            "x".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
     );
     assert_eq!(
         (code, text.as_str()),
@@ -138,7 +174,8 @@ async fn offsets_and_replay() {
         )
     );
     // basic.get: not implemented (a connection error, as RabbitMQ).
-    let (code, text) = expect_amqp_error(ch.basic_get("s".into(), BasicGetOptions::default()).await);
+    let (code, text) =
+        expect_amqp_error(ch.basic_get("s".into(), BasicGetOptions::default()).await);
     assert_eq!(
         (code, text.as_str()),
         (
@@ -172,7 +209,9 @@ async fn exchange_publish_and_delete() {
     )
     .await
     .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     for i in 0..10 {
         let c = ch
             .basic_publish(
@@ -193,7 +232,9 @@ async fn exchange_publish_and_delete() {
     );
     let dir = b.dir.path().join("streams").join("%2F").join("sx");
     assert!(dir.join("00000000000000000000.log").exists());
-    ch.queue_delete("sx".into(), QueueDeleteOptions::default()).await.unwrap();
+    ch.queue_delete("sx".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!dir.exists(), "files removed with the stream");
 }

@@ -9,7 +9,13 @@ fn segments(b: &TestBroker, q: &str) -> usize {
     let dir = b.dir.path().join("streams").join("%2F").join(q);
     std::fs::read_dir(dir)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".log")
+        })
         .count()
 }
 
@@ -43,7 +49,10 @@ async fn by_size() {
     let got = within(20, read(&ch, "rs", "r", from(s("first")), 300, QUIET)).await;
     let first = got[0].0;
     assert!(first > 0, "the first offset moved");
-    assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (first..300).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        (first..300).collect::<Vec<_>>()
+    );
     assert_eq!(got[0].1, format!("{first:0100}"));
 }
 
@@ -73,5 +82,8 @@ async fn by_age() {
         first >= 80,
         "the old segments went (first offset now {first}; {before} segments before)"
     );
-    assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (first..150).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        (first..150).collect::<Vec<_>>()
+    );
 }

@@ -14,30 +14,53 @@ async fn tracked_offset_survives_restart() {
     let data = dir.path().join("data");
     let w = WarrenProcess::start(&data);
     {
-        let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
         declare_stream(&ch, "t", &[]).await;
         publish_confirmed(&ch, "t", (0..5).map(|i| format!("old{i}")), None).await;
         // Nothing stored yet: "next", so the 5 old messages are not seen.
         let reader = {
             let c = conn.create_channel().await.unwrap();
-            tokio::spawn(async move { read(&c, "t", "billing", FieldTable::default(), 10, Duration::from_secs(3)).await })
+            tokio::spawn(async move {
+                read(
+                    &c,
+                    "t",
+                    "billing",
+                    FieldTable::default(),
+                    10,
+                    Duration::from_secs(3),
+                )
+                .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         publish_confirmed(&ch, "t", (5..25).map(|i| format!("m{i}")), None).await;
         let got = reader.await.unwrap();
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (5..15).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (5..15).collect::<Vec<_>>()
+        );
         // Opting in explicitly, with a starting offset for the first time.
         let mut a = from(s("first"));
-        a.insert("x-stream-automatic-offset-tracking".into(), AMQPValue::Boolean(true));
+        a.insert(
+            "x-stream-automatic-offset-tracking".into(),
+            AMQPValue::Boolean(true),
+        );
         let got = read(&ch, "t", "amq.ctag-auto", a, 3, QUIET).await;
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         conn.close(200, "bye".into()).await.ok();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     w.stop();
     let w = WarrenProcess::start(&data);
-    let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let got = read(&ch, "t", "billing", FieldTable::default(), 100, QUIET).await;
     assert_eq!(
@@ -46,7 +69,10 @@ async fn tracked_offset_survives_restart() {
         "resumed after the last ack"
     );
     let mut a = from(s("first"));
-    a.insert("x-stream-automatic-offset-tracking".into(), AMQPValue::Boolean(true));
+    a.insert(
+        "x-stream-automatic-offset-tracking".into(),
+        AMQPValue::Boolean(true),
+    );
     let got = read(&ch, "t", "amq.ctag-auto", a, 2, QUIET).await;
     assert_eq!(
         got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),

@@ -16,7 +16,9 @@ fn filtered(values: &[&str], unfiltered: bool) -> FieldTable {
     let v = if values.len() == 1 {
         s(values[0])
     } else {
-        AMQPValue::FieldArray(FieldArray::from(values.iter().map(|v| s(v)).collect::<Vec<_>>()))
+        AMQPValue::FieldArray(FieldArray::from(
+            values.iter().map(|v| s(v)).collect::<Vec<_>>(),
+        ))
     };
     t.insert("x-stream-filter".into(), v);
     if unfiltered {
@@ -42,19 +44,54 @@ async fn only_matching_messages() {
             Some(filter_header("california")),
         )
         .await;
-        publish_confirmed(&ch, "f", (0..10).map(|i| format!("tx{round}-{i}")), Some(filter_header("texas"))).await;
+        publish_confirmed(
+            &ch,
+            "f",
+            (0..10).map(|i| format!("tx{round}-{i}")),
+            Some(filter_header("texas")),
+        )
+        .await;
         publish_confirmed(&ch, "f", (0..10).map(|i| format!("no{round}-{i}")), None).await;
     }
     let bodies = |v: Vec<(i64, String)>| v.into_iter().map(|(_, b)| b).collect::<Vec<_>>();
-    let ca = bodies(within(10, read(&ch, "f", "a", filtered(&["california"], false), 100, QUIET)).await);
+    let ca = bodies(
+        within(
+            10,
+            read(&ch, "f", "a", filtered(&["california"], false), 100, QUIET),
+        )
+        .await,
+    );
     assert_eq!(ca.len(), 30);
     assert!(ca.iter().all(|b| b.starts_with("ca")), "{ca:?}");
-    let both = bodies(within(10, read(&ch, "f", "b", filtered(&["california", "texas"], false), 100, QUIET)).await);
+    let both = bodies(
+        within(
+            10,
+            read(
+                &ch,
+                "f",
+                "b",
+                filtered(&["california", "texas"], false),
+                100,
+                QUIET,
+            ),
+        )
+        .await,
+    );
     assert_eq!(both.len(), 60);
     assert!(both.iter().all(|b| !b.starts_with("no")));
-    let tx_and_none = bodies(within(10, read(&ch, "f", "c", filtered(&["texas"], true), 100, QUIET)).await);
+    let tx_and_none = bodies(
+        within(
+            10,
+            read(&ch, "f", "c", filtered(&["texas"], true), 100, QUIET),
+        )
+        .await,
+    );
     assert_eq!(tx_and_none.len(), 60);
     assert!(tx_and_none.iter().all(|b| !b.starts_with("ca")));
-    let none = within(10, read(&ch, "f", "d", filtered(&["oregon"], false), 100, QUIET)).await;
+    let none = within(
+        10,
+        read(&ch, "f", "d", filtered(&["oregon"], false), 100, QUIET),
+    )
+    .await;
     assert!(none.is_empty());
 }

@@ -20,15 +20,22 @@ async fn sigkill_loses_nothing_confirmed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let w = WarrenProcess::start(&data);
-    let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     declare_stream(
         &ch,
         "crash",
-        &[("x-stream-max-segment-size-bytes", lapin::types::AMQPValue::LongInt(200_000))],
+        &[(
+            "x-stream-max-segment-size-bytes",
+            lapin::types::AMQPValue::LongInt(200_000),
+        )],
     )
     .await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let confirmed: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
     let c2 = confirmed.clone();
     let publisher = tokio::spawn(async move {
@@ -63,14 +70,27 @@ async fn sigkill_loses_nothing_confirmed() {
     w.crash();
     let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
     let confirmed = confirmed.lock().unwrap().clone();
-    assert!(confirmed.len() > 100, "publisher got going ({} confirmed)", confirmed.len());
+    assert!(
+        confirmed.len() > 100,
+        "publisher got going ({} confirmed)",
+        confirmed.len()
+    );
 
     let w = WarrenProcess::start(&data);
-    let conn = Connection::connect(&w.url(), ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut c = ch
-        .basic_consume("crash".into(), "r".into(), BasicConsumeOptions::default(), from(s("first")))
+        .basic_consume(
+            "crash".into(),
+            "r".into(),
+            BasicConsumeOptions::default(),
+            from(s("first")),
+        )
         .await
         .unwrap();
     let mut present = Vec::new();

@@ -777,14 +777,23 @@ mod tests {
         // Frames scan back in order and amq-protocol agrees with the encoding.
         let (ty, ch, len) = scan_frame(&out, 1 << 20).unwrap().unwrap();
         assert_eq!((ty, ch, len), (FRAME_METHOD, 1, hs));
-        assert!(matches!(parse_frame(&out[..hs]), Ok((_, AMQPFrame::Method(1, _)))));
+        assert!(matches!(
+            parse_frame(&out[..hs]),
+            Ok((_, AMQPFrame::Method(1, _)))
+        ));
         let (ty, _, len) = scan_frame(&out[hs..], 1 << 20).unwrap().unwrap();
         assert_eq!((ty, len), (FRAME_HEADER, bs - hs));
         match parse_frame(&out[hs..bs]) {
             Ok((_, AMQPFrame::Header(1, h))) => {
                 assert_eq!(h.body_size, 9);
-                assert_eq!(h.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("c1"));
-                assert_eq!(h.properties.reply_to().as_ref().map(|s| s.as_str()), Some("reply"));
+                assert_eq!(
+                    h.properties.correlation_id().as_ref().map(|s| s.as_str()),
+                    Some("c1")
+                );
+                assert_eq!(
+                    h.properties.reply_to().as_ref().map(|s| s.as_str()),
+                    Some("reply")
+                );
                 assert_eq!(*h.properties.delivery_mode(), Some(2));
             }
             other => panic!("{other:?}"),
@@ -799,8 +808,17 @@ mod tests {
         assert!(scan_frame(&bad, 1 << 20).is_err());
         assert!(scan_frame(&[1, 0, 0, 0xff, 0xff, 0xff, 0xff], 1 << 20).is_err());
         assert!(header_props(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0x04, 0, 50]).is_none());
-        let e = decode_close("channel", &[0, 20, 0, 40, 1, 0x94, 3, b'b', b'a', b'd', 0, 50, 0, 10]);
-        assert_eq!(e.to_string(), "broker closed the channel: 404 bad (caused by class 50 method 10)");
-        assert!(matches!(decode_close("connection", &[0, 10]), Error::Closed(_, 0, _, 0, 0)));
+        let e = decode_close(
+            "channel",
+            &[0, 20, 0, 40, 1, 0x94, 3, b'b', b'a', b'd', 0, 50, 0, 10],
+        );
+        assert_eq!(
+            e.to_string(),
+            "broker closed the channel: 404 bad (caused by class 50 method 10)"
+        );
+        assert!(matches!(
+            decode_close("connection", &[0, 10]),
+            Error::Closed(_, 0, _, 0, 0)
+        ));
     }
 }

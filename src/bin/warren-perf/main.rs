@@ -270,9 +270,10 @@ impl Plan {
             return self.cli.routing_key.clone().unwrap_or_default();
         }
         if let Some(k) = &self.cli.routing_key
-            && self.queues.len() == 1 {
-                return k.clone();
-            }
+            && self.queues.len() == 1
+        {
+            return k.clone();
+        }
         self.queues[i % self.queues.len()].clone()
     }
     pub fn consumer_queue(&self, i: usize) -> &str {
@@ -349,7 +350,10 @@ fn declare(plan: &Plan) -> Result<(), Error> {
         // inherit each other's backlog (a queue that never had a consumer stays).
         if c.stream {
             // Streams are durable and never auto-delete.
-            conn.declare_args.insert("x-queue-type".into(), amq_protocol::types::AMQPValue::LongString("stream".into()));
+            conn.declare_args.insert(
+                "x-queue-type".into(),
+                amq_protocol::types::AMQPValue::LongString("stream".into()),
+            );
             conn.queue_declare(1, q, true, false, false)?;
         } else {
             conn.queue_declare(1, q, c.persistent, false, true)?;
@@ -647,9 +651,11 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
                 break;
             }
             if let Some(exp) = expected_consume
-                && c >= exp && cli.cmessages == 0 {
-                    break;
-                }
+                && c >= exp
+                && cli.cmessages == 0
+            {
+                break;
+            }
             if c != last_progress.1 {
                 last_progress = (now, c);
             } else if cli.cmessages == 0 && now - last_progress.0 > 5_000_000_000 {
@@ -669,10 +675,12 @@ fn run(plan: Arc<Plan>) -> Result<i32, Error> {
         let _ = h.join();
     }
     let (cpu1, maxrss) = cpu_and_rss();
-    if cli.delete_queues && !cli.rpc
-        && let Err(e) = delete_queues(&plan) {
-            eprintln!("warren-perf: deleting queues failed: {e}");
-        }
+    if cli.delete_queues
+        && !cli.rpc
+        && let Err(e) = delete_queues(&plan)
+    {
+        eprintln!("warren-perf: deleting queues failed: {e}");
+    }
 
     // Summary
     let t = totals(&all);

@@ -25,9 +25,10 @@ pub fn serve(port: u16, body_size: usize) -> Result<i32> {
         let Ok(s) = s else { continue };
         std::thread::spawn(move || {
             if let Err(e) = handle(s, body_size)
-                && !matches!(&e, Error::Io(_, ioe) if ioe.kind() == io::ErrorKind::UnexpectedEof) {
-                    eprintln!("null broker: connection ended: {e}");
-                }
+                && !matches!(&e, Error::Io(_, ioe) if ioe.kind() == io::ErrorKind::UnexpectedEof)
+            {
+                eprintln!("null broker: connection ended: {e}");
+            }
         });
     }
     Ok(0)

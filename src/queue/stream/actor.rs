@@ -68,7 +68,9 @@ struct DirLock(PathBuf);
 impl DirLock {
     fn take(dir: &PathBuf) -> Option<DirLock> {
         let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        g.get_or_insert_with(HashSet::new).insert(dir.clone()).then(|| DirLock(dir.clone()))
+        g.get_or_insert_with(HashSet::new)
+            .insert(dir.clone())
+            .then(|| DirLock(dir.clone()))
     }
 }
 
@@ -83,11 +85,17 @@ impl Drop for DirLock {
 
 /// Creates a stream queue: opens (or recovers) its log, starts its writer
 /// thread and its actor task.
-pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: StreamInit) -> Result<Arc<QueueRef>, AmqpError> {
+pub fn spawn(
+    make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef,
+    init: StreamInit,
+) -> Result<Arc<QueueRef>, AmqpError> {
     let (tx, rx) = mpsc::channel(init.inbox.max(1));
     let q = Arc::new(make(tx));
     let settings = StreamSettings::from_args(&q.arguments).map_err(|(arg, why)| {
-        AmqpError::precondition(format!("invalid arg '{arg}' for queue '{}' in vhost '{}': {why}", q.name, q.vhost))
+        AmqpError::precondition(format!(
+            "invalid arg '{arg}' for queue '{}' in vhost '{}': {why}",
+            q.name, q.vhost
+        ))
     })?;
     let dir = stream_dir(&init.data_dir, &q.vhost, &q.name);
     let Some(lock) = DirLock::take(&dir) else {
@@ -115,7 +123,8 @@ pub fn spawn(make: impl FnOnce(mpsc::Sender<QueueCmd>) -> QueueRef, init: Stream
     }
     let (active, view) = log::open(&dir).map_err(fail)?;
     let offsets = tracking::load(&dir);
-    let (writer, events) = writer::start(&q.name, dir.clone(), active, settings.clone(), 256).map_err(fail)?;
+    let (writer, events) =
+        writer::start(&q.name, dir.clone(), active, settings.clone(), 256).map_err(fail)?;
     debug!(stream = %q.name, first = view.first_offset(), next = view.next_offset(), "stream opened");
     let actor = StreamActor {
         q: q.clone(),
@@ -188,12 +197,16 @@ fn decode(h: &ChunkHeader, data: Bytes) -> Option<Vec<Decoded>> {
     let mut out = Vec::with_capacity(recs.len());
     for (i, r) in recs.into_iter().enumerate() {
         let offset = h.first + i as u64;
-        let (rest, props) = amq_protocol::protocol::basic::parse_properties(&r.properties[..]).ok()?;
+        let (rest, props) =
+            amq_protocol::protocol::basic::parse_properties(&r.properties[..]).ok()?;
         if !rest.is_empty() {
             return None;
         }
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert("x-stream-offset".into(), AMQPValue::LongLongInt(offset as i64));
+        headers.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongLongInt(offset as i64),
+        );
         let props = props.with_headers(headers);
         let raw = crate::protocol::frame::encode_properties(&props);
         let m = Message {
@@ -222,7 +235,10 @@ fn next_message(
                 if *off < c.cursor.from {
                     continue;
                 }
-                if c.filter.as_ref().is_some_and(|fs| !fs.matches(f.as_deref())) {
+                if c.filter
+                    .as_ref()
+                    .is_some_and(|fs| !fs.matches(f.as_deref()))
+                {
                     continue;
                 }
                 return Ok(Some((*off, m.clone())));
@@ -241,7 +257,10 @@ fn next_message(
                 }
             }
             Some(Read::Chunk(ch)) => {
-                if c.filter.as_ref().is_some_and(|fs| !fs.chunk_may_match(&ch.bloom)) {
+                if c.filter
+                    .as_ref()
+                    .is_some_and(|fs| !fs.chunk_may_match(&ch.bloom))
+                {
                     continue;
                 }
                 let Some(d) = decode(&ch.header, ch.data) else {
@@ -267,7 +286,11 @@ enum Flow {
 }
 
 impl StreamActor {
-    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>, mut events: mpsc::UnboundedReceiver<Vec<CommitItem>>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<QueueCmd>,
+        mut events: mpsc::UnboundedReceiver<Vec<CommitItem>>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut cmds = Vec::with_capacity(64);
@@ -323,7 +346,12 @@ impl StreamActor {
         if k == 0 {
             return;
         }
-        let gone: Vec<u64> = self.view.segments.drain(..k).map(|s| s.summary.base).collect();
+        let gone: Vec<u64> = self
+            .view
+            .segments
+            .drain(..k)
+            .map(|s| s.summary.base)
+            .collect();
         debug!(segments = ?gone, first = self.view.first_offset(), "retention deletes old segments");
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || retention::remove_segments(&dir, &gone));
@@ -333,7 +361,11 @@ impl StreamActor {
         if !self.offsets_dirty || (!now && self.last_save.elapsed() < SAVE_EVERY) {
             return;
         }
-        if self.writer.try_send(WriteReq::SaveOffsets(tracking::encode(&self.offsets))).is_ok() {
+        if self
+            .writer
+            .try_send(WriteReq::SaveOffsets(tracking::encode(&self.offsets)))
+            .is_ok()
+        {
             self.offsets_dirty = false;
             self.last_save = Instant::now();
         }
@@ -345,7 +377,10 @@ impl StreamActor {
                 let msgs = msgs.into_iter().map(|(m, _)| m).collect();
                 if let Err(e) = self.writer.send(WriteReq::Append { msgs, confirm }).await {
                     // The writer is gone (it only stops on delete).
-                    if let WriteReq::Append { confirm: Some(c), .. } = e.0 {
+                    if let WriteReq::Append {
+                        confirm: Some(c), ..
+                    } = e.0
+                    {
                         let _ = c.conn.send(ConnCmd::Confirm {
                             channel: c.channel,
                             seqs: c.seqs,
@@ -380,7 +415,10 @@ impl StreamActor {
                 // The channel refuses basic.get on streams before it gets here.
                 let _ = reply.send(None);
             }
-            QueueCmd::Credit { .. } | QueueCmd::Kick | QueueCmd::Touch | QueueCmd::PolicyChanged => {}
+            QueueCmd::Credit { .. }
+            | QueueCmd::Kick
+            | QueueCmd::Touch
+            | QueueCmd::PolicyChanged => {}
             QueueCmd::Peek { reply, .. } => {
                 // Nothing is "ready" in a stream: read it with a consumer.
                 let _ = reply.send(Vec::new());
@@ -407,7 +445,9 @@ impl StreamActor {
                     ..Default::default()
                 });
             }
-            QueueCmd::Delete { if_unused, reply, .. } => {
+            QueueCmd::Delete {
+                if_unused, reply, ..
+            } => {
                 if if_unused && !self.consumers.is_empty() {
                     if let Some(r) = reply {
                         let _ = r.send(Err(AmqpError::precondition(format!(
@@ -427,12 +467,22 @@ impl StreamActor {
         Flow::Continue
     }
 
-    fn add_consumer(&mut self, spec: ConsumerSpec, conn: ConnTx, tag: Arc<str>, args: &FieldTable) -> Result<(), AmqpError> {
+    fn add_consumer(
+        &mut self,
+        spec: ConsumerSpec,
+        conn: ConnTx,
+        tag: Arc<str>,
+        args: &FieldTable,
+    ) -> Result<(), AmqpError> {
         let shared = spec
             .shared
             .as_ref()
             .map_or(0, |s| s.limit.load(std::sync::atomic::Ordering::Relaxed));
-        let prefetch = if spec.prefetch > 0 { spec.prefetch } else { shared };
+        let prefetch = if spec.prefetch > 0 {
+            spec.prefetch
+        } else {
+            shared
+        };
         if spec.no_ack || prefetch == 0 {
             return Err(AmqpError::precondition(format!(
                 "consumer prefetch count is not set for stream queue '{}' in vhost '{}'",
@@ -440,8 +490,12 @@ impl StreamActor {
             )));
         }
         let offset_arg = args.inner().get("x-stream-offset");
-        let mut start = parse_offset_arg(offset_arg, now_ms())
-            .map_err(|why| AmqpError::precondition(format!("{why} for stream queue '{}' in vhost '{}'", self.q.name, self.q.vhost)))?;
+        let mut start = parse_offset_arg(offset_arg, now_ms()).map_err(|why| {
+            AmqpError::precondition(format!(
+                "{why} for stream queue '{}' in vhost '{}'",
+                self.q.name, self.q.vhost
+            ))
+        })?;
         let auto = match args.inner().get("x-stream-automatic-offset-tracking") {
             Some(AMQPValue::Boolean(b)) => Some(*b),
             Some(v) => crate::broker::headers::value_str(v).map(|s| s == "true"),
@@ -453,7 +507,9 @@ impl StreamActor {
                 start = OffsetSpec::Offset(o + 1);
             }
         }
-        let cursor = resolve(&self.view, start).map_err(|e| AmqpError::internal(format!("cannot read stream '{}': {e}", self.q.name)))?;
+        let cursor = resolve(&self.view, start).map_err(|e| {
+            AmqpError::internal(format!("cannot read stream '{}': {e}", self.q.name))
+        })?;
         debug!(tag = %tag, ?start, from = cursor.from, track, "stream consumer attached");
         self.consumers.push(Consumer {
             id: spec.id,
@@ -471,7 +527,12 @@ impl StreamActor {
     }
 
     fn remove_consumers(&mut self, pred: impl Fn(&Consumer) -> bool) {
-        let gone: Vec<ConsumerId> = self.consumers.iter().filter(|c| pred(c)).map(|c| c.id).collect();
+        let gone: Vec<ConsumerId> = self
+            .consumers
+            .iter()
+            .filter(|c| pred(c))
+            .map(|c| c.id)
+            .collect();
         if gone.is_empty() {
             return;
         }
@@ -481,7 +542,9 @@ impl StreamActor {
 
     fn settle(&mut self, ids: &[MsgId]) {
         for id in ids {
-            let Some((cid, off)) = self.inflight.remove(id) else { continue };
+            let Some((cid, off)) = self.inflight.remove(id) else {
+                continue;
+            };
             let Some(c) = self.consumers.iter_mut().find(|c| c.id == cid) else {
                 continue;
             };
@@ -578,8 +641,13 @@ impl StreamActor {
             warn!(dir = %self.dir.display(), "could not remove the deleted stream's files: {e}");
         }
         if let Some(st) = &self.storage {
-            if let Err(e) = st.delete_queue(&self.q.vhost, &self.q.name, self.q.id).await {
-                error!("could not remove the deleted stream from the definitions store: {e}; it may reappear after a restart");
+            if let Err(e) = st
+                .delete_queue(&self.q.vhost, &self.q.name, self.q.id)
+                .await
+            {
+                error!(
+                    "could not remove the deleted stream from the definitions store: {e}; it may reappear after a restart"
+                );
             }
             for x in dropped_exchanges {
                 let _ = st.delete_exchange(&self.q.vhost, &x).await;

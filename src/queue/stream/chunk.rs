@@ -113,7 +113,13 @@ pub fn filter_value(m: &Message) -> Option<String> {
 
 /// Encodes `msgs` as one chunk starting at offset `first`, appending it to
 /// `out`. Returns its header.
-pub fn encode(first: u64, timestamp_ms: i64, msgs: &[Arc<Message>], filter_size: usize, out: &mut Vec<u8>) -> ChunkHeader {
+pub fn encode(
+    first: u64,
+    timestamp_ms: i64,
+    msgs: &[Arc<Message>],
+    filter_size: usize,
+    out: &mut Vec<u8>,
+) -> ChunkHeader {
     let start = out.len();
     out.resize(start + HEADER_LEN, 0);
     let filters: Vec<Option<String>> = msgs.iter().map(|m| filter_value(m)).collect();
@@ -128,7 +134,15 @@ pub fn encode(first: u64, timestamp_ms: i64, msgs: &[Arc<Message>], filter_size:
         let ex = &m.exchange[..m.exchange.len().min(255)];
         let rk = &m.routing_key[..m.routing_key.len().min(255)];
         let fv = f.as_deref().map(|s| &s.as_bytes()[..s.len().min(0xfffe)]);
-        let len = 1 + ex.len() + 1 + rk.len() + 2 + fv.map_or(0, <[u8]>::len) + 4 + m.raw_properties.len() + m.body.len();
+        let len = 1
+            + ex.len()
+            + 1
+            + rk.len()
+            + 2
+            + fv.map_or(0, <[u8]>::len)
+            + 4
+            + m.raw_properties.len()
+            + m.body.len();
         out.extend_from_slice(&(len as u32).to_be_bytes());
         out.push(ex.len() as u8);
         out.extend_from_slice(ex);
@@ -195,7 +209,11 @@ pub fn records(mut data: Bytes, count: u32) -> Option<Vec<Record>> {
         let rkl = *take(1)?.first()? as usize;
         let routing_key = take(rkl)?;
         let fl = take(2)?.get_u16();
-        let filter = if fl == NO_FILTER { None } else { Some(take(fl as usize)?) };
+        let filter = if fl == NO_FILTER {
+            None
+        } else {
+            Some(take(fl as usize)?)
+        };
         let pl = take(4)?.get_u32() as usize;
         let properties = take(pl)?;
         let body = r;
@@ -221,7 +239,10 @@ pub(crate) mod tests {
         let mut props = BasicProperties::default().with_delivery_mode(2);
         if let Some(f) = filter {
             let mut t = FieldTable::default();
-            t.insert("x-stream-filter-value".into(), AMQPValue::LongString(f.into()));
+            t.insert(
+                "x-stream-filter-value".into(),
+                AMQPValue::LongString(f.into()),
+            );
             props = props.with_headers(t);
         }
         Arc::new(Message {

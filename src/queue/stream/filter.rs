@@ -71,7 +71,10 @@ fn may_contain(bits: &[u8], v: &[u8]) -> bool {
         return false;
     }
     let n = bits.len() as u64 * 8;
-    bit_indexes(v, n).all(|i| bits.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0))
+    bit_indexes(v, n).all(|i| {
+        bits.get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    })
 }
 
 /// What a filtering consumer asked for.
@@ -88,11 +91,22 @@ impl FilterSpec {
     /// strings; `x-stream-match-unfiltered`: bool). None when not filtering.
     pub fn from_args(args: &FieldTable) -> Option<FilterSpec> {
         let values: Vec<Vec<u8>> = match args.inner().get("x-stream-filter")? {
-            AMQPValue::FieldArray(a) => a.as_slice().iter().filter_map(value_str).map(String::into_bytes).collect(),
+            AMQPValue::FieldArray(a) => a
+                .as_slice()
+                .iter()
+                .filter_map(value_str)
+                .map(String::into_bytes)
+                .collect(),
             other => vec![value_str(other)?.into_bytes()],
         };
-        let match_unfiltered = matches!(args.inner().get("x-stream-match-unfiltered"), Some(AMQPValue::Boolean(true)));
-        Some(FilterSpec { values, match_unfiltered })
+        let match_unfiltered = matches!(
+            args.inner().get("x-stream-match-unfiltered"),
+            Some(AMQPValue::Boolean(true))
+        );
+        Some(FilterSpec {
+            values,
+            match_unfiltered,
+        })
     }
 
     /// Whether a chunk with this stored filter may hold a matching message.
@@ -101,7 +115,8 @@ impl FilterSpec {
             // Only unfiltered messages in it.
             return self.match_unfiltered;
         }
-        self.values.iter().any(|v| may_contain(bloom, v)) || (self.match_unfiltered && may_contain(bloom, UNFILTERED))
+        self.values.iter().any(|v| may_contain(bloom, v))
+            || (self.match_unfiltered && may_contain(bloom, UNFILTERED))
     }
 
     /// Whether a message with this filter value is delivered.

@@ -60,7 +60,13 @@ pub fn escape(name: &str) -> String {
 
 /// RabbitMQ's declare checks for a new stream (`rabbit_queue_type_util`):
 /// streams are durable, not exclusive, not auto-delete.
-pub fn check_declare(name: &str, vhost: &str, durable: bool, exclusive: bool, auto_delete: bool) -> Result<(), AmqpError> {
+pub fn check_declare(
+    name: &str,
+    vhost: &str,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+) -> Result<(), AmqpError> {
     let bad = if auto_delete {
         "auto-delete"
     } else if exclusive {
@@ -77,7 +83,10 @@ pub fn check_declare(name: &str, vhost: &str, durable: bool, exclusive: bool, au
 
 /// The directory of a stream.
 pub fn stream_dir(data_dir: &Path, vhost: &str, queue: &str) -> PathBuf {
-    data_dir.join("streams").join(escape(vhost)).join(escape(queue))
+    data_dir
+        .join("streams")
+        .join(escape(vhost))
+        .join(escape(queue))
 }
 
 #[cfg(test)]
@@ -90,6 +99,9 @@ mod tests {
         assert_eq!(escape("a.b-c_d"), "a.b-c_d");
         assert_eq!(escape(".."), "%2E.");
         assert_eq!(escape(""), "%");
-        assert_eq!(stream_dir(Path::new("/d"), "/", "q"), Path::new("/d/streams/%2F/q"));
+        assert_eq!(
+            stream_dir(Path::new("/d"), "/", "q"),
+            Path::new("/d/streams/%2F/q")
+        );
     }
 }

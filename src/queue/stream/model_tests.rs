@@ -25,7 +25,8 @@ struct Open {
 
 fn open(dir: &Path, settings: &StreamSettings) -> Open {
     let (active, view) = log::open(dir).unwrap();
-    let (tx, events) = writer::start("model", dir.to_path_buf(), active, settings.clone(), 16).unwrap();
+    let (tx, events) =
+        writer::start("model", dir.to_path_buf(), active, settings.clone(), 16).unwrap();
     Open { tx, events, view }
 }
 

@@ -40,7 +40,9 @@ pub enum OffsetSpec {
 /// A negative integer -N means N messages before the end (a Warren
 /// extension).
 pub fn parse_offset_arg(v: Option<&AMQPValue>, now_ms: i64) -> Result<OffsetSpec, String> {
-    let Some(v) = v else { return Ok(OffsetSpec::Next) };
+    let Some(v) = v else {
+        return Ok(OffsetSpec::Next);
+    };
     if let AMQPValue::Timestamp(secs) = v {
         return Ok(OffsetSpec::Timestamp((*secs as i64).saturating_mul(1000)));
     }
@@ -62,7 +64,10 @@ pub fn parse_offset_arg(v: Option<&AMQPValue>, now_ms: i64) -> Result<OffsetSpec
             },
         };
     }
-    Err(format!("invalid x-stream-offset of type {}", crate::queue::args::type_name(v)))
+    Err(format!(
+        "invalid x-stream-offset of type {}",
+        crate::queue::args::type_name(v)
+    ))
 }
 
 /// One segment as readers see it.
@@ -130,7 +135,9 @@ impl LogView {
     }
 
     fn index_of(&self, base: u64) -> Option<usize> {
-        self.segments.binary_search_by_key(&base, |s| s.summary.base).ok()
+        self.segments
+            .binary_search_by_key(&base, |s| s.summary.base)
+            .ok()
     }
 
     /// A new segment started by the writer.
@@ -161,7 +168,11 @@ impl LogView {
                 pos: s.summary.size,
                 from: s.summary.end,
             },
-            None => Cursor { seg: 0, pos: 0, from: 0 },
+            None => Cursor {
+                seg: 0,
+                pos: 0,
+                from: 0,
+            },
         }
     }
 
@@ -175,7 +186,12 @@ impl LogView {
     }
 
     /// First chunk at or after `pos` in segment `i` for which `stop` holds.
-    fn scan_until(&self, i: usize, mut pos: u64, stop: impl Fn(&ChunkHeader) -> bool) -> io::Result<Option<(u64, ChunkHeader)>> {
+    fn scan_until(
+        &self,
+        i: usize,
+        mut pos: u64,
+        stop: impl Fn(&ChunkHeader) -> bool,
+    ) -> io::Result<Option<(u64, ChunkHeader)>> {
         let s = &self.segments[i];
         while pos < s.summary.size {
             let Some(h) = read_header(&s.file, pos)? else {
@@ -193,10 +209,18 @@ impl LogView {
     }
 
     fn seek_offset(&self, n: u64) -> io::Result<Cursor> {
-        let i = self.segments.partition_point(|s| s.summary.base <= n).saturating_sub(1);
-        let Some(s) = self.segments.get(i) else { return Ok(self.at_end()) };
+        let i = self
+            .segments
+            .partition_point(|s| s.summary.base <= n)
+            .saturating_sub(1);
+        let Some(s) = self.segments.get(i) else {
+            return Ok(self.at_end());
+        };
         let k = s.summary.index.partition_point(|e| e.offset <= n);
-        let start = k.checked_sub(1).and_then(|k| s.summary.index.get(k)).map_or(0, |e| e.pos);
+        let start = k
+            .checked_sub(1)
+            .and_then(|k| s.summary.index.get(k))
+            .map_or(0, |e| e.pos);
         Ok(match self.scan_until(i, start, |h| h.next_offset() > n)? {
             Some((pos, _)) => Cursor {
                 seg: s.summary.base,
@@ -208,12 +232,19 @@ impl LogView {
     }
 
     fn seek_time(&self, t: i64) -> io::Result<Cursor> {
-        let Some(i) = self.segments.iter().position(|s| s.summary.last_ts.is_some_and(|l| l >= t)) else {
+        let Some(i) = self
+            .segments
+            .iter()
+            .position(|s| s.summary.last_ts.is_some_and(|l| l >= t))
+        else {
             return Ok(self.at_end());
         };
         let s = &self.segments[i];
         let k = s.summary.index.partition_point(|e| e.timestamp_ms < t);
-        let start = k.checked_sub(1).and_then(|k| s.summary.index.get(k)).map_or(0, |e| e.pos);
+        let start = k
+            .checked_sub(1)
+            .and_then(|k| s.summary.index.get(k))
+            .map_or(0, |e| e.pos);
         Ok(match self.scan_until(i, start, |h| h.timestamp_ms >= t)? {
             Some((pos, h)) => Cursor {
                 seg: s.summary.base,
@@ -237,7 +268,11 @@ impl LogView {
     /// Like [`read_chunk`](Self::read_chunk), but reads only the header
     /// when `want` says the chunk is not needed (already cached, or all
     /// before the cursor's offset), returning it as skipped.
-    pub fn read_chunk_if(&self, cur: &mut Cursor, want: impl Fn(&ChunkHeader) -> bool) -> io::Result<Option<Read>> {
+    pub fn read_chunk_if(
+        &self,
+        cur: &mut Cursor,
+        want: impl Fn(&ChunkHeader) -> bool,
+    ) -> io::Result<Option<Read>> {
         loop {
             let Some(i) = self.index_of(cur.seg) else {
                 let first = self.first_offset();
@@ -276,7 +311,10 @@ impl LogView {
             let Some(h) = read_header(&s.file, cur.pos)? else {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("no chunk header at {} in segment {}", cur.pos, s.summary.base),
+                    format!(
+                        "no chunk header at {} in segment {}",
+                        cur.pos, s.summary.base
+                    ),
                 ));
             };
             if !want(&h) {
@@ -284,7 +322,8 @@ impl LogView {
                 return Ok(Some(Read::Skipped(h)));
             }
             let mut rest = vec![0u8; (h.total_len() - HEADER_LEN as u64) as usize];
-            s.file.read_exact_at(&mut rest, cur.pos + HEADER_LEN as u64)?;
+            s.file
+                .read_exact_at(&mut rest, cur.pos + HEADER_LEN as u64)?;
             if !h.verify(&rest) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -298,7 +337,11 @@ impl LogView {
             let rest = Bytes::from(rest);
             let bloom = rest.slice(..h.bloom_len as usize);
             let data = rest.slice(h.bloom_len as usize..);
-            return Ok(Some(Read::Chunk(ReadChunk { header: h, bloom, data })));
+            return Ok(Some(Read::Chunk(ReadChunk {
+                header: h,
+                bloom,
+                data,
+            })));
         }
     }
 }
@@ -349,7 +392,9 @@ mod tests {
                 Arc::new(File::open(super::super::segment::log_path(dir.path(), next)).unwrap()),
             );
             for _ in 0..3 {
-                let msgs: Vec<_> = (0..3).map(|i| msg(format!("m{}", next + i).as_bytes(), None)).collect();
+                let msgs: Vec<_> = (0..3)
+                    .map(|i| msg(format!("m{}", next + i).as_bytes(), None))
+                    .collect();
                 let mut out = Vec::new();
                 let h = encode(next, 1000 + 10 * (next as i64 / 3), &msgs, 16, &mut out);
                 let pos = a.summary.size;
@@ -384,8 +429,14 @@ mod tests {
         assert_eq!(at(OffsetSpec::FromEnd(4)), vec![23, 24, 25, 26]);
         assert_eq!(at(OffsetSpec::FromEnd(400)), (0..27).collect::<Vec<_>>());
         // Chunk 5 (offsets 15..18) was written at 1050.
-        assert_eq!(at(OffsetSpec::Timestamp(1045)), (15..27).collect::<Vec<_>>());
-        assert_eq!(at(OffsetSpec::Timestamp(1050)), (15..27).collect::<Vec<_>>());
+        assert_eq!(
+            at(OffsetSpec::Timestamp(1045)),
+            (15..27).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            at(OffsetSpec::Timestamp(1050)),
+            (15..27).collect::<Vec<_>>()
+        );
         assert_eq!(at(OffsetSpec::Timestamp(0)), (0..27).collect::<Vec<_>>());
         assert_eq!(at(OffsetSpec::Timestamp(99_999)), Vec::<u64>::new());
         // Retention removed the first segment: a cursor there moves on.
@@ -399,13 +450,25 @@ mod tests {
     fn parse_specs() {
         let s = |v: AMQPValue| parse_offset_arg(Some(&v), 1_000_000);
         assert_eq!(parse_offset_arg(None, 0), Ok(OffsetSpec::Next));
-        assert_eq!(s(AMQPValue::LongString("first".into())), Ok(OffsetSpec::First));
-        assert_eq!(s(AMQPValue::LongString("last".into())), Ok(OffsetSpec::Last));
-        assert_eq!(s(AMQPValue::LongString("next".into())), Ok(OffsetSpec::Next));
+        assert_eq!(
+            s(AMQPValue::LongString("first".into())),
+            Ok(OffsetSpec::First)
+        );
+        assert_eq!(
+            s(AMQPValue::LongString("last".into())),
+            Ok(OffsetSpec::Last)
+        );
+        assert_eq!(
+            s(AMQPValue::LongString("next".into())),
+            Ok(OffsetSpec::Next)
+        );
         assert_eq!(s(AMQPValue::LongLongInt(15)), Ok(OffsetSpec::Offset(15)));
         assert_eq!(s(AMQPValue::LongInt(-3)), Ok(OffsetSpec::FromEnd(3)));
         assert_eq!(s(AMQPValue::Timestamp(5)), Ok(OffsetSpec::Timestamp(5000)));
-        assert_eq!(s(AMQPValue::LongString("10s".into())), Ok(OffsetSpec::Timestamp(990_000)));
+        assert_eq!(
+            s(AMQPValue::LongString("10s".into())),
+            Ok(OffsetSpec::Timestamp(990_000))
+        );
         assert!(s(AMQPValue::LongString("soon".into())).is_err());
         assert!(s(AMQPValue::Boolean(true)).is_err());
     }

@@ -17,9 +17,10 @@ pub fn plan(view: &LogView, s: &StreamSettings, now_ms: i64) -> usize {
     while k + 1 < n {
         let seg = &view.segments[k].summary;
         let by_size = s.max_length_bytes.is_some_and(|m| total > m);
-        let by_age = s
-            .max_age_ms
-            .is_some_and(|a| seg.last_ts.is_some_and(|t| t < now_ms.saturating_sub(a as i64)));
+        let by_age = s.max_age_ms.is_some_and(|a| {
+            seg.last_ts
+                .is_some_and(|t| t < now_ms.saturating_sub(a as i64))
+        });
         if !(by_size || by_age) {
             break;
         }

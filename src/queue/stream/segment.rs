@@ -95,7 +95,10 @@ impl SegmentSummary {
         self.first_ts.get_or_insert(h.timestamp_ms);
         self.last_ts = Some(h.timestamp_ms);
         self.last_chunk = Some((h.first, pos));
-        let due = self.index.last().is_none_or(|e| pos >= e.pos + INDEX_INTERVAL);
+        let due = self
+            .index
+            .last()
+            .is_none_or(|e| pos >= e.pos + INDEX_INTERVAL);
         due.then(|| {
             let e = IndexEntry {
                 offset: h.first,
@@ -127,7 +130,9 @@ pub fn scan(file: &File, base: u64, verify: bool) -> io::Result<SegmentSummary> 
     let mut pos = 0u64;
     let mut buf = Vec::new();
     while pos + HEADER_LEN as u64 <= len {
-        let Some(h) = read_header(file, pos)? else { break };
+        let Some(h) = read_header(file, pos)? else {
+            break;
+        };
         if h.first != s.end || pos + h.total_len() > len {
             break;
         }
@@ -183,21 +188,31 @@ impl SealedSegment {
         Ok(SealedSegment { summary: s })
     }
 
-    fn from_index(dir: &Path, base: u64, file: &File, len: u64) -> io::Result<Option<SegmentSummary>> {
+    fn from_index(
+        dir: &Path,
+        base: u64,
+        file: &File,
+        len: u64,
+    ) -> io::Result<Option<SegmentSummary>> {
         let Ok(bytes) = std::fs::read(index_path(dir, base)) else {
             return Ok(None);
         };
         if bytes.is_empty() || bytes.len() % INDEX_ENTRY_LEN != 0 {
             return Ok(None);
         }
-        let index: Vec<IndexEntry> = bytes.chunks(INDEX_ENTRY_LEN).filter_map(IndexEntry::from_bytes).collect();
+        let index: Vec<IndexEntry> = bytes
+            .chunks(INDEX_ENTRY_LEN)
+            .filter_map(IndexEntry::from_bytes)
+            .collect();
         let (Some(first), Some(last)) = (index.first().copied(), index.last().copied()) else {
             return Ok(None);
         };
         if first.pos != 0 || first.offset != base {
             return Ok(None);
         }
-        let Some(h) = read_header(file, last.pos)? else { return Ok(None) };
+        let Some(h) = read_header(file, last.pos)? else {
+            return Ok(None);
+        };
         if h.first != last.offset || last.pos + h.total_len() != len {
             return Ok(None);
         }
@@ -264,7 +279,10 @@ impl ActiveSegment {
     /// chunk, truncates whatever follows the last valid one, rewrites the
     /// index.
     pub fn recover(dir: &Path, base: u64) -> io::Result<ActiveSegment> {
-        let log = OpenOptions::new().read(true).write(true).open(log_path(dir, base))?;
+        let log = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(log_path(dir, base))?;
         let len = log.metadata()?.len();
         let summary = scan(&log, base, true)?;
         if summary.size < len {
@@ -331,7 +349,9 @@ impl ActiveSegment {
     pub fn seal(self) -> io::Result<SealedSegment> {
         self.log.sync_data()?;
         write_index(&self.dir, self.base(), &with_last(&self.summary), true)?;
-        Ok(SealedSegment { summary: self.summary })
+        Ok(SealedSegment {
+            summary: self.summary,
+        })
     }
 }
 
@@ -341,7 +361,9 @@ mod tests {
     use crate::queue::stream::chunk::{encode, tests::msg};
 
     fn chunk(first: u64, n: usize, ts: i64) -> (ChunkHeader, Vec<u8>) {
-        let msgs: Vec<_> = (0..n).map(|i| msg(format!("m{}", first + i as u64).as_bytes(), None)).collect();
+        let msgs: Vec<_> = (0..n)
+            .map(|i| msg(format!("m{}", first + i as u64).as_bytes(), None))
+            .collect();
         let mut out = Vec::new();
         let h = encode(first, ts, &msgs, 16, &mut out);
         (h, out)
@@ -372,7 +394,10 @@ mod tests {
         drop(a);
         let a = ActiveSegment::recover(dir.path(), 0).unwrap();
         assert_eq!(a.summary, good);
-        assert_eq!(std::fs::metadata(log_path(dir.path(), 0)).unwrap().len(), good.size);
+        assert_eq!(
+            std::fs::metadata(log_path(dir.path(), 0)).unwrap().len(),
+            good.size
+        );
         let s = a.seal().unwrap();
         assert_eq!(s.summary.end, next);
         let again = SealedSegment::open(dir.path(), 0).unwrap();

@@ -44,7 +44,10 @@ impl StreamSettings {
             let positive = |v| match value_int(v) {
                 Some(i) if i >= 0 => Ok(i as u64),
                 Some(i) => Err((k.to_string(), format!("{{value_negative,{i}}}"))),
-                None => Err((k.to_string(), "{unacceptable_type,not_an_integer}".to_string())),
+                None => Err((
+                    k.to_string(),
+                    "{unacceptable_type,not_an_integer}".to_string(),
+                )),
             };
             match k {
                 "x-max-length-bytes" => s.max_length_bytes = Some(positive(v)?),
@@ -57,8 +60,15 @@ impl StreamSettings {
                     s.filter_size = n as usize;
                 }
                 "x-max-age" => {
-                    let text = value_str(v).ok_or_else(|| (k.to_string(), "{unacceptable_type,not_a_string}".to_string()))?;
-                    s.max_age_ms = Some(parse_age(&text).ok_or_else(|| (k.to_string(), format!("{{invalid_max_age,<<\"{text}\">>}}")))?);
+                    let text = value_str(v).ok_or_else(|| {
+                        (
+                            k.to_string(),
+                            "{unacceptable_type,not_a_string}".to_string(),
+                        )
+                    })?;
+                    s.max_age_ms = Some(parse_age(&text).ok_or_else(|| {
+                        (k.to_string(), format!("{{invalid_max_age,<<\"{text}\">>}}"))
+                    })?);
                 }
                 _ => {}
             }
@@ -107,7 +117,10 @@ mod tests {
     fn args() {
         let mut t = FieldTable::default();
         t.insert("x-max-age".into(), AMQPValue::LongString("2h".into()));
-        t.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongInt(1000));
+        t.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongInt(1000),
+        );
         t.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(5000));
         let s = StreamSettings::from_args(&t).unwrap();
         assert_eq!(s.max_age_ms, Some(7_200_000));

@@ -71,7 +71,10 @@ pub fn start(
     active: ActiveSegment,
     settings: StreamSettings,
     inbox: usize,
-) -> io::Result<(mpsc::Sender<WriteReq>, mpsc::UnboundedReceiver<Vec<CommitItem>>)> {
+) -> io::Result<(
+    mpsc::Sender<WriteReq>,
+    mpsc::UnboundedReceiver<Vec<CommitItem>>,
+)> {
     let (tx, rx) = mpsc::channel(inbox.max(1));
     // Unbounded: one message per fdatasync, consumed by the stream actor.
     let (etx, erx) = mpsc::unbounded_channel();
@@ -189,11 +192,21 @@ impl Writer {
                 start = end;
                 self.last_ts = self.last_ts.max(now_ms());
                 let Some(active) = self.active.as_mut() else {
-                    return Err(io::Error::other("the stream writer lost its active segment"));
+                    return Err(io::Error::other(
+                        "the stream writer lost its active segment",
+                    ));
                 };
                 buf.clear();
-                let h = chunk::encode(active.summary.end, self.last_ts, group, self.settings.filter_size, &mut buf);
-                if active.summary.size > 0 && active.summary.size + h.total_len() > self.settings.max_segment_size {
+                let h = chunk::encode(
+                    active.summary.end,
+                    self.last_ts,
+                    group,
+                    self.settings.filter_size,
+                    &mut buf,
+                );
+                if active.summary.size > 0
+                    && active.summary.size + h.total_len() > self.settings.max_segment_size
+                {
                     let next = active.summary.end;
                     if let Some(full) = self.active.take() {
                         full.seal()?;
@@ -207,7 +220,9 @@ impl Writer {
                     self.active = Some(fresh);
                 }
                 let Some(active) = self.active.as_mut() else {
-                    return Err(io::Error::other("the stream writer lost its active segment"));
+                    return Err(io::Error::other(
+                        "the stream writer lost its active segment",
+                    ));
                 };
                 let pos = active.summary.size;
                 active.append(&h, &buf)?;
