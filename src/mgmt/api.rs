@@ -815,12 +815,7 @@ async fn exchange_bindings_source(
 ) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
-    ok_json(Value::Array(
-        vhost_bindings(&v)
-            .into_iter()
-            .filter(|b| b["source"] == name.as_str())
-            .collect(),
-    ))
+    bindings_where(&v, |b| b["source"] == name.as_str())
 }
 
 async fn exchange_bindings_destination(
@@ -830,12 +825,9 @@ async fn exchange_bindings_destination(
 ) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
-    ok_json(Value::Array(
-        vhost_bindings(&v)
-            .into_iter()
-            .filter(|b| b["destination"] == name.as_str() && b["destination_type"] == "exchange")
-            .collect(),
-    ))
+    bindings_where(&v, |b| {
+        b["destination"] == name.as_str() && b["destination_type"] == "exchange"
+    })
 }
 
 async fn queue_bindings(
@@ -845,11 +837,15 @@ async fn queue_bindings(
 ) -> R {
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.queue(&name).ok_or_else(ApiError::not_found)?;
+    bindings_where(&v, |b| {
+        b["destination"] == name.as_str() && b["destination_type"] == "queue"
+    })
+}
+
+/// The vhost's bindings that satisfy `pred`, as a JSON array.
+fn bindings_where(v: &VHost, pred: impl Fn(&Value) -> bool) -> R {
     ok_json(Value::Array(
-        vhost_bindings(&v)
-            .into_iter()
-            .filter(|b| b["destination"] == name.as_str() && b["destination_type"] == "queue")
-            .collect(),
+        vhost_bindings(v).into_iter().filter(|b| pred(b)).collect(),
     ))
 }
 

@@ -7,6 +7,8 @@ mod common;
 #[path = "../common/process.rs"]
 mod process;
 
+mod util;
+
 mod t10_ttl_dlx;
 mod t20_limits;
 mod t30_priority;

@@ -1,21 +1,10 @@
 use crate::common::*;
+use crate::util::*;
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel};
+use lapin::types::{AMQPValue, FieldTable};
 use std::time::{Duration, Instant};
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-}
-
-fn args(kv: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in kv {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
 
 fn hstr(h: &FieldTable, k: &str) -> Option<String> {
     match h.inner().get(k)? {
@@ -31,34 +20,6 @@ fn hint(h: &FieldTable, k: &str) -> Option<i64> {
         AMQPValue::LongInt(i) => Some(i64::from(*i)),
         _ => None,
     }
-}
-
-/// Declares a DLX fanout exchange "dlx" with a queue "dead" bound to it.
-async fn dead_letter_setup(ch: &Channel) {
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "dead".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "dead".into(),
-        "dlx".into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
 }
 
 async fn next_body(c: &mut lapin::Consumer) -> (String, BasicProperties, bool) {

@@ -1,21 +1,10 @@
 use crate::common::*;
+use crate::util::*;
 use futures_lite::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-}
-
-fn args(kv: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in kv {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
 
 async fn bodies(ch: &lapin::Channel, q: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -34,30 +23,7 @@ async fn max_length_drop_head_dead_letters_the_oldest() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "dead".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "dead".into(),
-        "dlx".into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    dead_letter_setup(&ch).await;
     ch.queue_declare(
         "bounded".into(),
         QueueDeclareOptions::default(),
@@ -156,30 +122,7 @@ async fn delivery_limit_dead_letters_and_counts_redeliveries() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "dead".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "dead".into(),
-        "dlx".into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    dead_letter_setup(&ch).await;
     ch.queue_declare(
         "flaky".into(),
         QueueDeclareOptions::default(),
@@ -284,30 +227,7 @@ async fn delivery_limit_on_channel_close_dead_letters() {
     let b = TestBroker::start().await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "dead".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "dead".into(),
-        "dlx".into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    dead_letter_setup(&ch).await;
     ch.queue_declare(
         "once".into(),
         QueueDeclareOptions::default(),

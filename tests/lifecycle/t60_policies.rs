@@ -4,8 +4,9 @@
 //! persistence across a restart.
 
 use crate::common::*;
+use crate::util::*;
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -60,18 +61,6 @@ async fn clear_policy(b: &TestBroker, name: &str) {
     )
     .await;
     assert_eq!(st, 204, "clear policy {name}: {text}");
-}
-
-fn args(kv: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in kv {
-        t.insert((*k).into(), v.clone());
-    }
-    t
-}
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
 }
 
 async fn publish_n(ch: &lapin::Channel, queue: &str, n: usize) {
