@@ -27,6 +27,46 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// AMQP over TLS (amqps).
     pub tls: TlsConfig,
+    /// Clustering and quorum queues.
+    pub cluster: ClusterConfig,
+}
+
+/// Clustering: this node's name, where other nodes reach it, whom to join.
+/// Quorum queues work on a single node too (a Raft group of one); the
+/// cluster listener only opens when `enabled` (or a seed is given).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Listen for other nodes and join the seeds.
+    pub enabled: bool,
+    /// Node name, RabbitMQ style ("warren@host"); must be unique in the
+    /// cluster and stay the same across restarts.
+    pub node_name: String,
+    /// Address for inter-node traffic ("" = the same as amqp.bind).
+    pub bind: String,
+    /// Inter-node port (0 picks a free one).
+    pub port: u16,
+    /// Other nodes' inter-node addresses (host:port) to form or join a
+    /// cluster with.
+    pub seeds: Vec<String>,
+    /// Shared secret every node must present (like Erlang's cookie).
+    pub secret: String,
+    /// A node is considered down after this long without an answer (ms).
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_name: "warren@localhost".into(),
+            bind: String::new(),
+            port: 25672,
+            seeds: Vec::new(),
+            secret: String::new(),
+            failure_timeout_ms: 2000,
+        }
+    }
 }
 
 /// AMQP over TLS (amqps), terminated with rustls.
@@ -280,6 +320,7 @@ impl Default for Config {
             mgmt: MgmtConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -7,6 +7,8 @@
 //!   machines, AMQP errors. Never touches storage.
 //! - [`broker`]: vhosts, exchanges, bindings, routing, the queue registry.
 //! - [`queue`]: the deterministic queue core and the queue actor.
+//! - [`cluster`]: nodes, the inter-node transport and the Raft groups
+//!   (metadata and quorum queues).
 //! - [`auth`]: users, password hashes, per-vhost permissions.
 //! - [`mgmt`]: the management HTTP API and Prometheus metrics.
 //! - [`config`]: the typed configuration.
@@ -21,6 +23,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod mgmt;
 pub mod protocol;

@@ -34,6 +34,18 @@ struct Args {
     /// does not enable TLS: set tls.enabled, tls.cert_file and tls.key_file.
     #[arg(long)]
     tls_port: Option<u16>,
+    /// Node name for clustering (default warren@localhost).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Inter-node port (default 25672; 0 picks a free port). Enables clustering.
+    #[arg(long)]
+    cluster_port: Option<u16>,
+    /// Another node's inter-node address (host:port); repeatable. Enables clustering.
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// Shared secret all nodes of the cluster must present.
+    #[arg(long)]
+    cluster_secret: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,7 +78,28 @@ fn main() -> std::process::ExitCode {
     if let Some(p) = args.tls_port {
         cfg.tls.port = p;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+    if let Some(n) = args.node_name {
+        cfg.cluster.node_name = n;
+    }
+    if let Some(p) = args.cluster_port {
+        cfg.cluster.port = p;
+        cfg.cluster.enabled = true;
+    }
+    if !args.seeds.is_empty() {
+        cfg.cluster.seeds = args.seeds;
+        cfg.cluster.enabled = true;
+    }
+    if let Some(s) = args.cluster_secret {
+        cfg.cluster.secret = s;
+    }
+    // openraft logs routine elections at info/warn; keep it to errors
+    // unless the operator asks for it by name.
+    let level = if cfg.log.level.contains("openraft") {
+        cfg.log.level.clone()
+    } else {
+        format!("{},openraft=error", cfg.log.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -29,6 +29,8 @@ pub struct ServerHandle {
     pub mgmt_addr: Option<SocketAddr>,
     /// Where Prometheus metrics are served (None when disabled).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where other nodes connect (None when clustering is disabled).
+    pub cluster_addr: Option<SocketAddr>,
     /// The broker state (for in-process inspection by tests and management).
     pub broker: Arc<Broker>,
     shutdown: watch::Sender<bool>,
@@ -66,6 +68,9 @@ pub enum StartError {
     /// TLS is enabled but its certificate, key or CA cannot be used.
     #[error("{0}")]
     Tls(String),
+    /// The cluster runtime (Raft log, inter-node listener) could not start.
+    #[error("{0}")]
+    Cluster(String),
     /// The data directory or the stores in it could not be opened.
     #[error("cannot open the data directory {dir}: {why}")]
     Storage {
@@ -206,6 +211,7 @@ async fn open_broker(
         queues += 1;
     }
     persist::recover_bindings(&broker, &defs).map_err(|e| err(e.to_string()))?;
+    persist::spawn_exchange_dedup_saver(&broker);
     // Policies: parsed per vhost and applied to the recovered queues.
     let vnames: Vec<String> = broker.vhosts.iter().map(|v| v.key().clone()).collect();
     for v in vnames {
@@ -301,6 +307,11 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
+    let cluster = crate::cluster::Cluster::start(&broker, shutdown_rx.clone())
+        .await
+        .map_err(|e| StartError::Cluster(e.to_string()))?;
+    let cluster_addr = cluster.listen;
+    let _ = broker.cluster.set(cluster);
     let res = &config.resources;
     let mem_limit = if res.memory_high_watermark_bytes > 0 {
         res.memory_high_watermark_bytes
@@ -342,6 +353,7 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
         accept_tls,
         mgmt_addr,
         metrics_addr,
+        cluster_addr,
         broker,
         shutdown,
         accept,
@@ -362,6 +374,9 @@ impl ServerHandle {
         while self.shutdown.receiver_count() > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Deduplication caches and retry delays (lazy writes) are saved
+        // now, then made durable by the flush below.
+        persist::save_snapshots(&self.broker).await;
         if let Some(st) = &self.broker.storage {
             if let Err(e) = st.msgs.sync().await {
                 error!("final sync of the message store failed: {e}");

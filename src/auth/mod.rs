@@ -5,11 +5,13 @@
 //! exported from RabbitMQ carries hashes Warren can check.
 //!
 //! Per-vhost permissions (configure/write/read regular expressions) live in
-//! [`permissions`]; [`store`] persists users and permissions in the
-//! definitions store and recovers them at start.
+//! [`permissions`], topic permissions (write/read patterns over routing keys
+//! of topic exchanges) in [`topic`]; [`store`] persists users and both kinds
+//! of permissions in the definitions store and recovers them at start.
 
 pub mod permissions;
 pub mod store;
+pub mod topic;
 
 use crate::config::AuthConfig;
 use dashmap::DashMap;
@@ -18,6 +20,8 @@ use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use topic::{TopicPermission, TopicPerms};
 
 /// A user account.
 #[derive(Debug, Clone)]
@@ -44,6 +48,12 @@ pub struct Users {
     /// (user, vhost) → permission. A user may open a vhost iff it has an
     /// entry here, as in RabbitMQ.
     perms: DashMap<(String, String), Arc<Permission>>,
+    /// (user, vhost) → topic permissions by exchange, replaced as a whole
+    /// on every change (connections hold the `Arc` they loaded).
+    topic: DashMap<(String, String), Arc<TopicPerms>>,
+    /// Bumped after every topic permission change, so connections know to
+    /// reload theirs.
+    topic_gen: AtomicU64,
     loopback_only: HashSet<String>,
 }
 
@@ -103,6 +113,8 @@ impl Users {
         let u = Users {
             users: DashMap::new(),
             perms: DashMap::new(),
+            topic: DashMap::new(),
+            topic_gen: AtomicU64::new(0),
             loopback_only: cfg.loopback_users.iter().cloned().collect(),
         };
         if !cfg.default_user.is_empty() {
@@ -156,6 +168,8 @@ impl Users {
     /// Removes a user and its permissions; false if there was none.
     pub fn remove(&self, name: &str) -> bool {
         self.perms.retain(|(u, _), _| u != name);
+        self.topic.retain(|(u, _), _| u != name);
+        self.topic_changed();
         self.users.remove(name).is_some()
     }
 
@@ -163,6 +177,8 @@ impl Users {
     pub fn clear(&self) {
         self.users.clear();
         self.perms.clear();
+        self.topic.clear();
+        self.topic_changed();
     }
 
     /// Sets a user's permissions on a vhost.
@@ -181,6 +197,84 @@ impl Users {
     /// Forgets every permission on a vhost (the vhost was deleted).
     pub fn clear_vhost(&self, vhost: &str) {
         self.perms.retain(|(_, v), _| v != vhost);
+        self.topic.retain(|(_, v), _| v != vhost);
+        self.topic_changed();
+    }
+
+    fn topic_changed(&self) {
+        self.topic_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes whenever any topic permission changes.
+    pub fn topic_generation(&self) -> u64 {
+        self.topic_gen.load(Ordering::Acquire)
+    }
+
+    /// Sets a user's topic permission for one exchange in a vhost
+    /// (replacing the one it had for that exchange).
+    pub fn set_topic_permission(&self, user: &str, vhost: &str, p: TopicPermission) {
+        let key = (user.to_string(), vhost.to_string());
+        let mut map: TopicPerms = self
+            .topic
+            .get(&key)
+            .map(|m| m.value().as_ref().clone())
+            .unwrap_or_default();
+        map.insert(p.exchange.clone(), Arc::new(p));
+        self.topic.insert(key, Arc::new(map));
+        self.topic_changed();
+    }
+
+    /// Clears a user's topic permissions in a vhost: for one exchange, or
+    /// all of them. False if there was none.
+    pub fn clear_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) -> bool {
+        let key = (user.to_string(), vhost.to_string());
+        let removed = match exchange {
+            None => self.topic.remove(&key).is_some(),
+            Some(x) => {
+                let Some(cur) = self.topic.get(&key).map(|m| m.value().clone()) else {
+                    return false;
+                };
+                if !cur.contains_key(x) {
+                    return false;
+                }
+                let mut map = cur.as_ref().clone();
+                map.remove(x);
+                if map.is_empty() {
+                    self.topic.remove(&key);
+                } else {
+                    self.topic.insert(key, Arc::new(map));
+                }
+                true
+            }
+        };
+        if removed {
+            self.topic_changed();
+        }
+        removed
+    }
+
+    /// A user's topic permissions in a vhost, if any.
+    pub fn topic_permissions_of(&self, user: &str, vhost: &str) -> Option<Arc<TopicPerms>> {
+        self.topic
+            .get(&(user.to_string(), vhost.to_string()))
+            .map(|m| m.value().clone())
+    }
+
+    /// Every (user, vhost, topic permission), sorted by vhost, user, exchange.
+    pub fn topic_permissions(&self) -> Vec<(String, String, Arc<TopicPermission>)> {
+        let mut v: Vec<_> = self
+            .topic
+            .iter()
+            .flat_map(|e| {
+                let (u, vh) = e.key().clone();
+                e.value()
+                    .values()
+                    .map(|p| (u.clone(), vh.clone(), p.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.1, &a.0, &a.2.exchange).cmp(&(&b.1, &b.0, &b.2.exchange)));
+        v
     }
 
     /// A user's permissions on a vhost.

@@ -1,10 +1,14 @@
 //! Users and permissions in the definitions store (tables `Users` and
-//! `Permissions`), in RabbitMQ's definitions shapes, and their recovery.
+//! `Permissions`; topic permissions in `Meta` under the
+//! `topic_permissions` prefix), in RabbitMQ's definitions shapes, and
+//! their recovery.
 //!
-//! Keys: users by name; permissions `key(vhost, user)`.
+//! Keys: users by name; permissions `key(vhost, user)`; topic permissions
+//! `key("topic_permissions", vhost, user, exchange)`.
 
 use super::Users;
 use super::permissions::Permission;
+use super::topic::TopicPermission;
 use crate::store::StoreError;
 use crate::store::defs::{Definitions, Table};
 use base64::Engine;
@@ -73,6 +77,75 @@ pub struct PermissionDef {
     pub read: String,
 }
 
+/// A topic permission as stored and as in RabbitMQ's definitions files
+/// (`topic_permissions`) and management API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopicPermissionDef {
+    /// User.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// Topic exchange.
+    pub exchange: String,
+    /// Write pattern (routing keys of publishes).
+    pub write: String,
+    /// Read pattern (binding keys).
+    pub read: String,
+}
+
+impl TopicPermissionDef {
+    /// The stored form of a topic permission.
+    pub fn of(user: &str, vhost: &str, p: &TopicPermission) -> TopicPermissionDef {
+        TopicPermissionDef {
+            user: user.into(),
+            vhost: vhost.into(),
+            exchange: p.exchange.clone(),
+            write: p.write.clone(),
+            read: p.read.clone(),
+        }
+    }
+}
+
+const TOPIC_PREFIX: &str = "topic_permissions";
+
+fn topic_key(vhost: &str, user: &str, exchange: &str) -> String {
+    Definitions::key(&[TOPIC_PREFIX, vhost, user, exchange])
+}
+
+fn stored_topic_permissions(
+    defs: &Definitions,
+) -> Result<Vec<(String, TopicPermissionDef)>, StoreError> {
+    defs.list_prefix(Table::Meta, &Definitions::key(&[TOPIC_PREFIX, ""]))
+}
+
+/// Records a topic permission.
+pub async fn put_topic_permission(
+    defs: &Definitions,
+    p: &TopicPermissionDef,
+) -> Result<(), StoreError> {
+    defs.put(Table::Meta, &topic_key(&p.vhost, &p.user, &p.exchange), p)
+        .await
+}
+
+/// Forgets topic permissions: those of `user` in `vhost` (one exchange, or
+/// all), or with `user`/`vhost` None every user's / every vhost's.
+pub async fn delete_topic_permissions(
+    defs: &Definitions,
+    user: Option<&str>,
+    vhost: Option<&str>,
+    exchange: Option<&str>,
+) -> Result<(), StoreError> {
+    for (k, p) in stored_topic_permissions(defs)? {
+        if user.is_none_or(|u| u == p.user)
+            && vhost.is_none_or(|v| v == p.vhost)
+            && exchange.is_none_or(|x| x == p.exchange)
+        {
+            defs.delete(Table::Meta, &k).await?;
+        }
+    }
+    Ok(())
+}
+
 impl UserDef {
     /// The stored form of a user.
     pub fn of(u: &super::User) -> UserDef {
@@ -116,7 +189,7 @@ pub async fn delete_user(defs: &Definitions, name: &str) -> Result<(), StoreErro
             defs.delete(Table::Permissions, &k).await?;
         }
     }
-    Ok(())
+    delete_topic_permissions(defs, Some(name), None, None).await
 }
 
 /// Records a permission.
@@ -147,7 +220,7 @@ pub async fn delete_vhost_permissions(defs: &Definitions, vhost: &str) -> Result
             defs.delete(Table::Permissions, &k).await?;
         }
     }
-    Ok(())
+    delete_topic_permissions(defs, None, Some(vhost), None).await
 }
 
 /// At start: if the store has users, they (and their permissions) replace
@@ -182,6 +255,14 @@ pub async fn recover(users: &Users, defs: &Definitions) -> Result<(usize, usize)
             Ok(perm) => users.set_permission(&p.user, &p.vhost, perm),
             Err(e) => {
                 tracing::warn!(user = %p.user, vhost = %p.vhost, "skipping stored permission with an invalid pattern: {e}")
+            }
+        }
+    }
+    for (_, p) in stored_topic_permissions(defs)? {
+        match TopicPermission::new(&p.user, &p.vhost, &p.exchange, &p.write, &p.read) {
+            Ok(tp) => users.set_topic_permission(&p.user, &p.vhost, tp),
+            Err(e) => {
+                tracing::warn!(user = %p.user, vhost = %p.vhost, exchange = %p.exchange, "skipping stored topic permission with an invalid pattern: {e}")
             }
         }
     }

@@ -65,9 +65,11 @@ enum Cmd {
     list_bindings { columns: Vec<String> },
     /// Connections [columns...] (default: user peer_host peer_port state).
     list_connections { columns: Vec<String> },
-    /// Channels [columns...].
+    /// Channels [columns...] (default: name user consumer_count
+    /// messages_unacknowledged).
     list_channels { columns: Vec<String> },
-    /// Consumers [columns...].
+    /// Consumers [columns...] (default: queue_name channel_pid consumer_tag
+    /// ack_required prefetch_count active arguments).
     list_consumers { columns: Vec<String> },
     /// Users.
     list_users,
@@ -106,6 +108,25 @@ enum Cmd {
     list_permissions,
     /// One user's permissions in every vhost.
     list_user_permissions { user: String },
+    /// Sets a user's topic permissions on a topic exchange in the vhost
+    /// (-p): regular expressions over routing keys for publishing (write)
+    /// and binding (read); {username} and {vhost} are expanded.
+    set_topic_permissions {
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+    },
+    /// Clears a user's topic permissions in the vhost (-p): on one
+    /// exchange, or all of them.
+    clear_topic_permissions {
+        user: String,
+        exchange: Option<String>,
+    },
+    /// Topic permissions in the vhost (-p).
+    list_topic_permissions,
+    /// One user's topic permissions in every vhost.
+    list_user_topic_permissions { user: String },
     /// Purges a queue.
     purge_queue { queue: String },
     /// Creates a super stream: a consistent-hash exchange NAME routing each
@@ -550,7 +571,11 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 f,
                 q,
                 "Listing channels ...",
-                &cols(columns, &["name", "user", "number"]),
+                // rabbitmqctl's defaults (pid is the channel name here).
+                &cols(
+                    columns,
+                    &["name", "user", "consumer_count", "messages_unacknowledged"],
+                ),
                 &rows,
             );
         }
@@ -574,7 +599,15 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 &format!("Listing consumers in vhost {} ...", cli.vhost),
                 &cols(
                     columns,
-                    &["queue_name", "channel_pid", "consumer_tag", "active"],
+                    &[
+                        "queue_name",
+                        "channel_pid",
+                        "consumer_tag",
+                        "ack_required",
+                        "prefetch_count",
+                        "active",
+                        "arguments",
+                    ],
                 ),
                 &rows,
             );
@@ -743,6 +776,83 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                 q,
                 &format!("Listing permissions for user \"{user}\" ...",),
                 &cols(&[], &["vhost", "configure", "write", "read"]),
+                &rows,
+            );
+        }
+        Cmd::set_topic_permissions {
+            user,
+            exchange,
+            write,
+            read,
+        } => {
+            let body = json!({"exchange": exchange, "write": write, "read": read});
+            c.call(
+                "PUT",
+                &format!("/api/topic-permissions/{vh}/{}", enc(user)),
+                Some(&body),
+                "topic permissions",
+            )?;
+            if !q {
+                println!(
+                    "Setting topic permissions on \"{exchange}\" for user \"{user}\" in vhost \"{}\" ...",
+                    cli.vhost
+                );
+            }
+        }
+        Cmd::clear_topic_permissions { user, exchange } => {
+            let path = match exchange {
+                Some(x) => format!("/api/topic-permissions/{vh}/{}/{}", enc(user), enc(x)),
+                None => format!("/api/topic-permissions/{vh}/{}", enc(user)),
+            };
+            c.call(
+                "DELETE",
+                &path,
+                None,
+                &format!(
+                    "topic permissions of user '{user}' in vhost '{}'",
+                    cli.vhost
+                ),
+            )?;
+            if !q {
+                match exchange {
+                    Some(x) => println!(
+                        "Clearing topic permissions on \"{x}\" for user \"{user}\" in vhost \"{}\" ...",
+                        cli.vhost
+                    ),
+                    None => println!(
+                        "Clearing topic permissions for user \"{user}\" in vhost \"{}\" ...",
+                        cli.vhost
+                    ),
+                }
+            }
+        }
+        Cmd::list_topic_permissions => {
+            let rows = arr(c.call(
+                "GET",
+                &format!("/api/vhosts/{vh}/topic-permissions"),
+                None,
+                &format!("vhost '{}'", cli.vhost),
+            )?);
+            print_table(
+                f,
+                q,
+                &format!("Listing topic permissions for vhost \"{}\" ...", cli.vhost),
+                &cols(&[], &["user", "exchange", "write", "read"]),
+                &rows,
+            );
+        }
+        Cmd::list_user_topic_permissions { user } => {
+            let rows = arr(c.call(
+                "GET",
+                &format!("/api/users/{}/topic-permissions", enc(user)),
+                None,
+                &format!("user '{user}'"),
+            )?);
+            print_table(
+                f,
+                q,
+                &format!("Listing topic permissions for user \"{user}\" ..."),
+                &cols(&[], &["vhost", "exchange", "write", "read"]),
                 &rows,
             );
         }

@@ -37,6 +37,18 @@ pub async fn declare_queue(
     if let Some(q) = vhost.queue(&spec.name) {
         return Ok((q, false));
     }
+    if args.queue_type == "quorum" {
+        crate::queue::quorum::check_declare(
+            &spec.name,
+            &vhost.name,
+            spec.durable,
+            spec.exclusive_owner.is_some(),
+            spec.auto_delete,
+        )?;
+        let q =
+            crate::queue::quorum::declare(broker, vhost, &spec.name, &spec.arguments, &args).await?;
+        return Ok((q, true));
+    }
     let id = broker.next_id();
     let vname = vhost.name.clone();
     let make = |tx| {
@@ -105,7 +117,7 @@ pub async fn declare_queue(
         // is registered, in case a policy changed in between.
         super::policy::apply_to_queue(vhost, &created).await;
     }
-    if created.is_stored() {
+    if created.uses_message_store() || created.is_stream() {
         if let Some(st) = &broker.storage {
             let def = QueueDef {
                 vhost: vname.clone(),

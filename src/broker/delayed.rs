@@ -174,7 +174,7 @@ async fn route_due(broker: &Arc<Broker>, d: Delayed) {
         if let Some(st) = &broker.storage {
             let stored: Vec<u64> = targets
                 .iter()
-                .filter(|t| t.is_stored())
+                .filter(|t| t.uses_message_store())
                 .map(|t| t.id)
                 .collect();
             if !stored.is_empty() {
@@ -187,7 +187,7 @@ async fn route_due(broker: &Arc<Broker>, d: Delayed) {
         }
     }
     for t in targets {
-        let g = if t.is_stored() { gid } else { 0 };
+        let g = if t.uses_message_store() { gid } else { 0 };
         let cmd = QueueCmd::Publish {
             msgs: vec![(d.msg.clone(), g)],
             confirm: None,

@@ -59,6 +59,33 @@ impl ExchangeKind {
     }
 }
 
+/// The type given to exchange.declare (AMQP or management API): the
+/// routing kind, and whether it is an x-delayed-message exchange (which
+/// routes as its `x-delayed-type` argument, as RabbitMQ's plugin).
+pub fn declared_kind(kind: &str, arguments: &FieldTable) -> Result<(ExchangeKind, bool), AmqpError> {
+    if kind == DELAYED_TYPE {
+        let k = arguments
+            .inner()
+            .get("x-delayed-type")
+            .and_then(super::headers::value_str)
+            .and_then(|t| ExchangeKind::parse(&t))
+            .ok_or_else(|| {
+                AmqpError::precondition(
+                    "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+                )
+            })?;
+        return Ok((k, true));
+    }
+    ExchangeKind::parse(kind)
+        .map(|k| (k, false))
+        .ok_or_else(|| {
+            AmqpError::new(
+                code::COMMAND_INVALID,
+                format!("unknown exchange type '{kind}'"),
+            )
+        })
+}
+
 /// Where a binding leads.
 #[derive(Debug, Clone)]
 pub enum Destination {
@@ -155,6 +182,8 @@ pub struct Exchange {
     /// x-message-deduplication on the exchange: messages whose
     /// x-deduplication-header was seen recently are not routed at all.
     pub dedup: Option<Mutex<crate::queue::core::DedupCache>>,
+    /// publish_in / publish_out totals (management).
+    pub stats: crate::mgmt::stats::ExchangeStats,
 }
 
 impl Exchange {
@@ -207,6 +236,7 @@ impl Exchange {
             delayed: false,
             hash_header,
             dedup,
+            stats: Default::default(),
         };
         ex.rebuild(&[]);
         ex

@@ -283,10 +283,14 @@ pub struct Broker {
     pub delayed: std::sync::OnceLock<delayed::DelayedScheduler>,
     /// Resource limits and their last readings.
     pub limits: alarms::Limits,
+    /// Broker-wide message totals of closed connections, rate samples.
+    pub mgmt_stats: crate::mgmt::stats::BrokerStats,
     /// Durable storage (None only in tests of pure routing).
     pub storage: Option<persist::Storage>,
     /// Set when the broker is shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// The cluster runtime (Raft groups for quorum queues), once started.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Resource alarm: `Some(reason)` while publishers must be blocked
     /// ("low on memory", "low on disk").
     alarm: watch::Sender<Option<String>>,
@@ -312,7 +316,9 @@ impl Broker {
             storage,
             delayed: std::sync::OnceLock::new(),
             limits: alarms::Limits::default(),
+            mgmt_stats: Default::default(),
             shutdown,
+            cluster: std::sync::OnceLock::new(),
             alarm: watch::channel(None).0,
             config,
         };

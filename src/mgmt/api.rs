@@ -7,6 +7,7 @@
 use super::json::{json_to_table, table_to_json, value_to_json};
 use super::{ApiError, AppState, Caller, ops};
 use crate::broker::exchange::{Binding, Exchange};
+use crate::broker::conns::ChannelStats;
 use crate::broker::{Broker, VHost};
 use crate::queue::QueueRef;
 use amq_protocol::protocol::BasicProperties;
@@ -53,6 +54,9 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
         .route("/api/channels", get(channels))
+        .route("/api/channels/{name}", get(channel))
+        .route("/api/connections/{name}/channels", get(connection_channels))
+        .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
         .route("/api/consumers", get(consumers))
         .route("/api/consumers/{vhost}", get(consumers_vhost))
         .route("/api/exchanges", get(exchanges))
@@ -110,6 +114,29 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/api/users/{name}/permissions", get(user_permissions))
         .route("/api/permissions", get(permissions))
+        .route("/api/topic-permissions", get(topic_permissions))
+        .route(
+            "/api/topic-permissions/{vhost}",
+            get(topic_permissions_vhost),
+        )
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(topic_permission)
+                .put(put_topic_permission)
+                .delete(delete_topic_permission),
+        )
+        .route(
+            "/api/topic-permissions/{vhost}/{user}/{exchange}",
+            get(topic_permission_exchange).delete(delete_topic_permission_exchange),
+        )
+        .route(
+            "/api/vhosts/{vhost}/topic-permissions",
+            get(topic_permissions_vhost),
+        )
+        .route(
+            "/api/users/{name}/topic-permissions",
+            get(user_topic_permissions),
+        )
         .route(
             "/api/permissions/{vhost}/{user}",
             get(permission)
@@ -150,14 +177,13 @@ pub fn node_name() -> String {
 }
 
 fn rate(v: f64) -> Value {
-    json!({ "rate": (v * 10.0).round() / 10.0 })
+    super::stats::rate(v)
 }
 
 async fn overview(State(st): State<AppState>, caller: Caller) -> R {
     let b = &st.broker;
     let (mut ready, mut unacked, mut consumers, mut nqueues, mut nex) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    let (mut p, mut d, mut r, mut a) = (0, 0, 0, 0);
     for v in visible_vhosts(b, &caller) {
         nex += v.exchanges.len() as u64;
         for q in all_queues(&v) {
@@ -166,13 +192,23 @@ async fn overview(State(st): State<AppState>, caller: Caller) -> R {
             ready += c.ready;
             unacked += c.unacked;
             consumers += c.consumers;
-            let t = super::stats::totals(&q);
-            p += t.0;
-            d += t.1;
-            r += t.2;
-            a += t.3;
         }
     }
+    // Message totals: every open connection the caller sees, plus (for
+    // those who see everything) connections that have closed.
+    let mut totals = if caller.sees_all() {
+        b.mgmt_stats.retired.load()
+    } else {
+        super::stats::Counts::default()
+    };
+    for c in b.connections.iter().filter(|c| caller.can_see(b, &c.vhost)) {
+        totals.add(&c.stats.load());
+    }
+    let rates = if caller.sees_all() {
+        b.mgmt_stats.overview.rates(&totals.0)
+    } else {
+        Vec::new()
+    };
     let conns: Vec<_> = b
         .connections
         .iter()
@@ -201,8 +237,7 @@ async fn overview(State(st): State<AppState>, caller: Caller) -> R {
         "erlang_version": "n/a",
         "cluster_name": node_name(),
         "node": node_name(),
-        "message_stats": {"publish": p, "publish_details": rate(0.0), "deliver_get": d, "deliver_get_details": rate(0.0),
-                          "ack": a, "ack_details": rate(0.0), "redeliver": r, "redeliver_details": rate(0.0)},
+        "message_stats": super::stats::overview_json(&totals, &rates),
         "queue_totals": {"messages": ready + unacked, "messages_details": rate(0.0), "messages_ready": ready,
                          "messages_ready_details": rate(0.0), "messages_unacknowledged": unacked,
                          "messages_unacknowledged_details": rate(0.0)},
@@ -420,65 +455,128 @@ async fn close_connection(
     no_content()
 }
 
-async fn channels(State(st): State<AppState>, caller: Caller) -> R {
-    let mut out = Vec::new();
-    for c in visible_conns(&st.broker, &caller) {
-        for n in c.channel_numbers() {
-            out.push(json!({
-                "name": format!("{} ({n})", c.name),
-                "number": n,
-                "node": node_name(),
-                "vhost": c.vhost,
-                "user": c.user,
-                "state": "running",
-                "connection_details": {"name": c.name, "peer_host": c.peer.ip().to_string(), "peer_port": c.peer.port()},
-            }));
-        }
-    }
-    ok_json(Value::Array(out))
+fn channel_json(c: &crate::broker::conns::ConnInfo, n: u16, st: &ChannelStats) -> Value {
+    let r = Ordering::Relaxed;
+    json!({
+        "name": format!("{} ({n})", c.name),
+        "number": n,
+        "node": node_name(),
+        "vhost": c.vhost,
+        "user": c.user,
+        "state": "running",
+        "connection_details": {"name": c.name, "peer_host": c.peer.ip().to_string(), "peer_port": c.peer.port()},
+        "prefetch_count": st.prefetch_count.load(r),
+        "global_prefetch_count": st.global_prefetch_count.load(r),
+        "messages_unacknowledged": st.messages_unacknowledged.load(r),
+        "messages_unconfirmed": st.messages_unconfirmed.load(r),
+        "messages_uncommitted": st.messages_uncommitted.load(r),
+        "acks_uncommitted": st.acks_uncommitted.load(r),
+        "pending_raft_commands": 0,
+        "consumer_count": st.consumer_count.load(r),
+        "confirm": st.confirm.load(r),
+        "transactional": st.transactional.load(r),
+    })
 }
 
+fn channels_of<'a>(
+    conns: impl IntoIterator<Item = &'a crate::broker::conns::ConnInfo>,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    for c in conns {
+        for (n, st) in c.channel_stats() {
+            out.push(channel_json(c, n, &st));
+        }
+    }
+    out
+}
+
+async fn channels(State(st): State<AppState>, caller: Caller) -> R {
+    ok_json(Value::Array(channels_of(&visible_conns(
+        &st.broker, &caller,
+    ))))
+}
+
+async fn channel(State(st): State<AppState>, caller: Caller, Path(name): Path<String>) -> R {
+    channels_of(&visible_conns(&st.broker, &caller))
+        .into_iter()
+        .find(|c| c["name"] == name.as_str())
+        .map_or_else(|| Err(ApiError::not_found()), ok_json)
+}
+
+async fn connection_channels(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> R {
+    let c = find_conn(&st.broker, &caller, &name)?;
+    ok_json(Value::Array(channels_of([&c])))
+}
+
+async fn vhost_channels(State(st): State<AppState>, caller: Caller, Path(vh): Path<String>) -> R {
+    ops::vhost(&st.broker, &vh)?;
+    let conns: Vec<_> = visible_conns(&st.broker, &caller)
+        .into_iter()
+        .filter(|c| c.vhost == vh)
+        .collect();
+    ok_json(Value::Array(channels_of(&conns)))
+}
+
+/// Consumers as RabbitMQ's /api/consumers shows them, from the channels'
+/// records (no queue is asked). With a single active consumer, the queue's
+/// oldest consumer is the active one (consumer ids increase).
 async fn consumer_list(
     b: &Broker,
     caller: &Caller,
     only: Option<&str>,
 ) -> Result<Vec<Value>, ApiError> {
     let conns: Vec<_> = b.connections.iter().map(|c| c.value().clone()).collect();
-    let mut out = Vec::new();
-    for v in visible_vhosts(b, caller) {
-        if only.is_some_and(|o| o != v.name) {
-            continue;
-        }
-        for q in all_queues(&v) {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if !q
-                .send(crate::queue::QueueCmd::Consumers { reply: tx })
-                .await
-            {
-                continue;
-            }
-            for ci in rx.await.unwrap_or_default() {
-                let conn = conns.iter().find(|c| c.tx.same_channel(&ci.conn));
-                let cname = conn.map(|c| c.name.clone()).unwrap_or_default();
-                out.push(json!({
-                    "consumer_tag": ci.tag,
-                    "queue": {"name": q.name, "vhost": q.vhost},
-                    "channel_details": {
-                        "name": format!("{cname} ({})", ci.channel),
-                        "number": ci.channel,
-                        "connection_name": cname,
-                        "user": conn.map(|c| c.user.clone()),
-                        "peer_host": conn.map(|c| c.peer.ip().to_string()),
-                        "peer_port": conn.map(|c| c.peer.port()),
-                    },
-                    "active": true,
-                    "activity_status": "up",
-                    "arguments": {},
-                }));
+    let mut all = Vec::new();
+    for c in &conns {
+        for (n, st) in c.channel_stats() {
+            for m in st.consumer_list() {
+                all.push((c, n, m));
             }
         }
     }
-    Ok(out)
+    let mut oldest: HashMap<u64, u64> = HashMap::new();
+    for (_, _, m) in &all {
+        let e = oldest.entry(m.queue_id).or_insert(m.id);
+        *e = (*e).min(m.id);
+    }
+    all.retain(|(_, _, m)| {
+        only.is_none_or(|o| o == m.vhost) && caller.can_see(b, &m.vhost)
+    });
+    all.sort_by(|a, b| (&a.2.vhost, &a.2.queue, a.2.id).cmp(&(&b.2.vhost, &b.2.queue, b.2.id)));
+    Ok(all
+        .iter()
+        .map(|(c, n, m)| {
+            let active = !m.single_active || oldest.get(&m.queue_id) == Some(&m.id);
+            let status = match (m.single_active, active) {
+                (false, _) => "up",
+                (true, true) => "single_active",
+                (true, false) => "waiting",
+            };
+            json!({
+                "consumer_tag": m.tag,
+                "queue": {"name": m.queue, "vhost": m.vhost},
+                "channel_details": {
+                    "name": format!("{} ({n})", c.name),
+                    "number": n,
+                    "node": node_name(),
+                    "connection_name": c.name,
+                    "user": c.user,
+                    "peer_host": c.peer.ip().to_string(),
+                    "peer_port": c.peer.port(),
+                },
+                "ack_required": m.ack_required,
+                "prefetch_count": m.prefetch_count,
+                "exclusive": m.exclusive,
+                "active": active,
+                "activity_status": status,
+                "arguments": table_to_json(&m.arguments),
+            })
+        })
+        .collect())
 }
 
 async fn consumers(State(st): State<AppState>, caller: Caller) -> R {
@@ -500,10 +598,19 @@ async fn consumers_vhost(State(st): State<AppState>, caller: Caller, Path(vh): P
 fn exchange_json(v: &VHost, e: &Exchange) -> Value {
     let vhost = &v.name;
     let policy = crate::broker::policy::for_exchange(v, &e.name).map(|p| p.name.clone());
+    let (i, o) = (
+        e.stats.publish_in.load(Ordering::Relaxed),
+        e.stats.publish_out.load(Ordering::Relaxed),
+    );
+    let r = e.stats.sampler.rates(&[i, o]);
     json!({
         "name": e.name,
         "vhost": vhost,
-        "type": e.kind.as_str(),
+        "type": e.type_name(),
+        "message_stats": {
+            "publish_in": i, "publish_in_details": rate(r.first().copied().unwrap_or(0.0)),
+            "publish_out": o, "publish_out_details": rate(r.get(1).copied().unwrap_or(0.0)),
+        },
         "durable": e.durable,
         "auto_delete": e.auto_delete,
         "internal": e.internal,
@@ -722,6 +829,17 @@ async fn publish(
     .map_err(|e| ApiError::unauthorised(e.text))?;
     let rk =
         field_str(&b, "routing_key").ok_or_else(|| ApiError::bad_request("routing_key missing"))?;
+    if let Some(ex) = ops::vhost(bk, &vh)?.exchange(&name) {
+        crate::auth::topic::check(
+            &bk.users,
+            &caller.user.name,
+            &vh,
+            &ex,
+            crate::auth::permissions::Perm::Write,
+            rk,
+        )
+        .map_err(|e| ApiError::unauthorised(e.text))?;
+    }
     let payload =
         field_str(&b, "payload").ok_or_else(|| ApiError::bad_request("payload missing"))?;
     let body = match field_str(&b, "payload_encoding").unwrap_or("string") {
@@ -906,6 +1024,18 @@ async fn post_binding(
     let rk = field_str(&b, "routing_key").unwrap_or("");
     let args = json_to_table(b.get("arguments").unwrap_or(&Value::Null));
     let key = props_key(rk, &args);
+    // Topic authorisation on the source, as a channel's queue.bind does.
+    if let Some(ex) = ops::vhost(&st.broker, &vh)?.exchange(&source) {
+        crate::auth::topic::check(
+            &st.broker.users,
+            &caller.user.name,
+            &vh,
+            &ex,
+            crate::auth::permissions::Perm::Read,
+            rk,
+        )
+        .map_err(|e| ApiError::unauthorised(e.text))?;
+    }
     ops::bind(&st.broker, &vh, &source, to_queue, &dest, rk, args).await?;
     let loc = format!("{}/{key}", key.len());
     Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, loc)]).into_response())
@@ -1475,6 +1605,155 @@ async fn delete_permission(
         crate::auth::store::delete_permission(&s.defs, &user, &vh).await?;
     }
     no_content()
+}
+
+// ---------------------------------------------------------------------------
+// topic permissions (RabbitMQ's topic authorisation)
+
+fn topic_perm_json(user: &str, vhost: &str, p: &crate::auth::topic::TopicPermission) -> Value {
+    json!({"user": user, "vhost": vhost, "exchange": p.exchange, "write": p.write, "read": p.read})
+}
+
+fn topic_perms_where(b: &Broker, pred: impl Fn(&str, &str) -> bool) -> Vec<Value> {
+    b.users
+        .topic_permissions()
+        .iter()
+        .filter(|(u, v, _)| pred(u, v))
+        .map(|(u, v, p)| topic_perm_json(u, v, p))
+        .collect()
+}
+
+async fn topic_permissions(State(st): State<AppState>, caller: Caller) -> R {
+    caller.require_admin()?;
+    ok_json(Value::Array(topic_perms_where(&st.broker, |_, _| true)))
+}
+
+async fn topic_permissions_vhost(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(vh): Path<String>,
+) -> R {
+    caller.require_admin()?;
+    ops::vhost(&st.broker, &vh)?;
+    ok_json(Value::Array(topic_perms_where(&st.broker, |_, v| v == vh)))
+}
+
+async fn user_topic_permissions(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> R {
+    caller.require_admin()?;
+    st.broker.users.get(&name).ok_or_else(ApiError::not_found)?;
+    ok_json(Value::Array(topic_perms_where(&st.broker, |u, _| u == name)))
+}
+
+/// One user's topic permissions in a vhost: 404 when there are none (or no
+/// such user or vhost), as RabbitMQ.
+fn user_vhost_topic_perms(b: &Broker, vh: &str, user: &str) -> Result<Vec<Value>, ApiError> {
+    ops::vhost(b, vh)?;
+    b.users.get(user).ok_or_else(ApiError::not_found)?;
+    let v = topic_perms_where(b, |u, v| u == user && v == vh);
+    if v.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    Ok(v)
+}
+
+async fn topic_permission(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user)): Path<(String, String)>,
+) -> R {
+    caller.require_admin()?;
+    ok_json(Value::Array(user_vhost_topic_perms(&st.broker, &vh, &user)?))
+}
+
+async fn topic_permission_exchange(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user, _exchange)): Path<(String, String, String)>,
+) -> R {
+    caller.require_admin()?;
+    // RabbitMQ answers with the user's topic permissions in the vhost.
+    ok_json(Value::Array(user_vhost_topic_perms(&st.broker, &vh, &user)?))
+}
+
+/// Sets a topic permission from RabbitMQ's JSON (exchange, write, read;
+/// vhost and user must exist). True when the user had none in the vhost
+/// (RabbitMQ then answers 201, otherwise 204).
+pub async fn apply_topic_permission(
+    b: &Broker,
+    vh: &str,
+    user: &str,
+    body: &Value,
+) -> Result<bool, ApiError> {
+    if ops::vhost(b, vh).is_err() || b.users.get(user).is_none() {
+        return Err(ApiError::bad_request("vhost_or_user_not_found"));
+    }
+    let f = |k: &str| {
+        field_str(body, k)
+            .map(String::from)
+            .ok_or_else(|| ApiError::bad_request(format!("[{{key_missing,{k}}}]")))
+    };
+    let (x, w, r) = (f("exchange")?, f("write")?, f("read")?);
+    let p = crate::auth::topic::TopicPermission::new(user, vh, &x, &w, &r)
+        .map_err(|e| ApiError::bad_request(format!("invalid regular expression: {e}")))?;
+    let had = b.users.topic_permissions_of(user, vh).is_some();
+    if let Some(st) = &b.storage {
+        crate::auth::store::put_topic_permission(
+            &st.defs,
+            &crate::auth::store::TopicPermissionDef::of(user, vh, &p),
+        )
+        .await?;
+    }
+    b.users.set_topic_permission(user, vh, p);
+    Ok(!had)
+}
+
+async fn put_topic_permission(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R {
+    caller.require_admin()?;
+    let b = body_json(&body)?;
+    if apply_topic_permission(&st.broker, &vh, &user, &b).await? {
+        created()
+    } else {
+        no_content()
+    }
+}
+
+async fn clear_topic(b: &Broker, vh: &str, user: &str, exchange: Option<&str>) -> R {
+    if b.users.topic_permissions_of(user, vh).is_none() {
+        return Err(ApiError::not_found());
+    }
+    b.users.clear_topic_permissions(user, vh, exchange);
+    if let Some(s) = &b.storage {
+        crate::auth::store::delete_topic_permissions(&s.defs, Some(user), Some(vh), exchange)
+            .await?;
+    }
+    no_content()
+}
+
+async fn delete_topic_permission(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user)): Path<(String, String)>,
+) -> R {
+    caller.require_admin()?;
+    clear_topic(&st.broker, &vh, &user, None).await
+}
+
+async fn delete_topic_permission_exchange(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((vh, user, exchange)): Path<(String, String, String)>,
+) -> R {
+    caller.require_admin()?;
+    clear_topic(&st.broker, &vh, &user, Some(&exchange)).await
 }
 
 // ---------------------------------------------------------------------------

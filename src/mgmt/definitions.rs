@@ -93,6 +93,15 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
         .iter()
         .map(|(u, v, p)| json!({"user": u, "vhost": v, "configure": p.configure, "write": p.write, "read": p.read}))
         .collect();
+    let topic_permissions: Vec<Value> = b
+        .users
+        .topic_permissions()
+        .iter()
+        .map(|(u, v, p)| {
+            serde_json::to_value(crate::auth::store::TopicPermissionDef::of(u, v, p))
+                .unwrap_or_default()
+        })
+        .collect();
     let policies: Vec<Value> = match &b.storage {
         Some(st) => st
             .defs
@@ -125,7 +134,7 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
         for e in &es {
             if e.durable && !e.name.is_empty() && !e.name.starts_with("amq.") {
                 exchanges.push(
-                    json!({"name": e.name, "vhost": vn, "type": e.kind.as_str(), "durable": true,
+                    json!({"name": e.name, "vhost": vn, "type": e.type_name(), "durable": true,
                                       "auto_delete": e.auto_delete, "internal": e.internal,
                                       "arguments": table_to_json(&e.arguments)}),
                 );
@@ -161,7 +170,7 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
         "users": users,
         "vhosts": vhosts,
         "permissions": permissions,
-        "topic_permissions": [],
+        "topic_permissions": topic_permissions,
         "parameters": [],
         "global_parameters": [],
         "policies": policies,
@@ -185,8 +194,8 @@ fn flag(v: &Value, k: &str, default: bool) -> bool {
     v.get(k).and_then(Value::as_bool).unwrap_or(default)
 }
 
-/// Imports a definitions document: vhosts, users, permissions, policies,
-/// exchanges, queues, bindings, in that order. Objects that already exist
+/// Imports a definitions document: vhosts, users, permissions, topic
+/// permissions, policies, exchanges, queues, bindings, in that order. Objects that already exist
 /// are left as they are when equivalent. Every object is tried; the first
 /// failures are reported together (400).
 pub async fn import(b: &std::sync::Arc<Broker>, d: &Value) -> Result<(), ApiError> {
@@ -215,6 +224,19 @@ pub async fn import(b: &std::sync::Arc<Broker>, d: &Value) -> Result<(), ApiErro
         note(
             format!("permission of '{}' on '{}'", s(p, "user"), s(p, "vhost")),
             super::api::apply_permission(b, s(p, "vhost"), s(p, "user"), p)
+                .await
+                .map(|_| ()),
+        );
+    }
+    for p in list(d, "topic_permissions") {
+        note(
+            format!(
+                "topic permission of '{}' on exchange '{}' in '{}'",
+                s(p, "user"),
+                s(p, "exchange"),
+                s(p, "vhost")
+            ),
+            super::api::apply_topic_permission(b, s(p, "vhost"), s(p, "user"), p)
                 .await
                 .map(|_| ()),
         );

@@ -3,7 +3,7 @@
 //! AMQP method (same checks, same persistence), without a connection.
 
 use super::ApiError;
-use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::broker::exchange::{Binding, Destination, Exchange};
 use crate::broker::persist::{BindingDef, binding_is_durable};
 use crate::broker::{Broker, VHost};
 use crate::queue::core::{Envelope, Outcome, Owner};
@@ -77,7 +77,8 @@ pub async fn delete_vhost(b: &Broker, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// exchange.declare (not passive).
+/// exchange.declare (not passive), with the same types as AMQP
+/// (x-delayed-message routes as its x-delayed-type argument).
 #[allow(clippy::too_many_arguments)]
 pub async fn declare_exchange(
     b: &Broker,
@@ -90,21 +91,18 @@ pub async fn declare_exchange(
     arguments: FieldTable,
 ) -> Result<(), ApiError> {
     let v = vhost(b, vhost_name)?;
-    let k = ExchangeKind::parse(kind)
-        .ok_or_else(|| ApiError::bad_request(format!("unknown exchange type '{kind}'")))?;
+    let (k, delayed) = crate::broker::exchange::declared_kind(kind, &arguments)
+        .map_err(|e| ApiError::bad_request(e.text))?;
     if name.is_empty() || (name.starts_with("amq.") && v.exchange(name).is_none()) {
         return Err(ApiError::bad_request(format!(
             "exchange name '{name}' is reserved"
         )));
     }
-    let new = Arc::new(Exchange::new(
-        name,
-        k,
-        durable,
-        auto_delete,
-        internal,
-        arguments,
-    ));
+    let mut built = Exchange::new(name, k, durable, auto_delete, internal, arguments);
+    if delayed {
+        built = built.into_delayed();
+    }
+    let new = Arc::new(built);
     let existing = v
         .exchanges
         .entry(name.to_string())
@@ -113,6 +111,7 @@ pub async fn declare_exchange(
         .clone();
     if !Arc::ptr_eq(&existing, &new) {
         if existing.kind != k
+            || existing.delayed != delayed
             || existing.durable != durable
             || existing.auto_delete != auto_delete
             || existing.internal != internal
@@ -334,7 +333,17 @@ pub async fn publish(
     let headers = msg.properties.headers().clone();
     let mut targets = Vec::new();
     v.route(&ex, routing_key, headers.as_ref(), &mut targets);
+    // Counted as a channel's publish would be.
+    let totals = &b.mgmt_stats.retired;
+    totals.incr(super::stats::Counts::PUBLISH);
+    ex.stats
+        .publish_in
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ex.stats
+        .publish_out
+        .fetch_add(targets.len() as u64, std::sync::atomic::Ordering::Relaxed);
     if targets.is_empty() {
+        totals.incr(super::stats::Counts::DROP_UNROUTABLE);
         return Ok(false);
     }
     let mut gid = 0;
@@ -342,7 +351,7 @@ pub async fn publish(
         if let Some(st) = &b.storage {
             let stored: Vec<u64> = targets
                 .iter()
-                .filter(|q| q.is_stored())
+                .filter(|q| q.uses_message_store())
                 .map(|q| q.id)
                 .collect();
             if !stored.is_empty() {
@@ -363,7 +372,7 @@ pub async fn publish(
         }
     }
     for q in targets {
-        let g = if q.is_stored() { gid } else { 0 };
+        let g = if q.uses_message_store() { gid } else { 0 };
         q.metrics
             .published
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -402,7 +411,16 @@ pub async fn get(b: &Broker, q: &QueueRef, count: usize, requeue: bool) -> Vec<(
             None => break,
         }
     }
-    super::stats::count_deliveries(q, &out.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
+    let re = super::stats::count_deliveries(
+        q,
+        &out.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
+    );
+    let mut c = super::stats::Counts::default();
+    use super::stats::Counts as C;
+    c.0[if requeue { C::GET } else { C::GET_NO_ACK }] = out.len() as u64;
+    c.0[C::REDELIVER] = re;
+    c.0[C::GET_EMPTY] = u64::from(out.len() < count);
+    b.mgmt_stats.retired.add(&c);
     if requeue && !out.is_empty() {
         let ids = out.iter().map(|(e, _)| e.id).collect();
         let _ = q

@@ -9,7 +9,7 @@
 use super::connection::{Connection, PendingStore};
 use super::error::{AmqpError, code, short};
 use super::frame::{self, ContentHeader, RawFrame};
-use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::broker::exchange::{Binding, Destination, Exchange};
 use crate::broker::{ConnCmd, ReplyTarget};
 use crate::queue::args::check_equivalent;
 use crate::queue::core::{ConsumerId, ConsumerSpec, Envelope, MsgId, Outcome, Owner, SharedLimit};
@@ -86,6 +86,8 @@ pub(crate) struct Channel {
     pub direct_reply: Option<DirectReply>,
     exchange_cache: Option<Arc<Exchange>>,
     last_queue: Option<String>,
+    /// What management shows of this channel (see `publish_stats`).
+    pub stats: Arc<crate::broker::conns::ChannelStats>,
 }
 
 impl Channel {
@@ -106,7 +108,34 @@ impl Channel {
             direct_reply: None,
             exchange_cache: None,
             last_queue: None,
+            stats: Arc::default(),
         }
+    }
+
+    /// Copies the gauges management shows into `stats` (relaxed stores,
+    /// once per turn of the connection loop).
+    pub(crate) fn publish_stats(&self) {
+        let s = &self.stats;
+        let r = Ordering::Relaxed;
+        s.prefetch_count.store(u32::from(self.prefetch), r);
+        s.global_prefetch_count
+            .store(self.shared.as_ref().map_or(0, |x| x.limit.load(r)), r);
+        s.messages_unacknowledged
+            .store(self.unacked.len() as u64, r);
+        s.messages_unconfirmed
+            .store(self.unconfirmed.len() as u64, r);
+        s.consumer_count.store(
+            (self.consumers.len() + usize::from(self.direct_reply.is_some())) as u32,
+            r,
+        );
+        s.confirm.store(self.confirm, r);
+        s.transactional.store(self.tx.is_some(), r);
+        let (p, a) = self
+            .tx
+            .as_ref()
+            .map_or((0, 0), |t| (t.publishes.len(), t.settles.len()));
+        s.messages_uncommitted.store(p as u64, r);
+        s.acks_uncommitted.store(a as u64, r);
     }
 
     /// Removes and returns the entries an ack/nack/reject covers.
@@ -445,7 +474,13 @@ impl Connection {
         });
         if chan.tx.is_some() {
             // Exchange must exist now (as RabbitMQ checks at publish time).
-            self.publish_exchange(ch, msg.exchange_str())?;
+            let ex = self.publish_exchange(ch, msg.exchange_str())?;
+            self.check_topic(
+                &ex,
+                crate::auth::permissions::Perm::Write,
+                msg.routing_key_str(),
+            )
+            .map_err(|e| e.on(60, 40))?;
             if let Some(t) = self.chan(ch)?.tx.as_mut() {
                 t.publishes.push((msg, inc.mandatory));
             }
@@ -489,8 +524,15 @@ impl Connection {
         mandatory: bool,
     ) -> Result<(), AmqpError> {
         let ex = self.publish_exchange(ch, msg.exchange_str())?;
+        self.check_topic(
+            &ex,
+            crate::auth::permissions::Perm::Write,
+            msg.routing_key_str(),
+        )
+        .map_err(|e| e.on(60, 40))?;
         if ex.delayed {
             if let Some(delay) = crate::broker::delayed::delay_of(&msg) {
+                self.msg_stats.published(&ex, 0, None);
                 return self.publish_delayed(ch, msg, delay);
             }
         }
@@ -519,6 +561,8 @@ impl Connection {
         } else {
             None
         };
+        let unroutable = (targets.is_empty() && !routed_direct).then_some(mandatory);
+        self.msg_stats.published(&ex, targets.len(), unroutable);
         if targets.is_empty() {
             if !routed_direct && mandatory {
                 self.write_return(ch, &msg, code::NO_ROUTE, "NO_ROUTE");
@@ -535,7 +579,7 @@ impl Connection {
         if msg.is_persistent() && self.broker.storage.is_some() {
             let stored: Vec<u64> = targets
                 .iter()
-                .filter(|q| q.is_stored() && !q.is_stream())
+                .filter(|q| q.uses_message_store())
                 .map(|q| q.id)
                 .collect();
             if !stored.is_empty() {
@@ -553,7 +597,7 @@ impl Connection {
             self.chan(ch)?.unconfirmed.insert(s, (parties, false));
         }
         for q in &targets {
-            let g = if q.is_stored() && !q.is_stream() {
+            let g = if q.uses_message_store() {
                 gid
             } else {
                 0
@@ -643,6 +687,10 @@ impl Connection {
         if tags.is_empty() || chan.closing {
             return;
         }
+        if !nack {
+            self.msg_stats
+                .add(crate::mgmt::stats::Counts::CONFIRM, tags.len() as u64);
+        }
         tags.sort_unstable();
         let max = tags[tags.len() - 1];
         let oldest_pending = chan.unconfirmed.keys().next().copied();
@@ -708,7 +756,7 @@ impl Connection {
             .entry(queue.id)
             .or_insert_with(|| queue.clone());
         let n = msgs.len() as u32;
-        crate::mgmt::stats::count_deliveries(&queue, &msgs);
+        self.msg_stats.delivered(&queue, &msgs, no_ack);
         for env in msgs {
             let Some(m) = &env.msg else {
                 // The queue always loads bodies before delivering; if one
@@ -782,6 +830,7 @@ impl Connection {
             return;
         };
         chan.consumers.remove(&tag);
+        chan.stats.remove_consumer(Some(&tag));
         if self.caps.consumer_cancel_notify {
             self.write_method(
                 ch,
@@ -957,28 +1006,9 @@ impl Connection {
                 if d.passive {
                     self.find_exchange(name)?;
                 } else {
-                    let delayed = d.kind.as_str() == crate::broker::exchange::DELAYED_TYPE;
-                    let kind = if delayed {
-                        // RabbitMQ's delayed-message plugin: the routing type
-                        // comes from the x-delayed-type argument.
-                        d.arguments
-                            .inner()
-                            .get("x-delayed-type")
-                            .and_then(crate::broker::headers::value_str)
-                            .and_then(|t| ExchangeKind::parse(&t))
-                            .ok_or_else(|| {
-                                AmqpError::precondition(
-                                    "Invalid argument, 'x-delayed-type' must be an existing exchange type",
-                                )
-                            })?
-                    } else {
-                        ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
-                            AmqpError::new(
-                                code::COMMAND_INVALID,
-                                format!("unknown exchange type '{}'", d.kind),
-                            )
-                        })?
-                    };
+                    // x-delayed-message routes as its x-delayed-type (RabbitMQ's plugin).
+                    let (kind, delayed) =
+                        crate::broker::exchange::declared_kind(d.kind.as_str(), &d.arguments)?;
                     if name.is_empty() {
                         return Err(AmqpError::new(
                             code::ACCESS_REFUSED,
@@ -1135,6 +1165,11 @@ impl Connection {
                     b.source.as_str(),
                 )?;
                 let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                self.check_topic(
+                    &src,
+                    crate::auth::permissions::Perm::Read,
+                    b.routing_key.as_str(),
+                )?;
                 let binding = Binding {
                     dest: Destination::Exchange(dst),
                     routing_key: b.routing_key.to_string(),
@@ -1163,6 +1198,11 @@ impl Connection {
                     b.source.as_str(),
                 )?;
                 let (src, dst) = self.e2e_pair(b.source.as_str(), b.destination.as_str())?;
+                self.check_topic(
+                    &src,
+                    crate::auth::permissions::Perm::Read,
+                    b.routing_key.as_str(),
+                )?;
                 let (removed, left) = src.unbind(
                     false,
                     b.destination.as_str(),
@@ -1272,6 +1312,11 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
+                self.check_topic(
+                    &ex,
+                    crate::auth::permissions::Perm::Read,
+                    b.routing_key.as_str(),
+                )?;
                 let binding = Binding {
                     dest: Destination::Queue(q),
                     routing_key: b.routing_key.to_string(),
@@ -1307,6 +1352,11 @@ impl Connection {
                         "operation not permitted on the default exchange",
                     ));
                 }
+                self.check_topic(
+                    &ex,
+                    crate::auth::permissions::Perm::Read,
+                    b.routing_key.as_str(),
+                )?;
                 let (removed, left) =
                     ex.unbind(true, &q.name, b.routing_key.as_str(), &b.arguments);
                 if removed {
@@ -1512,6 +1562,7 @@ impl Connection {
                     chan.direct_reply = None;
                     self.broker.direct_reply.remove(&key);
                 } else if let Some(entry) = chan.consumers.remove(&tag) {
+                    chan.stats.remove_consumer(Some(&tag));
                     let (tx, rx) = oneshot::channel();
                     if entry
                         .queue
@@ -1567,9 +1618,8 @@ impl Connection {
                 } else {
                     None
                 };
-                if let Some((env, _)) = &got {
-                    crate::mgmt::stats::count_deliveries(&q, std::slice::from_ref(env));
-                }
+                self.msg_stats
+                    .got(&q, got.as_ref().map(|(e, _)| e), g.no_ack);
                 match got {
                     None => {
                         self.write_method(
@@ -1769,6 +1819,18 @@ impl Connection {
             }
             let chan = self.chan(ch)?;
             chan.touched.entry(q.id).or_insert_with(|| q.clone());
+            chan.stats.add_consumer(crate::broker::conns::ConsumerMeta {
+                id,
+                tag: tag.clone(),
+                queue_id: q.id,
+                queue: q.name.clone(),
+                vhost: q.vhost.clone(),
+                single_active: q.args.single_active_consumer,
+                ack_required: !c.no_ack,
+                exclusive: c.exclusive,
+                prefetch_count: u32::from(chan.prefetch),
+                arguments: c.arguments.clone(),
+            });
             chan.consumers.insert(
                 tag.clone(),
                 ConsumerEntry {

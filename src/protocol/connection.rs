@@ -124,8 +124,13 @@ pub(crate) struct Connection {
     /// Has published at least once: only publishers stop being read while
     /// blocked, as in RabbitMQ.
     pub has_published: bool,
-    /// Open channel numbers as shown by management (broker.connections).
-    channel_list: Arc<std::sync::Mutex<Vec<u16>>>,
+    /// Open channels as shown by management (broker.connections).
+    channel_list: Arc<std::sync::Mutex<Vec<(u16, Arc<crate::broker::conns::ChannelStats>)>>>,
+    /// Message totals (overview), published to `conn_stats` once per turn.
+    pub msg_stats: crate::mgmt::stats::LocalStats,
+    conn_stats: Arc<crate::mgmt::stats::MsgCounters>,
+    /// The user's topic permissions in this vhost (see `auth::topic`).
+    pub(crate) topic_perms: crate::auth::topic::TopicCache,
 }
 
 /// Serves one accepted socket until it closes. Never panics on client input.
@@ -163,6 +168,8 @@ pub async fn serve(
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let channel_list = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let conn_stats = Arc::new(crate::mgmt::stats::MsgCounters::default());
+    let topic_perms = crate::auth::topic::TopicCache::load(&broker.users, &hs.user, &hs.vhost.name);
     broker.connections.insert(
         id,
         crate::broker::conns::ConnInfo {
@@ -178,6 +185,7 @@ pub async fn serve(
             channel_max: hs.channel_max,
             heartbeat: hs.heartbeat,
             channels: channel_list.clone(),
+            stats: conn_stats.clone(),
             tx: tx.clone(),
         },
     );
@@ -217,9 +225,18 @@ pub async fn serve(
         alarm_reason: None,
         has_published: false,
         channel_list,
+        msg_stats: Default::default(),
+        conn_stats,
+        topic_perms,
     };
     let why = conn.run().await;
     conn.cleanup().await;
+    // Its totals stay in the overview after it is gone.
+    conn.msg_stats.publish_to(&conn.conn_stats);
+    conn.broker
+        .mgmt_stats
+        .retired
+        .add(&conn.msg_stats.counts);
     conn.broker.connections.remove(&id);
     info!(peer = %conn.peer, user = %conn.user, "connection closed: {why}");
 }
@@ -917,6 +934,7 @@ impl Connection {
         };
         let touched: Vec<Arc<QueueRef>> = chan.touched.drain().map(|(_, q)| q).collect();
         chan.consumers.clear();
+        chan.stats.remove_consumer(None);
         chan.unacked.clear();
         chan.unconfirmed.clear();
         if let Some(dr) = chan.direct_reply.take() {
@@ -1085,6 +1103,11 @@ impl Connection {
 
     /// Queues a settlement in this read's batch.
     pub fn pend_settle(&mut self, queue: &Arc<QueueRef>, outcome: Outcome, id: MsgId) {
+        if outcome == Outcome::Ack {
+            // Counted here (while the input is processed), so the turn's
+            // stats sync already includes it.
+            self.msg_stats.add(crate::mgmt::stats::Counts::ACK, 1);
+        }
         match self
             .pending
             .settles
@@ -1136,12 +1159,28 @@ impl Connection {
         }
     }
 
-    /// Refreshes the channel numbers management shows, when they changed.
-    fn sync_channel_list(&self) {
+    /// Refreshes what management shows: the channel list (when it
+    /// changed), each channel's gauges and the message totals. Called once
+    /// per turn of the loop; relaxed stores and an uncontended lock.
+    fn sync_channel_list(&mut self) {
+        for c in self.channels.values() {
+            c.publish_stats();
+        }
+        self.msg_stats.publish_to(&self.conn_stats);
         if let Ok(mut l) = self.channel_list.lock() {
-            if l.len() != self.channels.len() {
-                *l = self.channels.keys().copied().collect();
-                l.sort_unstable();
+            let stale = l.len() != self.channels.len()
+                || l.iter().any(|(n, st)| {
+                    self.channels
+                        .get(n)
+                        .is_none_or(|c| !Arc::ptr_eq(st, &c.stats))
+                });
+            if stale {
+                *l = self
+                    .channels
+                    .iter()
+                    .map(|(n, c)| (*n, c.stats.clone()))
+                    .collect();
+                l.sort_unstable_by_key(|x| x.0);
             }
         }
     }

@@ -11,9 +11,17 @@
 //! redelivered), and bodies beyond the in-memory window are dropped once the
 //! store has them and read back ahead of delivery. Publishes are written to
 //! the store by the publishing connection, before they reach the queue.
+//!
+//! A durable queue also saves, in the definitions store (lazy writes, no
+//! fsync; see `broker::persist`), the retry state of stored messages that
+//! entered a delayed-retry wait (due time and delivery count, batched per
+//! turn, removed when the message leaves the queue) and its deduplication
+//! cache (what changed, at most once a second, and on clean shutdown), and
+//! restores both at start.
 
 use super::core::{
-    Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Outcome, QueueCore,
+    Admission, ConsumeRefused, ConsumerId, DeadReason, Envelope, Outcome, QueueCore, RetryState,
+    Settled,
 };
 use super::deadletter;
 use super::message::Message;
@@ -22,7 +30,7 @@ use crate::broker::persist::Storage;
 use crate::broker::{ConnCmd, ConnTx, VHost};
 use crate::protocol::error::AmqpError;
 use crate::store::RecoveredMessage;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
 use tracing::{debug, error, trace, warn};
@@ -71,7 +79,23 @@ pub struct QueueActor {
     gids: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
     /// Arguments merged with the queue's policy (crate::broker::policy).
     eff: crate::broker::policy::QueueEffective,
+    /// Stored messages whose retry state is saved (removed when they leave
+    /// the queue).
+    retry_saved: HashSet<u64>,
+    /// Retry state to save (`None`: remove) at the end of this turn.
+    retry_changes: HashMap<u64, Option<RetryState>>,
+    /// Highest gid of a stored message accepted by this (deduplicating)
+    /// queue, and the one the last saved cache covers.
+    dedup_max_gid: u64,
+    dedup_saved_max_gid: u64,
+    /// When the deduplication cache was last saved (ms).
+    dedup_saved_at: u64,
 }
+
+/// A durable queue saves its deduplication cache at most this often (ms);
+/// a crash loses at most the ids accepted since the last save (plus sled's
+/// 500 ms background flush), see `broker::persist`.
+const DEDUP_SAVE_INTERVAL_MS: u64 = 1_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -105,23 +129,56 @@ pub fn spawn(
     }
     core.set_dedup(q.args.dedup);
     let recovered_at = now_ms();
+    let mut snap = storage
+        .as_ref()
+        .map(|st| st.load_queue_snapshot(q.id))
+        .unwrap_or_default();
+    if let Some(cache) = core.dedup_mut() {
+        cache.restore(std::mem::take(&mut snap.dedup), recovered_at);
+    }
+    let mut dedup_max_gid = snap.dedup_max_gid;
+    let mut retry_saved = HashSet::new();
     for r in &init.recovered {
         // A priority queue reads each recovered message once to learn its
         // level (the store keeps no priority of its own); a deduplicating
-        // one to remember its x-deduplication-header.
+        // one reads those its saved cache does not cover (they reached it
+        // after the last save, e.g. just before a crash) to remember their
+        // x-deduplication-header.
+        let uncovered = core.dedup_enabled() && r.gid > snap.dedup_max_gid;
         let m = match &storage {
-            Some(st) if max_priority > 0 || core.dedup_enabled() => load(&st.msgs, r.gid),
+            Some(st) if max_priority > 0 || uncovered => load(&st.msgs, r.gid),
             _ => None,
         };
-        if let Some(m) = &m {
+        if let (Some(m), true) = (&m, uncovered) {
             core.remember_dedup_id(m, recovered_at);
+            dedup_max_gid = dedup_max_gid.max(r.gid);
         }
         let p = match (&m, max_priority) {
             (Some(m), 1..) => core.priority_of(m),
             _ => 0,
         };
-        core.enqueue_envelope_at(None, r.gid, r.size, r.delivered, p);
+        match snap.retry.remove(&r.gid) {
+            // It was waiting out (or had waited out) a retry delay: keep
+            // its due time and delivery count.
+            Some(state) => {
+                core.enqueue_recovered_retry(None, r.gid, r.size, p, state, recovered_at);
+                retry_saved.insert(r.gid);
+            }
+            None => {
+                core.enqueue_envelope_at(None, r.gid, r.size, r.delivered, p);
+            }
+        }
     }
+    if core.delayed_len() > 0 {
+        debug!(
+            waiting = core.delayed_len(),
+            "recovered messages still waiting out a retry delay"
+        );
+    }
+    // Saved retry state of messages that are no longer stored (a crash lost
+    // the removal): removed at the first turn.
+    let retry_changes: HashMap<u64, Option<RetryState>> =
+        snap.retry.keys().map(|g| (*g, None)).collect();
     let mut actor = QueueActor {
         q: q.clone(),
         vhost: Arc::downgrade(&init.vhost),
@@ -136,6 +193,11 @@ pub fn spawn(
         last_used: now_ms(),
         gids: init.gids,
         eff: crate::broker::policy::effective(&init.vhost, &q),
+        retry_saved,
+        retry_changes,
+        dedup_max_gid,
+        dedup_saved_max_gid: snap.dedup_max_gid,
+        dedup_saved_at: 0,
     };
     actor.core.set_limits(actor.eff.limits.clone());
     actor
@@ -182,6 +244,7 @@ impl QueueActor {
             let expired = self.core.expire(now_ms());
             self.dead_letter(expired).await;
             self.sync_store().await;
+            self.save_dedup(now_ms(), false);
             self.page();
             self.update_flow();
             if self.should_auto_delete() || self.unused_expired() {
@@ -204,6 +267,8 @@ impl QueueActor {
             q_exp,
             self.core.next_timeout(),
             self.core.next_retry(),
+            self.dedup_needs_save()
+                .then(|| self.dedup_saved_at.saturating_add(DEDUP_SAVE_INTERVAL_MS)),
         ]
         .into_iter()
         .flatten()
@@ -230,14 +295,7 @@ impl QueueActor {
                     revoked: true,
                 });
             }
-            let dead = settled.dead;
-            let handled: std::collections::HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
-            self.forget.extend(
-                settled
-                    .removed_gids
-                    .into_iter()
-                    .filter(|g| !handled.contains(g)),
-            );
+            let dead = self.absorb(settled);
             self.dead_letter(dead).await;
         }
     }
@@ -302,7 +360,7 @@ impl QueueActor {
                 if let Some(st) = &self.storage {
                     let stored: Vec<u64> = targets
                         .iter()
-                        .filter(|t| t.is_stored())
+                        .filter(|t| t.uses_message_store())
                         .map(|t| t.id)
                         .collect();
                     if !stored.is_empty() {
@@ -317,7 +375,7 @@ impl QueueActor {
                 }
             }
             for t in targets {
-                let g = if t.is_stored() { gid } else { 0 };
+                let g = if t.uses_message_store() { gid } else { 0 };
                 let cmd = QueueCmd::Publish {
                     msgs: vec![(out.clone(), g)],
                     confirm: None,
@@ -353,13 +411,85 @@ impl QueueActor {
         self.q.auto_delete && self.ever_consumed && self.core.consumer_count() == 0
     }
 
-    /// Tells the store what this batch settled and delivered.
+    /// Takes what a settle removed or started: store records to forget
+    /// (except those of messages to dead-letter: `dead_letter` forgets
+    /// them), retry waits to save. Returns what must be dead-lettered.
+    fn absorb(&mut self, settled: Settled) -> Vec<(Envelope, DeadReason)> {
+        let mut dead = settled.dead;
+        dead.extend(
+            settled
+                .discarded
+                .into_iter()
+                .map(|e| (e, DeadReason::Rejected)),
+        );
+        let handled: HashSet<u64> = dead.iter().map(|(e, _)| e.gid).collect();
+        self.forget.extend(
+            settled
+                .removed_gids
+                .into_iter()
+                .filter(|g| !handled.contains(g)),
+        );
+        if self.storage.is_some() {
+            for (gid, state) in settled.delayed {
+                self.retry_saved.insert(gid);
+                self.retry_changes.insert(gid, Some(state));
+            }
+        }
+        dead
+    }
+
+    /// True when the deduplication cache (or the gid it covers) changed
+    /// since it was last saved.
+    fn dedup_needs_save(&self) -> bool {
+        self.storage.is_some()
+            && (self.core.dedup_dirty() || self.dedup_max_gid != self.dedup_saved_max_gid)
+    }
+
+    /// Saves what changed in the deduplication cache: at most once per
+    /// interval, or now with `force` (clean shutdown). A lazy write (no
+    /// fsync): see `broker::persist` for what a crash may lose.
+    fn save_dedup(&mut self, now: u64, force: bool) {
+        if !self.dedup_needs_save()
+            || (!force && now < self.dedup_saved_at.saturating_add(DEDUP_SAVE_INTERVAL_MS))
+        {
+            return;
+        }
+        let (Some(st), Some(cache)) = (&self.storage, self.core.dedup_mut()) else {
+            return;
+        };
+        let delta = cache.take_delta();
+        self.dedup_saved_at = now;
+        self.dedup_saved_max_gid = self.dedup_max_gid;
+        if let Err(e) = st.save_queue_dedup(self.q.id, &delta, self.dedup_max_gid) {
+            warn!(
+                "could not save the queue's deduplication cache ({e}); after a restart it may let duplicates through"
+            );
+        }
+    }
+
+    /// Tells the store what this batch settled and delivered, and saves
+    /// retry state that changed.
     async fn sync_store(&mut self) {
         let Some(st) = &self.storage else {
             self.forget.clear();
             self.delivered.clear();
             return;
         };
+        if !self.retry_saved.is_empty() {
+            for g in &self.forget {
+                if self.retry_saved.remove(g) {
+                    self.retry_changes.insert(*g, None);
+                }
+            }
+        }
+        if !self.retry_changes.is_empty() {
+            let changes = std::mem::take(&mut self.retry_changes);
+            if let Err(e) = st.save_retry(self.q.id, changes) {
+                warn!(
+                    "could not save retry delays ({e}); after a restart the waiting messages may be ready at once"
+                );
+            }
+        }
         if !self.forget.is_empty() {
             let gids = std::mem::take(&mut self.forget);
             if let Err(e) = st.msgs.ack(self.q.id, gids).await {
@@ -404,6 +534,9 @@ impl QueueActor {
                 let mut dead = Vec::new();
                 for (i, (m, gid)) in msgs.into_iter().enumerate() {
                     let (admission, mut gone) = self.core.publish(m, gid, now);
+                    if admission == Admission::Accepted && self.core.dedup_enabled() {
+                        self.dedup_max_gid = self.dedup_max_gid.max(gid);
+                    }
                     if admission == Admission::Duplicate && gid != 0 {
                         self.forget.push(gid);
                     }
@@ -513,22 +646,7 @@ impl QueueActor {
             }
             QueueCmd::Settle { ids, outcome } => {
                 let settled = self.core.settle(&ids, outcome);
-                let mut dead = settled.dead;
-                dead.extend(
-                    settled
-                        .discarded
-                        .into_iter()
-                        .map(|e| (e, DeadReason::Rejected)),
-                );
-                // dead_letter forgets the store records of what it handles.
-                let handled: std::collections::HashSet<u64> =
-                    dead.iter().map(|(e, _)| e.gid).collect();
-                self.forget.extend(
-                    settled
-                        .removed_gids
-                        .into_iter()
-                        .filter(|g| !handled.contains(g)),
-                );
+                let dead = self.absorb(settled);
                 self.dead_letter(dead).await;
             }
             QueueCmd::Get {
@@ -559,15 +677,8 @@ impl QueueActor {
                 }
                 // Messages returned past their delivery limit are
                 // dead-lettered, not lost.
-                let handled: std::collections::HashSet<u64> =
-                    settled.dead.iter().map(|(e, _)| e.gid).collect();
-                self.forget.extend(
-                    settled
-                        .removed_gids
-                        .into_iter()
-                        .filter(|g| !handled.contains(g)),
-                );
-                self.dead_letter(settled.dead).await;
+                let dead = self.absorb(settled);
+                self.dead_letter(dead).await;
             }
             QueueCmd::Purge { reply } => {
                 let purged = self.core.purge();
@@ -577,6 +688,11 @@ impl QueueActor {
             }
             QueueCmd::Stats { reply } => {
                 let _ = reply.send(self.core.counts());
+            }
+            QueueCmd::SaveSnapshot { reply } => {
+                self.sync_store().await;
+                self.save_dedup(now_ms(), true);
+                let _ = reply.send(());
             }
             QueueCmd::Kick => {}
             QueueCmd::Peek { count, reply } => {
@@ -767,7 +883,7 @@ impl QueueActor {
 
 /// basic.consume arguments for classic queues: x-priority (integer) and
 /// x-consumer-timeout (ms, overriding the queue's).
-fn consume_args(
+pub(crate) fn consume_args(
     args: &amq_protocol::types::FieldTable,
     queue_timeout: Option<u64>,
 ) -> Result<(i32, Option<u64>), AmqpError> {

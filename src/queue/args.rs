@@ -145,6 +145,8 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// x-delivery-limit.
     pub delivery_limit: Option<u64>,
+    /// x-quorum-initial-group-size (quorum queues: replicas at declare).
+    pub quorum_initial_group_size: Option<u64>,
     /// x-consumer-timeout (ms).
     pub consumer_timeout: Option<u64>,
     /// x-queue-type.
@@ -296,6 +298,9 @@ impl QueueArgs {
                 "x-max-length" => out.max_length = Some(int(k, v, 0)?),
                 "x-max-length-bytes" => out.max_length_bytes = Some(int(k, v, 0)?),
                 "x-delivery-limit" => out.delivery_limit = Some(int(k, v, 0)?),
+                "x-quorum-initial-group-size" => {
+                    out.quorum_initial_group_size = Some(int(k, v, 1)?)
+                }
                 "x-consumer-timeout" => out.consumer_timeout = Some(int(k, v, 0)?),
                 "x-message-deduplication" => match v {
                     AMQPValue::Boolean(true) => {
@@ -385,13 +390,13 @@ impl QueueArgs {
                 },
                 "x-queue-type" => {
                     let t = string(k, v)?;
-                    if t != "classic" && t != "stream" {
+                    if t != "classic" && t != "stream" && t != "quorum" {
                         return Err(invalid(
                             name,
                             vhost,
                             k,
                             format!(
-                                "queue type '{t}' is not available on this Warren node (supported: classic, stream)"
+                                "queue type '{t}' is not available on this Warren node (supported: classic, quorum, stream)"
                             ),
                         ));
                     }

@@ -169,6 +169,19 @@ pub struct Settled {
     pub dead: Vec<(Envelope, DeadReason)>,
     /// Ids that were not outstanding.
     pub unknown: usize,
+    /// Stored messages that entered a delayed-retry wait (for the actor to
+    /// save, so the wait survives a restart).
+    pub delayed: Vec<(u64, RetryState)>,
+}
+
+/// Where a stored message stands in delayed retry: what a durable queue
+/// saves per message so a restart keeps the remaining delay and the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetryState {
+    /// When it is ready again (ms since the epoch); in the past once it is.
+    pub due: u64,
+    /// Its delivery count (x-delivery-count, delivery-limit accounting).
+    pub count: u16,
 }
 
 /// Why a consumer could not be added.
@@ -229,14 +242,47 @@ pub struct QueueCore {
 
 /// The ids (x-deduplication-header) seen recently, bounded by x-cache-size
 /// (oldest evicted first) and forgotten after x-cache-ttl.
+///
+/// For durable queues and exchanges the cache is saved incrementally: every
+/// remembered id has a sequence number, [`take_delta`](Self::take_delta)
+/// hands out the entries added and the saved entries removed since the last
+/// call, and [`restore`](Self::restore) rebuilds the cache from the saved
+/// entries at start. The cache itself does no I/O.
 #[derive(Debug, Default)]
 pub struct DedupCache {
     args: super::args::DedupArgs,
     /// id -> (expires at, 0 = never; insertion sequence).
     seen: HashMap<String, (u64, u64)>,
-    /// Insertion order, for eviction.
+    /// Insertion order, for eviction (may hold stale entries of ids that
+    /// were re-inserted after they expired; skipped).
     order: std::collections::VecDeque<(u64, String)>,
     seq: u64,
+    /// Entries up to this sequence number were handed out by `take_delta`.
+    saved_seq: u64,
+    /// Saved entries (by sequence number) removed since the last delta.
+    removed_saved: Vec<u64>,
+    /// Changed since the last delta.
+    dirty: bool,
+}
+
+/// One remembered id, as saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupEntry {
+    /// Insertion sequence number (the order of eviction).
+    pub seq: u64,
+    /// The deduplication id.
+    pub id: String,
+    /// When it is forgotten (ms since the epoch), 0 = never.
+    pub expires: u64,
+}
+
+/// What changed in a [`DedupCache`] since the last delta.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DedupDelta {
+    /// Entries added.
+    pub put: Vec<DedupEntry>,
+    /// Sequence numbers of saved entries that are gone (evicted, expired).
+    pub del: Vec<u64>,
 }
 
 impl DedupCache {
@@ -268,13 +314,25 @@ impl DedupCache {
             .is_some_and(|(exp, _)| *exp == 0 || *exp > now)
     }
 
+    /// Number of ids held (expired ones included until they are evicted).
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when no id is held.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
     /// True if `id` was seen and is still remembered at `now`; otherwise
     /// remembers it and returns false.
     pub fn check_and_insert(&mut self, id: String, now: u64) -> bool {
-        if let Some((exp, _)) = self.seen.get(&id) {
-            if *exp == 0 || *exp > now {
+        if let Some((exp, old_seq)) = self.seen.get(&id).copied() {
+            if exp == 0 || exp > now {
                 return true;
             }
+            // Expired: replaced below by a fresh entry.
+            self.note_removed(old_seq);
         }
         self.seq += 1;
         let exp = self
@@ -283,16 +341,102 @@ impl DedupCache {
             .map_or(0, |t| now.saturating_add(t).max(1));
         self.seen.insert(id.clone(), (exp, self.seq));
         self.order.push_back((self.seq, id));
+        self.dirty = true;
+        self.evict(now);
+        false
+    }
+
+    fn note_removed(&mut self, seq: u64) {
+        if seq <= self.saved_seq {
+            self.removed_saved.push(seq);
+            self.dirty = true;
+        }
+    }
+
+    /// Drops the oldest entries beyond x-cache-size, and expired ones from
+    /// the front (one TTL for the whole cache, so insertion order is expiry
+    /// order): the cache stays bounded with a TTL and no size too.
+    fn evict(&mut self, now: u64) {
         let cap = self.args.cache_size.unwrap_or(u64::MAX);
-        while self.seen.len() as u64 > cap || self.order.len() > 2 * self.seen.len() + 64 {
-            let Some((seq, old)) = self.order.pop_front() else {
+        loop {
+            let Some((seq, id)) = self.order.front() else {
                 break;
             };
-            if self.seen.get(&old).is_some_and(|(_, s)| *s == seq) {
-                self.seen.remove(&old);
+            let live = self.seen.get(id).filter(|e| e.1 == *seq).map(|e| e.0);
+            if let Some(exp) = live {
+                let over = self.seen.len() as u64 > cap;
+                if !over && (exp == 0 || exp > now) {
+                    break;
+                }
+            }
+            let Some((seq, id)) = self.order.pop_front() else {
+                break;
+            };
+            if live.is_some() {
+                self.seen.remove(&id);
+                self.note_removed(seq);
             }
         }
-        false
+        // Stale entries (re-inserted ids) left in the middle: compact now
+        // and then so the order stays proportional to the cache.
+        if self.order.len() > 2 * self.seen.len() + 64 {
+            let seen = &self.seen;
+            self.order
+                .retain(|(s, id)| seen.get(id).is_some_and(|e| e.1 == *s));
+        }
+    }
+
+    /// True when something changed since the last [`take_delta`](Self::take_delta).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// The entries added and the saved entries removed since the last call
+    /// (all of them the first time); afterwards everything counts as saved.
+    pub fn take_delta(&mut self) -> DedupDelta {
+        let mut put = Vec::new();
+        for (seq, id) in self.order.iter().rev() {
+            if *seq <= self.saved_seq {
+                break;
+            }
+            if let Some((exp, s)) = self.seen.get(id) {
+                if s == seq {
+                    put.push(DedupEntry {
+                        seq: *seq,
+                        id: id.clone(),
+                        expires: *exp,
+                    });
+                }
+            }
+        }
+        put.reverse();
+        self.saved_seq = self.seq;
+        self.dirty = false;
+        DedupDelta {
+            put,
+            del: std::mem::take(&mut self.removed_saved),
+        }
+    }
+
+    /// Rebuilds the cache from saved entries (at start, before any insert):
+    /// expired ones and those beyond x-cache-size are dropped, and show up
+    /// as removed in the next delta.
+    pub fn restore(&mut self, mut entries: Vec<DedupEntry>, now: u64) {
+        entries.sort_unstable_by_key(|e| e.seq);
+        for e in entries {
+            self.seq = self.seq.max(e.seq);
+            self.saved_seq = self.seq;
+            if e.expires != 0 && e.expires <= now {
+                self.note_removed(e.seq);
+                continue;
+            }
+            // The same id twice (a crash lost a removal): the later wins.
+            if let Some((_, old)) = self.seen.insert(e.id.clone(), (e.expires, e.seq)) {
+                self.note_removed(old);
+            }
+            self.order.push_back((e.seq, e.id));
+        }
+        self.evict(now);
     }
 }
 
@@ -394,6 +538,16 @@ impl QueueCore {
         self.dedup.is_some()
     }
 
+    /// The deduplication cache, when enabled (saving and restoring it).
+    pub fn dedup_mut(&mut self) -> Option<&mut DedupCache> {
+        self.dedup.as_mut()
+    }
+
+    /// True when the deduplication cache changed since its last delta.
+    pub fn dedup_dirty(&self) -> bool {
+        self.dedup.as_ref().is_some_and(DedupCache::is_dirty)
+    }
+
     /// Delayed retry settings (at creation, or when a policy changes).
     pub fn set_retry(&mut self, retry: super::args::RetryArgs) {
         self.retry = retry;
@@ -474,6 +628,39 @@ impl QueueCore {
             expires: 0,
             priority,
         });
+        id
+    }
+
+    /// Appends a message recovered from the store whose delayed-retry state
+    /// was saved: it keeps its delivery count, and waits until `state.due`
+    /// if that is after `now` (at its original position once due).
+    pub fn enqueue_recovered_retry(
+        &mut self,
+        msg: Option<Arc<Message>>,
+        gid: u64,
+        size: u32,
+        priority: u8,
+        state: RetryState,
+        now: u64,
+    ) -> MsgId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let env = Envelope {
+            id,
+            gid,
+            msg,
+            size,
+            delivery_count: state.count.max(1),
+            redelivered: true,
+            expires: 0,
+            priority,
+        };
+        if state.due > now {
+            self.retry_due.push(Reverse((state.due, id)));
+            self.delayed.insert(id, env);
+        } else {
+            self.ready.push_back(env);
+        }
         id
     }
 
@@ -883,6 +1070,15 @@ impl QueueCore {
                             env.redelivered = true;
                             env.delivery_count = env.delivery_count.saturating_add(1);
                             let due = self.now.saturating_add(delay);
+                            if env.gid != 0 {
+                                out.delayed.push((
+                                    env.gid,
+                                    RetryState {
+                                        due,
+                                        count: env.delivery_count,
+                                    },
+                                ));
+                            }
                             self.retry_due.push(Reverse((due, env.id)));
                             self.delayed.insert(env.id, env);
                         }

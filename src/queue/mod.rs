@@ -6,6 +6,7 @@ pub mod args;
 pub mod core;
 pub mod deadletter;
 pub mod message;
+pub mod quorum;
 pub mod ready;
 pub mod stream;
 
@@ -125,6 +126,12 @@ pub enum QueueCmd {
         /// Reply.
         reply: oneshot::Sender<Vec<ConsumerInfo>>,
     },
+    /// Clean shutdown: save the deduplication cache and retry delays now
+    /// (durable classic queues; see `broker::persist`).
+    SaveSnapshot {
+        /// Answered once saved.
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A consumer as management shows it.
@@ -242,6 +249,19 @@ impl QueueRef {
     /// and its messages never go to the message store.
     pub fn is_stream(&self) -> bool {
         self.args.queue_type == "stream"
+    }
+
+    /// A quorum queue (x-queue-type=quorum): replicated by Raft, its
+    /// messages live in the Raft log, not the message store.
+    pub fn is_quorum(&self) -> bool {
+        self.args.queue_type == "quorum"
+    }
+
+    /// Persistent messages routed here are written to the message store
+    /// (durable classic queues only: streams and quorum queues keep their
+    /// own logs).
+    pub fn uses_message_store(&self) -> bool {
+        self.is_stored() && !self.is_stream() && !self.is_quorum()
     }
 
     /// True once deleted.

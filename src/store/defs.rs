@@ -9,7 +9,7 @@
 //!
 //! | sled tree | key | value |
 //! |---|---|---|
-//! | one per [`Table`] (`vhosts`, `users`, `permissions`, `exchanges`, `queues`, `bindings`, `policies`, `meta`) | the caller's key, UTF-8 | `serde_json` of the value |
+//! | one per [`Table`] (`vhosts`, `users`, `permissions`, `exchanges`, `queues`, `bindings`, `policies`, `meta`, `dedup`, `retry`) | the caller's key, UTF-8 | `serde_json` of the value |
 //! | `counters` | counter name, UTF-8 | `u64` big-endian: the last id handed out by [`next_id`](Definitions::next_id) |
 //!
 //! Composite keys are built with [`Definitions::key`]: parts joined by
@@ -21,6 +21,17 @@
 //! The caller owns the meaning of each table's keys; e.g. the broker may use
 //! `key(&[vhost, queue_name])` for queues and
 //! `key(&[vhost, source, dest_kind, dest, routing_key])` for bindings.
+//!
+//! # Lazy writes
+//!
+//! The `dedup` and `retry` tables hold small, frequently changing snapshots
+//! of queue state (deduplication caches, delayed-retry due times). They are
+//! written with [`apply`](Definitions::apply) and
+//! [`remove_prefix`](Definitions::remove_prefix), which do *not* flush:
+//! such a write is durable at sled's next background flush (every 500 ms,
+//! sled's default, which [`open`](Definitions::open) keeps) or at the next
+//! [`flush`](Definitions::flush) (every `put`/`delete` flushes, and so does a
+//! clean shutdown). A crash may lose the last half second of them.
 
 use std::path::Path;
 
@@ -48,6 +59,12 @@ pub enum Table {
     Policies,
     /// Anything else the broker needs to remember (JSON values).
     Meta,
+    /// Deduplication caches of durable queues and exchanges (lazy writes,
+    /// see the module docs).
+    Dedup,
+    /// Delayed-retry due times and delivery counts of stored messages
+    /// (lazy writes, see the module docs).
+    Retry,
 }
 
 impl Table {
@@ -62,11 +79,47 @@ impl Table {
             Table::Bindings => "bindings",
             Table::Policies => "policies",
             Table::Meta => "meta",
+            Table::Dedup => "dedup",
+            Table::Retry => "retry",
         }
     }
 }
 
 const COUNTERS: &str = "counters";
+
+/// Writes to one table, applied atomically by [`Definitions::apply`].
+#[derive(Default)]
+pub struct Batch {
+    inner: sled::Batch,
+    len: usize,
+}
+
+impl Batch {
+    /// Stores `value` under `key` (replacing any previous one).
+    pub fn put<T: Serialize>(&mut self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes =
+            serde_json::to_vec(value).map_err(|e| defs_err(&format!("encode {key:?}"), e))?;
+        self.inner.insert(key.as_bytes(), bytes);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes `key` (if present).
+    pub fn delete(&mut self, key: &str) {
+        self.inner.remove(key.as_bytes());
+        self.len += 1;
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of writes in the batch.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
 
 /// Handle to the definitions database; cheap to clone.
 #[derive(Clone)]
@@ -187,6 +240,48 @@ impl Definitions {
             out.push((key, value));
         }
         Ok(out)
+    }
+
+    /// Applies a batch of writes to `table` atomically, *without* flushing
+    /// (see "Lazy writes" in the module docs). Never blocks on the disk.
+    pub fn apply(&self, table: Table, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.tree(table)?
+            .apply_batch(batch.inner)
+            .map_err(|e| defs_err(&format!("write {table:?}"), e))
+    }
+
+    /// Removes every entry whose key starts with `prefix` and for which
+    /// `remove(key)` is true, *without* flushing. Returns how many went.
+    pub fn remove_prefix_where(
+        &self,
+        table: Table,
+        prefix: &str,
+        remove: impl Fn(&str) -> bool,
+    ) -> Result<usize, StoreError> {
+        let tree = self.tree(table)?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in tree.scan_prefix(prefix.as_bytes()).keys() {
+            let k = item.map_err(|e| defs_err(&format!("scan {table:?}"), e))?;
+            if remove(&String::from_utf8_lossy(&k)) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tree.apply_batch(batch)
+                .map_err(|e| defs_err(&format!("delete in {table:?}"), e))?;
+        }
+        Ok(n)
+    }
+
+    /// Removes every entry whose key starts with `prefix`, *without*
+    /// flushing. Returns how many went.
+    pub fn remove_prefix(&self, table: Table, prefix: &str) -> Result<usize, StoreError> {
+        self.remove_prefix_where(table, prefix, |_| true)
     }
 
     /// Hands out the next value of a persistent counter (first is 1); never

@@ -8,6 +8,7 @@ mod process;
 
 mod http;
 mod t10_permissions;
+mod t15_topic_permissions;
 mod t20_api;
 mod t30_definitions;
 mod t40_metrics;

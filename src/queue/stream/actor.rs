@@ -11,12 +11,19 @@
 //!   consuming.
 //! - Decoded chunks (properties re-encoded with the offset header) are
 //!   cached, so consumers replaying the same region decode it once.
+//! - Consumer groups (`x-stream-group`, see `group.rs`): the coordinator
+//!   says which of the group's consumers on this stream reads it
+//!   ([`GroupEvent`] on the group inbox); the others get nothing. A new
+//!   reader waits for the previous one's deliveries to be settled (at most
+//!   [`HANDOFF_WAIT`]), then starts at the group's committed position,
+//!   which advances as the reader's deliveries are settled.
 //!
 //! It never blocks in fsync; it reads chunks with positioned reads (page
 //! cache, like the classic queue's paging reads).
 
 use super::chunk::{self, ChunkHeader};
 use super::filter::FilterSpec;
+use super::group::{self, GroupEvent, GroupKey, GroupTx};
 use super::reader::{Cursor, LogView, OffsetSpec, Read, parse_offset_arg, resolve};
 use super::settings::StreamSettings;
 use super::tracking::{self, Offsets};
@@ -30,7 +37,7 @@ use crate::queue::message::Message;
 use crate::queue::{QueueCmd, QueueRef};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -43,6 +50,10 @@ const TICK: Duration = Duration::from_millis(500);
 const SAVE_EVERY: Duration = Duration::from_millis(200);
 /// Decoded chunks kept.
 const CACHE_CHUNKS: usize = 32;
+/// How long a group's new reader of this stream waits for the previous
+/// reader's deliveries to be settled before it starts anyway (they are
+/// then delivered again).
+pub const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 
 /// How to start a stream actor.
 pub struct StreamInit {
@@ -125,6 +136,7 @@ pub fn spawn(
     let offsets = tracking::load(&dir);
     let (writer, events) =
         writer::start(&q.name, dir.clone(), active, settings.clone(), 256).map_err(fail)?;
+    let (group_tx, group_rx) = mpsc::unbounded_channel();
     debug!(stream = %q.name, first = view.first_offset(), next = view.next_offset(), "stream opened");
     let actor = StreamActor {
         q: q.clone(),
@@ -141,10 +153,17 @@ pub fn spawn(
         offsets_dirty: false,
         last_save: Instant::now(),
         cache: VecDeque::new(),
+        data_dir: init.data_dir,
+        partition: Arc::from(q.name.as_str()),
+        groups: HashMap::new(),
+        group_tx,
         _lock: lock,
     };
     let span = tracing::debug_span!("stream", name = %q.name, vhost = %q.vhost);
-    tokio::spawn(tracing::Instrument::instrument(actor.run(rx, events), span));
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(rx, events, group_rx),
+        span,
+    ));
     Ok(q)
 }
 
@@ -163,6 +182,28 @@ struct Consumer {
     filter: Option<FilterSpec>,
     /// Offsets tracked by the server under this tag.
     track: bool,
+    /// Member of a consumer group (`x-stream-group`).
+    group: Option<GroupRead>,
+}
+
+/// A group consumer's reading, for the group's committed position.
+struct GroupRead {
+    name: Arc<str>,
+    /// Offsets delivered and not settled yet.
+    outstanding: BTreeSet<u64>,
+    /// The offset after the last one delivered.
+    next: u64,
+}
+
+/// One consumer group reading this stream.
+struct GroupPart {
+    /// The consumer the coordinator gave this stream to (None: nobody).
+    assigned: Option<ConsumerId>,
+    /// The consumer whose deliveries define the committed position: the
+    /// one reading, or during a handover the previous one.
+    reader: Option<ConsumerId>,
+    /// When `assigned` last changed.
+    since: Instant,
 }
 
 struct StreamActor {
@@ -181,6 +222,14 @@ struct StreamActor {
     offsets_dirty: bool,
     last_save: Instant,
     cache: VecDeque<(u64, Arc<Vec<Decoded>>)>,
+    /// The broker's data directory (groups are per broker).
+    data_dir: PathBuf,
+    /// This stream's name, as the group coordinator knows it.
+    partition: Arc<str>,
+    /// Consumer groups with consumers here.
+    groups: HashMap<Arc<str>, GroupPart>,
+    /// The group inbox, given to the coordinator.
+    group_tx: GroupTx,
     _lock: DirLock,
 }
 
@@ -290,6 +339,7 @@ impl StreamActor {
         mut self,
         mut rx: mpsc::Receiver<QueueCmd>,
         mut events: mpsc::UnboundedReceiver<Vec<CommitItem>>,
+        mut group_rx: mpsc::UnboundedReceiver<GroupEvent>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -298,6 +348,7 @@ impl StreamActor {
             tokio::select! {
                 n = rx.recv_many(&mut cmds, 64) => {
                     if n == 0 {
+                        self.leave_groups(None);
                         break;
                     }
                     for cmd in cmds.drain(..) {
@@ -314,6 +365,12 @@ impl StreamActor {
                     }
                     if rolled {
                         self.retention();
+                    }
+                }
+                Some(ev) = group_rx.recv() => {
+                    self.on_group_event(ev);
+                    while let Ok(ev) = group_rx.try_recv() {
+                        self.on_group_event(ev);
                     }
                 }
                 _ = tick.tick() => {
@@ -400,14 +457,24 @@ impl StreamActor {
                 let _ = reply.send(r);
             }
             QueueCmd::Cancel { consumer, reply } => {
-                self.remove_consumers(|c| c.id == consumer);
+                for (id, g) in self.remove_consumers(|c| c.id == consumer) {
+                    if let Some(g) = g {
+                        group::leave(&self.group_key(&g), id);
+                    }
+                }
                 self.save_offsets(true);
                 if let Some(r) = reply {
                     let _ = r.send(());
                 }
             }
             QueueCmd::ChannelClosed { owner } => {
-                self.remove_consumers(|c| c.owner == owner);
+                let mut left: Vec<Arc<str>> = Vec::new();
+                for (_, g) in self.remove_consumers(|c| c.owner == owner) {
+                    if let Some(g) = g.filter(|g| !left.contains(g)) {
+                        group::leave_member(&self.group_key(&g), owner);
+                        left.push(g);
+                    }
+                }
                 self.save_offsets(true);
             }
             QueueCmd::Settle { ids, .. } => self.settle(&ids),
@@ -419,6 +486,10 @@ impl StreamActor {
             | QueueCmd::Kick
             | QueueCmd::Touch
             | QueueCmd::PolicyChanged => {}
+            // Nothing to save: a stream's state is its log and offsets.
+            QueueCmd::SaveSnapshot { reply } => {
+                let _ = reply.send(());
+            }
             QueueCmd::Peek { reply, .. } => {
                 // Nothing is "ready" in a stream: read it with a consumer.
                 let _ = reply.send(Vec::new());
@@ -501,16 +572,32 @@ impl StreamActor {
             Some(v) => crate::broker::headers::value_str(v).map(|s| s == "true"),
             None => None,
         };
-        let track = auto.unwrap_or(offset_arg.is_none() && !tag.starts_with("amq.ctag-"));
+        let group: Option<Arc<str>> = match args.inner().get("x-stream-group") {
+            None => None,
+            Some(v) => match crate::broker::headers::value_str(v) {
+                Some(g) if !g.is_empty() && g.len() <= 255 => Some(Arc::from(g)),
+                _ => {
+                    return Err(AmqpError::precondition(format!(
+                        "invalid x-stream-group for stream queue '{}' in vhost '{}': expected a group name (a string of 1 to 255 bytes)",
+                        self.q.name, self.q.vhost
+                    )));
+                }
+            },
+        };
+        // A group's position is the group's, not the tag's.
+        let track = group.is_none()
+            && auto.unwrap_or(offset_arg.is_none() && !tag.starts_with("amq.ctag-"));
         if track {
-            if let Some(o) = self.offsets.get(&*tag) {
+            if let Some(o) = self.offsets.consumers.get(&*tag) {
                 start = OffsetSpec::Offset(o + 1);
             }
         }
         let cursor = resolve(&self.view, start).map_err(|e| {
             AmqpError::internal(format!("cannot read stream '{}': {e}", self.q.name))
         })?;
-        debug!(tag = %tag, ?start, from = cursor.from, track, "stream consumer attached");
+        debug!(tag = %tag, ?start, from = cursor.from, track, group = ?group, "stream consumer attached");
+        let owner = spec.owner;
+        let id = spec.id;
         self.consumers.push(Consumer {
             id: spec.id,
             tag,
@@ -522,22 +609,138 @@ impl StreamActor {
             pending: None,
             filter: FilterSpec::from_args(args),
             track,
+            group: group.as_ref().map(|g| GroupRead {
+                name: g.clone(),
+                outstanding: BTreeSet::new(),
+                next: cursor.from,
+            }),
         });
+        if let Some(g) = group {
+            self.groups.entry(g.clone()).or_insert_with(|| GroupPart {
+                assigned: None,
+                reader: None,
+                since: Instant::now(),
+            });
+            group::join(
+                &self.group_key(&g),
+                &self.partition,
+                owner,
+                id,
+                &self.group_tx,
+            );
+        }
         Ok(())
     }
 
-    fn remove_consumers(&mut self, pred: impl Fn(&Consumer) -> bool) {
-        let gone: Vec<ConsumerId> = self
+    fn group_key(&self, group: &Arc<str>) -> GroupKey {
+        GroupKey {
+            data_dir: self.data_dir.clone(),
+            vhost: self.q.vhost.clone(),
+            group: group.clone(),
+        }
+    }
+
+    /// Tells the coordinator that this stream's group consumers are gone
+    /// (all of them, or the one given).
+    fn leave_groups(&self, only: Option<ConsumerId>) {
+        for c in &self.consumers {
+            if let Some(g) = c.group.as_ref().filter(|_| only.is_none_or(|o| o == c.id)) {
+                group::leave(&self.group_key(&g.name), c.id);
+            }
+        }
+    }
+
+    fn on_group_event(&mut self, ev: GroupEvent) {
+        match ev {
+            GroupEvent::Assign { group, consumer } => {
+                let Some(part) = self.groups.get_mut(&group) else {
+                    return;
+                };
+                if part.assigned != consumer {
+                    debug!(group = %group, ?consumer, reader = ?part.reader, "stream group reader assigned");
+                    part.assigned = consumer;
+                    part.since = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Starts each group's assigned consumer once the previous reader's
+    /// deliveries are settled (or it is gone, or [`HANDOFF_WAIT`] passed),
+    /// at the group's committed position.
+    fn handoffs(&mut self) {
+        for (name, part) in self.groups.iter_mut() {
+            let Some(x) = part.assigned else {
+                continue;
+            };
+            if part.reader == Some(x) {
+                continue;
+            }
+            let Some(xi) = self.consumers.iter().position(|c| c.id == x) else {
+                continue;
+            };
+            let busy = part.reader.is_some_and(|r| {
+                self.consumers
+                    .iter()
+                    .find(|c| c.id == r)
+                    .and_then(|c| c.group.as_ref())
+                    .is_some_and(|g| !g.outstanding.is_empty())
+            });
+            if busy && part.since.elapsed() < HANDOFF_WAIT {
+                continue;
+            }
+            let c = &mut self.consumers[xi];
+            let start = match self.offsets.groups.get(&**name) {
+                Some(&pos) => match resolve(&self.view, OffsetSpec::Offset(pos)) {
+                    Ok(cur) => cur,
+                    Err(e) => {
+                        error!(group = %name, "cannot read the stream at the group's position: {e}");
+                        continue;
+                    }
+                },
+                // The group's first reader here: where its x-stream-offset said.
+                None => c.cursor,
+            };
+            c.cursor = start;
+            c.pending = None;
+            if let Some(g) = c.group.as_mut() {
+                g.outstanding.clear();
+                g.next = start.from;
+            }
+            debug!(group = %name, consumer = x, tag = %c.tag, previous = ?part.reader, from = start.from, timed_out = busy, "stream group reader starts");
+            part.reader = Some(x);
+            self.offsets.groups.insert(name.to_string(), start.from);
+            self.offsets_dirty = true;
+        }
+    }
+
+    /// Removes consumers; returns (id, group) of each.
+    fn remove_consumers(
+        &mut self,
+        pred: impl Fn(&Consumer) -> bool,
+    ) -> Vec<(ConsumerId, Option<Arc<str>>)> {
+        let gone: Vec<(ConsumerId, Option<Arc<str>>)> = self
             .consumers
             .iter()
             .filter(|c| pred(c))
-            .map(|c| c.id)
+            .map(|c| (c.id, c.group.as_ref().map(|g| g.name.clone())))
             .collect();
         if gone.is_empty() {
-            return;
+            return gone;
         }
-        self.consumers.retain(|c| !gone.contains(&c.id));
-        self.inflight.retain(|_, (c, _)| !gone.contains(c));
+        self.consumers
+            .retain(|c| !gone.iter().any(|(id, _)| *id == c.id));
+        self.inflight
+            .retain(|_, (c, _)| !gone.iter().any(|(id, _)| id == c));
+        if gone.iter().any(|(_, g)| g.is_some()) {
+            let consumers = &self.consumers;
+            self.groups.retain(|name, _| {
+                consumers
+                    .iter()
+                    .any(|c| c.group.as_ref().is_some_and(|g| g.name == *name))
+            });
+        }
+        gone
     }
 
     fn settle(&mut self, ids: &[MsgId]) {
@@ -550,16 +753,47 @@ impl StreamActor {
             };
             c.inflight = c.inflight.saturating_sub(1);
             if c.track {
-                let e = self.offsets.entry(c.tag.to_string()).or_insert(off);
+                let e = self
+                    .offsets
+                    .consumers
+                    .entry(c.tag.to_string())
+                    .or_insert(off);
                 *e = (*e).max(off);
                 self.offsets_dirty = true;
+            }
+            if let Some(g) = c.group.as_mut() {
+                g.outstanding.remove(&off);
+                if self
+                    .groups
+                    .get(&g.name)
+                    .is_some_and(|p| p.reader == Some(cid))
+                {
+                    let pos = g.outstanding.first().copied().unwrap_or(g.next);
+                    let e = self.offsets.groups.entry(g.name.to_string()).or_insert(pos);
+                    if pos > *e {
+                        *e = pos;
+                        self.offsets_dirty = true;
+                    }
+                }
             }
         }
     }
 
     fn dispatch(&mut self) {
+        if !self.groups.is_empty() {
+            self.handoffs();
+        }
         let mut dead = Vec::new();
         for c in self.consumers.iter_mut() {
+            if let Some(g) = &c.group {
+                let reading = self
+                    .groups
+                    .get(&g.name)
+                    .is_some_and(|p| p.assigned == Some(c.id) && p.reader == Some(c.id));
+                if !reading {
+                    continue;
+                }
+            }
             let mut batch = Vec::new();
             while c.inflight < c.prefetch {
                 match next_message(&self.view, &mut self.cache, c) {
@@ -568,6 +802,10 @@ impl StreamActor {
                         self.next_id += 1;
                         self.inflight.insert(id, (c.id, off));
                         c.inflight += 1;
+                        if let Some(g) = c.group.as_mut() {
+                            g.outstanding.insert(off);
+                            g.next = off + 1;
+                        }
                         let size = m.body.len().min(u32::MAX as usize) as u32;
                         batch.push(Envelope {
                             id,
@@ -610,6 +848,7 @@ impl StreamActor {
                     revoked: false,
                 });
             }
+            self.leave_groups(Some(id));
             self.remove_consumers(|c| c.id == id);
         }
     }
@@ -622,6 +861,8 @@ impl StreamActor {
         if let Some(vhost) = self.vhost.upgrade() {
             dropped_exchanges = vhost.forget_queue(&self.q);
         }
+        self.leave_groups(None);
+        self.groups.clear();
         for c in self.consumers.drain(..) {
             let _ = c.conn.send(ConnCmd::ConsumerCancelled {
                 channel: c.owner.channel,

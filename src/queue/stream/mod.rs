@@ -13,6 +13,7 @@
 //! | `retention.rs` | deleting whole old segments by size and age |
 //! | `tracking.rs` | server-side consumer offsets |
 //! | `filter.rs` | Bloom filters and consumer filter specs |
+//! | `group.rs` | consumer groups (`x-stream-group`): the coordinator and the partition assignment |
 //! | `actor.rs` | the stream actor: the `QueueCmd` interface, consumers, credit, deliveries |
 //!
 //! Files live in `<data_dir>/streams/<vhost>/<queue>/` (names escaped).
@@ -23,6 +24,7 @@
 pub mod actor;
 pub mod chunk;
 pub mod filter;
+pub mod group;
 pub mod log;
 pub mod reader;
 pub mod retention;

@@ -1,0 +1,267 @@
+//! The Raft log of every group on this node, in one shared write-ahead log
+//! with group commit.
+//!
+//! All groups write into one sled database (one tree of entries per group,
+//! plus a shared tree for votes, commit indexes and purge marks). Appends
+//! insert the entries, then hand openraft's completion callback to a single
+//! flusher thread; the flusher takes every callback that is waiting, runs
+//! one `flush` (one fsync covering all of them, whichever groups they belong
+//! to) and only then reports the appends durable. So a thousand quorum
+//! queues being written at once share fsyncs the way RabbitMQ's Ra WAL does.
+
+use super::types::{NodeId, TypeConfig};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, RaftLogReader, StorageError, Vote};
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use tracing::error;
+
+/// The shared write-ahead log.
+pub struct Wal {
+    db: sled::Db,
+    meta: sled::Tree,
+    flush: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal").finish_non_exhaustive()
+    }
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Wal {
+    /// Opens (or creates) the log under `dir/raft`.
+    pub fn open(dir: &Path) -> Result<Arc<Wal>, std::io::Error> {
+        let db = sled::Config::new()
+            .path(dir.join("raft"))
+            .flush_every_ms(None)
+            .open()
+            .map_err(io_err)?;
+        let meta = db.open_tree("raft-meta").map_err(io_err)?;
+        let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
+        let fdb = db.clone();
+        std::thread::Builder::new()
+            .name("warren-raft-wal".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let res = fdb.flush();
+                    if let Err(e) = &res {
+                        error!(
+                            "the Raft write-ahead log could not be synced to disk ({e}); quorum queue writes are not confirmed. Check the data directory's disk"
+                        );
+                    }
+                    for cb in batch {
+                        cb.log_io_completed(match &res {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(io_err(e)),
+                        });
+                    }
+                }
+            })?;
+        Ok(Arc::new(Wal { db, meta, flush: tx }))
+    }
+
+    /// The log of one group.
+    pub fn group(self: &Arc<Self>, group: &str) -> Result<LogStore, std::io::Error> {
+        let tree = self
+            .db
+            .open_tree(format!("log/{group}"))
+            .map_err(io_err)?;
+        Ok(LogStore {
+            wal: self.clone(),
+            tree,
+            group: group.to_string(),
+        })
+    }
+
+    /// Removes a group's log and marks (its queue was deleted).
+    pub fn drop_group(&self, group: &str) {
+        let _ = self.db.drop_tree(format!("log/{group}"));
+        for k in ["vote", "committed", "purged"] {
+            let _ = self.meta.remove(meta_key(group, k));
+        }
+    }
+
+    /// Groups that have a log on this node.
+    pub fn groups(&self) -> Vec<String> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .filter_map(|n| {
+                std::str::from_utf8(&n)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("log/"))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+fn meta_key(group: &str, what: &str) -> Vec<u8> {
+    let mut k = group.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(what.as_bytes());
+    k
+}
+
+/// One group's view of the shared log.
+#[derive(Clone)]
+pub struct LogStore {
+    wal: Arc<Wal>,
+    tree: sled::Tree,
+    group: String,
+}
+
+type SErr = StorageError<NodeId>;
+
+fn read_err(e: impl std::fmt::Display) -> SErr {
+    StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Read, io_err(e))
+}
+
+fn write_err(e: impl std::fmt::Display) -> SErr {
+    StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Write, io_err(e))
+}
+
+impl LogStore {
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<Option<T>, SErr> {
+        match self
+            .wal
+            .meta
+            .get(meta_key(&self.group, what))
+            .map_err(read_err)?
+        {
+            Some(v) => postcard::from_bytes(&v).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_meta<T: serde::Serialize>(&self, what: &str, v: &T, sync: bool) -> Result<(), SErr> {
+        let bytes = postcard::to_stdvec(v).map_err(write_err)?;
+        self.wal
+            .meta
+            .insert(meta_key(&self.group, what), bytes)
+            .map_err(write_err)?;
+        if sync {
+            self.wal.db.flush_async().await.map_err(write_err)?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => Some(e.saturating_add(1)),
+            Bound::Excluded(e) => Some(*e),
+            Bound::Unbounded => None,
+        };
+        let iter = match end {
+            Some(e) => self.tree.range(start.to_be_bytes()..e.to_be_bytes()),
+            None => self.tree.range(start.to_be_bytes()..),
+        };
+        let mut out = Vec::new();
+        for kv in iter {
+            let (_, v) = kv.map_err(read_err)?;
+            out.push(postcard::from_bytes(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
+        let last = match self.tree.last().map_err(read_err)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = postcard::from_bytes(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        self.put_meta("vote", vote, true).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.get_meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // Not synced: after a crash openraft re-learns the commit index.
+        self.put_meta("committed", &committed, false).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let bytes = postcard::to_stdvec(&e).map_err(write_err)?;
+            batch.insert(&e.log_id.index.to_be_bytes(), bytes);
+        }
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        self.wal
+            .flush
+            .send(callback)
+            .map_err(|_| write_err("the write-ahead log flusher has stopped"))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.range(log_id.index.to_be_bytes()..) {
+            let (k, _) = kv.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.put_meta("purged", &Some(log_id), false).await?;
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.range(..=log_id.index.to_be_bytes()) {
+            let (k, _) = kv.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! What travels through Raft: the command and response types of every group
+//! (the metadata group and each quorum queue), and openraft's type config.
+
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+
+/// A node's Raft id: derived from its node name, so it is stable across
+/// restarts and the same on every node.
+pub type NodeId = u64;
+
+/// Raft group name: [`META_GROUP`] or `q/<vhost>/<queue>#<id>`.
+pub type GroupId = String;
+
+/// The metadata group every node belongs to.
+pub const META_GROUP: &str = "meta";
+
+/// What a Raft member record carries about a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name (warren@host).
+    pub name: String,
+    /// Inter-node address (host:port).
+    pub addr: String,
+}
+
+impl std::fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.name, self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// Warren's Raft types.
+    pub TypeConfig:
+        D = Cmd,
+        R = Resp,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The Raft handle of one group.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The stable id of a node name (FNV-1a, 64 bit; never 0).
+pub fn node_id(name: &str) -> NodeId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// A replicated command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Cmd {
+    /// For the metadata group.
+    Meta(MetaCmd),
+    /// For a quorum queue's group; `now` is the proposer's clock (ms since
+    /// the epoch) so every replica applies the same time.
+    Queue {
+        /// Proposer's clock.
+        now: u64,
+        /// What to do.
+        op: QOp,
+    },
+}
+
+impl std::fmt::Display for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmd::Meta(m) => write!(f, "meta {m:?}"),
+            Cmd::Queue { op, .. } => write!(f, "queue {}", op.name()),
+        }
+    }
+}
+
+/// A quorum queue's definition, as the metadata group keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuorumDef {
+    /// Broker-wide queue id (chosen by the metadata leader).
+    pub id: u64,
+    /// Vhost.
+    pub vhost: String,
+    /// Name.
+    pub name: String,
+    /// Declare arguments in AMQP field-table wire form.
+    pub arguments: Vec<u8>,
+    /// Replica nodes; the first is where the group is initialised.
+    pub members: Vec<NodeId>,
+}
+
+impl QuorumDef {
+    /// Its Raft group name.
+    pub fn group(&self) -> GroupId {
+        format!("q/{}/{}#{}", self.vhost, self.name, self.id)
+    }
+}
+
+/// Metadata commands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MetaCmd {
+    /// Create a quorum queue (no-op if one of that name exists).
+    DeclareQuorum(QuorumDef),
+    /// Delete a quorum queue.
+    DeleteQuorum {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+    },
+    /// Change a quorum queue's replica set (after the queue group's own
+    /// membership change committed).
+    SetMembers {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+        /// New replica set.
+        members: Vec<NodeId>,
+    },
+}
+
+/// Where a quorum queue consumer or channel lives: node, its incarnation
+/// (boot id) and the connection and channel there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RemoteOwner {
+    /// Node.
+    pub node: NodeId,
+    /// Boot id of that node.
+    pub incarnation: u64,
+    /// Connection id on that node.
+    pub conn: u64,
+    /// Channel number.
+    pub channel: u16,
+}
+
+/// A message as the Raft log stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireMsg {
+    /// Exchange.
+    #[serde(with = "serde_bytes")]
+    pub exchange: Vec<u8>,
+    /// Routing key.
+    #[serde(with = "serde_bytes")]
+    pub routing_key: Vec<u8>,
+    /// Content properties in wire form.
+    #[serde(with = "serde_bytes")]
+    pub properties: Vec<u8>,
+    /// Body.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// How deliveries are settled (mirrors queue::core::Outcome).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum WireOutcome {
+    /// basic.ack.
+    Ack,
+    /// nack/reject with requeue.
+    Requeue,
+    /// nack/reject without requeue (dead-lettered).
+    Discard,
+    /// Returned without a nack (channel closed, consumer timeout).
+    Return,
+    /// Reached a consumer that no longer existed.
+    Undeliverable,
+}
+
+/// Quorum queue operations (applied to the queue core on every replica).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum QOp {
+    /// Publish.
+    Enqueue(Vec<WireMsg>),
+    /// Attach a consumer.
+    Consume {
+        /// Its channel.
+        owner: RemoteOwner,
+        /// Its id on its node.
+        local_id: u64,
+        /// Consumer tag.
+        tag: String,
+        /// basic.qos prefetch.
+        prefetch: u32,
+        /// Auto-ack.
+        no_ack: bool,
+        /// Exclusive consumer.
+        exclusive: bool,
+        /// x-priority.
+        priority: i32,
+        /// Consumer timeout (ms).
+        timeout: Option<u64>,
+    },
+    /// Detach a consumer.
+    Cancel {
+        /// Its node.
+        node: NodeId,
+        /// Incarnation.
+        incarnation: u64,
+        /// Its id on its node.
+        local_id: u64,
+    },
+    /// Settle deliveries.
+    Settle {
+        /// Message ids.
+        ids: Vec<u64>,
+        /// How.
+        outcome: WireOutcome,
+    },
+    /// Flow credit back for a no-ack consumer.
+    Credit {
+        /// Its node.
+        node: NodeId,
+        /// Incarnation.
+        incarnation: u64,
+        /// Its id on its node.
+        local_id: u64,
+        /// Deliveries written.
+        n: u32,
+    },
+    /// basic.get.
+    Get {
+        /// Channel.
+        owner: RemoteOwner,
+        /// Auto-ack.
+        no_ack: bool,
+    },
+    /// A channel closed.
+    ChannelClosed(RemoteOwner),
+    /// A node restarted or is gone: everything its channels held (with an
+    /// incarnation other than `alive`, or all when `alive` is 0) returns.
+    NodeDown {
+        /// Node.
+        node: NodeId,
+        /// Its current incarnation, 0 when it is down.
+        alive: u64,
+    },
+    /// queue.purge.
+    Purge,
+    /// Expire messages / time out consumers (proposed by the leader).
+    Tick,
+}
+
+impl QOp {
+    fn name(&self) -> &'static str {
+        match self {
+            QOp::Enqueue(_) => "enqueue",
+            QOp::Consume { .. } => "consume",
+            QOp::Cancel { .. } => "cancel",
+            QOp::Settle { .. } => "settle",
+            QOp::Credit { .. } => "credit",
+            QOp::Get { .. } => "get",
+            QOp::ChannelClosed(_) => "channel-closed",
+            QOp::NodeDown { .. } => "node-down",
+            QOp::Purge => "purge",
+            QOp::Tick => "tick",
+        }
+    }
+}
+
+/// A message handed out by basic.get through Raft.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GotMsg {
+    /// Queue-local id (the delivery's handle for ack).
+    pub id: u64,
+    /// Redelivered flag.
+    pub redelivered: bool,
+    /// Delivery count.
+    pub delivery_count: u16,
+    /// The message.
+    pub msg: WireMsg,
+    /// Messages still ready.
+    pub remaining: u64,
+}
+
+/// What applying a command answers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum Resp {
+    /// Nothing to say.
+    #[default]
+    Ok,
+    /// Enqueue: indexes of messages refused by a length limit.
+    Enqueued {
+        /// Refused (basic.nack) positions.
+        rejected: Vec<u32>,
+    },
+    /// basic.get result.
+    Got(Option<GotMsg>),
+    /// A count (purge).
+    Count(u64),
+    /// Refused: AMQP reply code and text.
+    Refused(u16, String),
+}

@@ -1,0 +1,1147 @@
+//! Quorum queues: the deterministic queue core replicated by a Raft group.
+//!
+//! Every replica applies the same committed commands to its own
+//! [`QueueCore`], with the proposer's clock, so all replicas agree on which
+//! message is ready, which is out to which consumer, and which was acked.
+//! Consumers and channels are named cluster-wide by (node, boot id,
+//! connection, channel); each replica delivers to the consumers attached
+//! to its own node, so no message crosses the network twice. Side effects
+//! that must happen once (dead-lettering, expiry ticks, cleaning up after
+//! a node that went away) are done by the leader only.
+//!
+//! The channel layer sees an ordinary queue: an actor behind the same
+//! [`QueueCmd`] inbox turns each command into a Raft proposal (at the local
+//! replica when it leads, forwarded to the leader otherwise).
+
+use super::core::{
+    ConsumeRefused, ConsumerId, ConsumerSpec, DeadReason, Envelope, Outcome, Owner, QueueCore,
+    Settled,
+};
+use super::message::Message;
+use super::{QueueCmd, QueueRef};
+use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
+use crate::cluster::Cluster;
+use crate::cluster::sm::{Applied, NoSnapshot, no_install};
+use crate::cluster::types::{
+    Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig,
+    WireMsg, WireOutcome,
+};
+use crate::protocol::error::{AmqpError, code};
+use amq_protocol::types::FieldTable;
+use dashmap::DashMap;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{LogId, SnapshotMeta, StorageError, StoredMembership};
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+fn now_ms() -> u64 {
+    crate::cluster::net::now_ms()
+}
+
+/// A consumer attached on this node.
+#[derive(Debug, Clone)]
+struct Link {
+    conn: ConnTx,
+    channel: u16,
+    tag: Arc<str>,
+    /// The connection id (for channel-closed cleanup).
+    conn_id: u64,
+}
+
+/// What the replica and the local actor share.
+pub struct QCtx {
+    me: NodeId,
+    incarnation: u64,
+    links: DashMap<u64, Link>,
+    queue: OnceLock<Weak<QueueRef>>,
+    leader: OnceLock<Arc<AtomicBool>>,
+    vhost: Weak<VHost>,
+    broker: Weak<Broker>,
+}
+
+impl QCtx {
+    fn is_leader(&self) -> bool {
+        self.leader
+            .get()
+            .map(|l| l.load(Ordering::Relaxed))
+            .unwrap_or(false)
+    }
+}
+
+/// The replicated state.
+#[derive(Debug)]
+struct Machine {
+    core: QueueCore,
+    owners: HashMap<RemoteOwner, u64>,
+    owner_keys: HashMap<u64, RemoteOwner>,
+    next_owner: u64,
+    consumers: HashMap<(NodeId, u64, u64), ConsumerId>,
+    consumer_keys: HashMap<ConsumerId, (NodeId, u64, u64)>,
+    next_consumer: u64,
+    applied: Applied,
+}
+
+impl Machine {
+    fn new(q: &super::args::QueueArgs, arguments: &FieldTable) -> Machine {
+        let mut core = QueueCore::new(usize::MAX);
+        core.set_max_priority(q.max_priority.unwrap_or(0));
+        core.set_single_active(q.single_active_consumer);
+        core.set_dedup(q.dedup.clone());
+        let eff = crate::broker::policy::merge(q, arguments, None);
+        let mut limits = eff.limits;
+        if limits.delivery_limit.is_none() {
+            // RabbitMQ 4.x default for quorum queues.
+            limits.delivery_limit = Some(20);
+        }
+        core.set_limits(limits);
+        core.set_retry(super::args::effective_retry(q, arguments, |_| None));
+        Machine {
+            core,
+            owners: HashMap::new(),
+            owner_keys: HashMap::new(),
+            next_owner: 1,
+            consumers: HashMap::new(),
+            consumer_keys: HashMap::new(),
+            next_consumer: 1,
+            applied: Applied::default(),
+        }
+    }
+
+    fn owner(&mut self, o: RemoteOwner) -> Owner {
+        let key = match self.owners.get(&o) {
+            Some(k) => *k,
+            None => {
+                let k = self.next_owner;
+                self.next_owner += 1;
+                self.owners.insert(o, k);
+                self.owner_keys.insert(k, o);
+                k
+            }
+        };
+        Owner {
+            conn: key,
+            channel: o.channel,
+        }
+    }
+
+    fn close_owner(&mut self, o: RemoteOwner, gone: &mut Vec<(NodeId, u64, u64)>) -> Settled {
+        let Some(key) = self.owners.remove(&o) else {
+            return Settled::default();
+        };
+        self.owner_keys.remove(&key);
+        let (removed, settled) = self.core.channel_closed(Owner {
+            conn: key,
+            channel: o.channel,
+        });
+        for cid in removed {
+            if let Some(k) = self.consumer_keys.remove(&cid) {
+                self.consumers.remove(&k);
+                gone.push(k);
+            }
+        }
+        settled
+    }
+}
+
+fn outcome(o: WireOutcome) -> Outcome {
+    match o {
+        WireOutcome::Ack => Outcome::Ack,
+        WireOutcome::Requeue => Outcome::Requeue,
+        WireOutcome::Discard => Outcome::Discard,
+        WireOutcome::Return => Outcome::Return,
+        WireOutcome::Undeliverable => Outcome::Undeliverable,
+    }
+}
+
+fn wire_outcome(o: Outcome) -> WireOutcome {
+    match o {
+        Outcome::Ack => WireOutcome::Ack,
+        Outcome::Requeue => WireOutcome::Requeue,
+        Outcome::Discard => WireOutcome::Discard,
+        Outcome::Return => WireOutcome::Return,
+        Outcome::Undeliverable => WireOutcome::Undeliverable,
+    }
+}
+
+fn to_wire(m: &Message) -> WireMsg {
+    WireMsg {
+        exchange: m.exchange.to_vec(),
+        routing_key: m.routing_key.to_vec(),
+        properties: m.raw_properties.to_vec(),
+        body: m.body.to_vec(),
+    }
+}
+
+fn from_wire(w: WireMsg) -> Option<Message> {
+    Message::from_parts(crate::store::MessageParts {
+        exchange: w.exchange.into(),
+        routing_key: w.routing_key.into(),
+        raw_properties: w.properties.into(),
+        body: w.body.into(),
+    })
+}
+
+/// The Raft state machine of one quorum queue replica.
+pub struct QuorumSm {
+    m: Arc<Mutex<Machine>>,
+    ctx: Arc<QCtx>,
+}
+
+/// Effects gathered while applying, carried out after the lock is gone.
+#[derive(Default)]
+struct Effects {
+    deliveries: Vec<(ConsumerId, Envelope, (NodeId, u64, u64))>,
+    dead: Vec<(Envelope, DeadReason)>,
+    cancelled: Vec<(NodeId, u64, u64)>,
+}
+
+impl QuorumSm {
+    fn apply_one(&self, m: &mut Machine, now: u64, op: QOp, fx: &mut Effects) -> Resp {
+        m.core.set_time(now);
+        let resp = match op {
+            QOp::Enqueue(msgs) => {
+                let mut rejected = Vec::new();
+                for (i, w) in msgs.into_iter().enumerate() {
+                    let Some(msg) = from_wire(w) else {
+                        rejected.push(i as u32);
+                        continue;
+                    };
+                    let (adm, mut gone) = m.core.publish(Arc::new(msg), 0, now);
+                    if adm == super::core::Admission::Rejected {
+                        rejected.push(i as u32);
+                    }
+                    fx.dead.append(&mut gone);
+                }
+                Resp::Enqueued { rejected }
+            }
+            QOp::Consume {
+                owner,
+                local_id,
+                tag: _,
+                prefetch,
+                no_ack,
+                exclusive,
+                priority,
+                timeout,
+            } => {
+                let key = (owner.node, owner.incarnation, local_id);
+                if m.consumers.contains_key(&key) {
+                    return Resp::Ok;
+                }
+                let o = m.owner(owner);
+                let id = m.next_consumer;
+                let spec = ConsumerSpec {
+                    id,
+                    owner: o,
+                    prefetch,
+                    no_ack,
+                    exclusive,
+                    shared: None,
+                    flow_window: u32::MAX,
+                    priority,
+                    timeout,
+                };
+                match m.core.add_consumer(spec) {
+                    Ok(()) => {
+                        m.next_consumer += 1;
+                        m.consumers.insert(key, id);
+                        m.consumer_keys.insert(id, key);
+                        Resp::Ok
+                    }
+                    Err(ConsumeRefused::ExclusiveInUse) => {
+                        Resp::Refused(code::ACCESS_REFUSED, "in exclusive use".into())
+                    }
+                }
+            }
+            QOp::Cancel {
+                node,
+                incarnation,
+                local_id,
+            } => {
+                if let Some(id) = m.consumers.remove(&(node, incarnation, local_id)) {
+                    m.consumer_keys.remove(&id);
+                    m.core.remove_consumer(id);
+                }
+                Resp::Ok
+            }
+            QOp::Settle { ids, outcome: o } => {
+                let s = m.core.settle(&ids, outcome(o));
+                absorb(s, fx);
+                Resp::Ok
+            }
+            QOp::Credit {
+                node,
+                incarnation,
+                local_id,
+                n,
+            } => {
+                if let Some(id) = m.consumers.get(&(node, incarnation, local_id)) {
+                    m.core.credit(*id, n);
+                }
+                Resp::Ok
+            }
+            QOp::Get { owner, no_ack } => {
+                let o = m.owner(owner);
+                match m.core.get(o, no_ack) {
+                    Some((env, remaining)) => match env.msg.as_ref() {
+                        Some(msg) => Resp::Got(Some(GotMsg {
+                            id: env.id,
+                            redelivered: env.redelivered,
+                            delivery_count: env.delivery_count,
+                            msg: to_wire(msg),
+                            remaining,
+                        })),
+                        None => Resp::Got(None),
+                    },
+                    None => Resp::Got(None),
+                }
+            }
+            QOp::ChannelClosed(owner) => {
+                let s = m.close_owner(owner, &mut fx.cancelled);
+                fx.cancelled.clear(); // the channel knows
+                absorb(s, fx);
+                Resp::Ok
+            }
+            QOp::NodeDown { node, alive } => {
+                let stale: Vec<RemoteOwner> = m
+                    .owners
+                    .keys()
+                    .filter(|o| o.node == node && o.incarnation != alive)
+                    .copied()
+                    .collect();
+                for o in stale {
+                    let s = m.close_owner(o, &mut fx.cancelled);
+                    absorb(s, fx);
+                }
+                Resp::Ok
+            }
+            QOp::Purge => Resp::Count(m.core.purge().len() as u64),
+            QOp::Tick => {
+                let expired = m.core.expire(now);
+                fx.dead.extend(expired);
+                for cid in m.core.timed_out(now) {
+                    let s = m.core.cancel_and_requeue(cid);
+                    if let Some(k) = m.consumer_keys.remove(&cid) {
+                        m.consumers.remove(&k);
+                        fx.cancelled.push(k);
+                    }
+                    absorb(s, fx);
+                }
+                Resp::Ok
+            }
+        };
+        let mut out = Vec::new();
+        m.core.dispatch(&mut out);
+        for (cid, env) in out {
+            if let Some(k) = m.consumer_keys.get(&cid) {
+                fx.deliveries.push((cid, env, *k));
+            }
+        }
+        resp
+    }
+
+    async fn effects(&self, fx: Effects) {
+        let ctx = &self.ctx;
+        let queue = ctx.queue.get().and_then(Weak::upgrade);
+        // Deliveries to consumers on this node (grouped per consumer).
+        if let Some(q) = &queue {
+            let mut batch: Vec<(u64, Vec<Envelope>)> = Vec::new();
+            for (_, env, (node, inc, local)) in fx.deliveries {
+                if node != ctx.me || inc != ctx.incarnation {
+                    continue;
+                }
+                match batch.last_mut() {
+                    Some((l, v)) if *l == local => v.push(env),
+                    _ => batch.push((local, vec![env])),
+                }
+            }
+            for (local, msgs) in batch {
+                if let Some(link) = ctx.links.get(&local) {
+                    let _ = link.conn.send(ConnCmd::Deliver {
+                        channel: link.channel,
+                        consumer: local,
+                        tag: link.tag.clone(),
+                        queue: q.clone(),
+                        msgs,
+                    });
+                }
+            }
+        }
+        for (node, inc, local) in fx.cancelled {
+            if node != ctx.me || inc != ctx.incarnation {
+                continue;
+            }
+            if let Some((_, link)) = ctx.links.remove(&local) {
+                let _ = link.conn.send(ConnCmd::ConsumerCancelled {
+                    channel: link.channel,
+                    consumer: local,
+                    revoked: true,
+                });
+            }
+        }
+        if !fx.dead.is_empty() && ctx.is_leader() {
+            if let Some(q) = &queue {
+                dead_letter(ctx, q, fx.dead).await;
+            }
+        }
+    }
+}
+
+fn absorb(s: Settled, fx: &mut Effects) {
+    fx.dead.extend(s.dead);
+    fx.dead
+        .extend(s.discarded.into_iter().map(|e| (e, DeadReason::Rejected)));
+}
+
+/// Sends dead messages to the queue's dead-letter exchange (leader only:
+/// at most once, as RabbitMQ's default for quorum queues).
+async fn dead_letter(ctx: &QCtx, q: &Arc<QueueRef>, dead: Vec<(Envelope, DeadReason)>) {
+    let Some(vhost) = ctx.vhost.upgrade() else { return };
+    let eff = crate::broker::policy::effective(&vhost, q);
+    let Some(dlx) = eff.dead_letter_exchange.clone() else {
+        return;
+    };
+    let Some(ex) = vhost.exchange(&dlx) else {
+        debug!(dlx, "dead-letter exchange does not exist; message dropped");
+        return;
+    };
+    let broker = ctx.broker.upgrade();
+    let now_secs = now_ms() / 1000;
+    for (env, reason) in dead {
+        let Some(msg) = env.msg else { continue };
+        let out = super::deadletter::dead_lettered(
+            &msg,
+            &q.name,
+            reason,
+            now_secs,
+            &dlx,
+            eff.dead_letter_routing_key.as_deref(),
+        );
+        let mut targets = Vec::new();
+        vhost.route(
+            &ex,
+            out.routing_key_str(),
+            out.properties.headers().as_ref(),
+            &mut targets,
+        );
+        if reason != DeadReason::Rejected {
+            targets.retain(|t| !super::deadletter::is_cycle(&out, &t.name));
+        }
+        if targets.is_empty() {
+            continue;
+        }
+        let out = Arc::new(out);
+        let mut gid = 0;
+        if out.is_persistent() {
+            if let Some((b, st)) = broker.as_ref().and_then(|b| b.storage.as_ref().map(|s| (b, s))) {
+                let stored: Vec<u64> = targets
+                    .iter()
+                    .filter(|t| t.uses_message_store())
+                    .map(|t| t.id)
+                    .collect();
+                if !stored.is_empty() {
+                    gid = b.next_gid();
+                    if let Err(e) = st.msgs.append(gid, stored, out.parts(), None).await {
+                        warn!("could not persist a dead-lettered message: {e}");
+                        gid = 0;
+                    }
+                }
+            }
+        }
+        for t in targets {
+            let g = if t.uses_message_store() { gid } else { 0 };
+            let cmd = QueueCmd::Publish {
+                msgs: vec![(out.clone(), g)],
+                confirm: None,
+            };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let _ = t.tx.send(cmd).await;
+                });
+            }
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for QuorumSm {
+    type SnapshotBuilder = NoSnapshot;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>> {
+        let m = self.m.lock().map_err(|_| no_install())?;
+        Ok((m.applied.last, m.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Resp>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let mut fx = Effects::default();
+        {
+            let mut m = self.m.lock().map_err(|_| no_install())?;
+            for e in entries {
+                let resp = match m.applied.take(e) {
+                    Some(Cmd::Queue { now, op }) => self.apply_one(&mut m, now, op, &mut fx),
+                    _ => Resp::Ok,
+                };
+                out.push(resp);
+            }
+        }
+        self.effects(fx).await;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> NoSnapshot {
+        NoSnapshot
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta<NodeId, NodeInfo>,
+        _snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        Err(no_install())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(None)
+    }
+}
+
+/// RabbitMQ's declare rules for quorum queues.
+pub fn check_declare(
+    name: &str,
+    vhost: &str,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+) -> Result<(), AmqpError> {
+    let bad = |what: &str| {
+        Err(AmqpError::precondition(format!(
+            "invalid property '{what}' for queue '{name}' in vhost '{vhost}'"
+        )))
+    };
+    if !durable {
+        return bad("non-durable");
+    }
+    if exclusive {
+        return bad("exclusive-owner");
+    }
+    if auto_delete {
+        return bad("auto-delete");
+    }
+    Ok(())
+}
+
+/// queue.declare of a quorum queue: replicated through the metadata group,
+/// then waited for until this node has it.
+pub async fn declare(
+    broker: &Arc<Broker>,
+    vhost: &Arc<VHost>,
+    name: &str,
+    arguments: &FieldTable,
+    args: &super::args::QueueArgs,
+) -> Result<Arc<QueueRef>, AmqpError> {
+    let Some(cluster) = broker.cluster.get().cloned() else {
+        return Err(AmqpError::new(
+            code::INTERNAL_ERROR,
+            "quorum queues are not available: the cluster runtime did not start".to_string(),
+        ));
+    };
+    let live: Vec<NodeId> = cluster
+        .members()
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| cluster.alive(*id))
+        .collect();
+    let size = args.quorum_initial_group_size.unwrap_or(3).max(1) as usize;
+    let id = broker.next_id();
+    // Leader placement: spread by queue id over the live nodes.
+    let members = crate::cluster::pick_members(&live, size, id);
+    let wire_args = serde_json::to_vec(arguments)
+        .map_err(|e| AmqpError::precondition(format!("unencodable queue arguments: {e}")))?;
+    let def = QuorumDef {
+        id,
+        vhost: vhost.name.clone(),
+        name: name.to_string(),
+        arguments: wire_args,
+        members,
+    };
+    let meta_members: Vec<NodeId> = cluster.members().into_iter().map(|(id, _)| id).collect();
+    cluster
+        .propose(
+            crate::cluster::types::META_GROUP,
+            Cmd::Meta(MetaCmd::DeclareQuorum(def)),
+            &meta_members,
+        )
+        .await
+        .map_err(|e| {
+            AmqpError::new(
+                code::INTERNAL_ERROR,
+                format!("cannot declare quorum queue '{name}': {e}"),
+            )
+        })?;
+    // The definition is applied on this node shortly (at once when this
+    // node leads the metadata group).
+    for _ in 0..500 {
+        if let Some(q) = vhost.queue(name) {
+            return Ok(q);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Err(AmqpError::new(
+        code::INTERNAL_ERROR,
+        format!("quorum queue '{name}' was declared but has not reached this node yet; retry"),
+    ))
+}
+
+/// Deletes a quorum queue everywhere.
+pub async fn delete(broker: &Arc<Broker>, q: &QueueRef) -> Result<(), String> {
+    let Some(cluster) = broker.cluster.get().cloned() else {
+        return Err("no cluster runtime".into());
+    };
+    let meta_members: Vec<NodeId> = cluster.members().into_iter().map(|(id, _)| id).collect();
+    cluster
+        .propose(
+            crate::cluster::types::META_GROUP,
+            Cmd::Meta(MetaCmd::DeleteQuorum {
+                vhost: q.vhost.clone(),
+                name: q.name.clone(),
+            }),
+            &meta_members,
+        )
+        .await
+        .map(|_| ())
+}
+
+fn parse_args(def: &QuorumDef) -> (FieldTable, super::args::QueueArgs) {
+    let table: FieldTable = serde_json::from_slice(&def.arguments).unwrap_or_default();
+    let args = super::args::QueueArgs::parse(&table, &def.name, &def.vhost).unwrap_or_else(|e| {
+        warn!(queue = %def.name, vhost = %def.vhost, "stored quorum queue arguments no longer valid ({}); using defaults", e.text);
+        super::args::QueueArgs {
+            queue_type: "quorum".into(),
+            ..Default::default()
+        }
+    });
+    (table, args)
+}
+
+/// Creates the queue on this node: a replica when this node is a member,
+/// a forwarding handle otherwise.
+pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
+    let Some(broker) = cluster.broker.upgrade() else { return };
+    let vhost = broker
+        .vhosts
+        .entry(def.vhost.clone())
+        .or_insert_with(|| VHost::new(&def.vhost))
+        .value()
+        .clone();
+    if let Some(q) = vhost.queue(&def.name) {
+        if q.id == def.id {
+            return;
+        }
+    }
+    let (table, args) = parse_args(def);
+    let ctx = Arc::new(QCtx {
+        me: cluster.me.id,
+        incarnation: cluster.me.incarnation,
+        links: DashMap::new(),
+        queue: OnceLock::new(),
+        leader: OnceLock::new(),
+        vhost: Arc::downgrade(&vhost),
+        broker: Arc::downgrade(&broker),
+    });
+    let machine = Arc::new(Mutex::new(Machine::new(&args, &table)));
+    let group = def.group();
+    let member = def.members.contains(&cluster.me.id);
+    if member {
+        let sm = QuorumSm {
+            m: machine.clone(),
+            ctx: ctx.clone(),
+        };
+        match cluster.open_group(&group, sm).await {
+            Ok(raft) => {
+                if let Some(g) = cluster.groups.get(&group) {
+                    let _ = ctx.leader.set(g.leader.clone());
+                }
+                if def.members.first() == Some(&cluster.me.id)
+                    && !raft.is_initialized().await.unwrap_or(true)
+                {
+                    let c = cluster.clone();
+                    let members = def.members.clone();
+                    tokio::spawn(async move { c.initialize(&raft, &members).await });
+                }
+            }
+            Err(e) => {
+                warn!(queue = %def.name, vhost = %def.vhost, "cannot open the quorum queue's Raft group: {e}");
+                return;
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel(broker.config.queue.inbox_capacity);
+    let q = Arc::new(QueueRef::new(
+        def.id,
+        def.name.clone(),
+        def.vhost.clone(),
+        true,
+        None,
+        false,
+        table,
+        args,
+        tx,
+    ));
+    let _ = ctx.queue.set(Arc::downgrade(&q));
+    vhost.queues.insert(def.name.clone(), q.clone());
+    let actor = Actor {
+        cluster: Arc::downgrade(cluster),
+        ctx,
+        machine,
+        group,
+        members: def.members.clone(),
+        q: Arc::downgrade(&q),
+        pending_credit: HashMap::new(),
+    };
+    tokio::spawn(actor.run(rx));
+    info!(queue = %def.name, vhost = %def.vhost, replicas = def.members.len(), member, "quorum queue ready on this node");
+}
+
+/// Removes the queue from this node (deleted cluster-wide).
+pub async fn dematerialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
+    if let Some(b) = cluster.broker.upgrade() {
+        if let Some(v) = b.vhost(&def.vhost) {
+            let same = v.queue(&def.name).map(|q| q.id == def.id).unwrap_or(false);
+            if same {
+                if let Some(q) = v.queue(&def.name) {
+                    q.mark_deleted();
+                    v.forget_queue(&q);
+                    // Closing the inbox stops the actor, which cancels
+                    // its consumers.
+                    let _ = q
+                        .tx
+                        .send(QueueCmd::Delete {
+                            if_unused: false,
+                            if_empty: false,
+                            reply: None,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+    let c = cluster.clone();
+    let group = def.group();
+    // Not from inside the metadata group's apply: shutting a group down
+    // waits for its tasks.
+    tokio::spawn(async move { c.drop_group(&group).await });
+}
+
+/// A quorum queue's replica set changed.
+pub async fn members_changed(_cluster: &Arc<Cluster>, def: &QuorumDef) {
+    info!(queue = %def.name, vhost = %def.vhost, members = ?def.members, "quorum queue replica set changed");
+}
+
+/// The local handle: turns queue commands into proposals.
+struct Actor {
+    cluster: Weak<Cluster>,
+    ctx: Arc<QCtx>,
+    machine: Arc<Mutex<Machine>>,
+    group: String,
+    members: Vec<NodeId>,
+    q: Weak<QueueRef>,
+    pending_credit: HashMap<u64, u32>,
+}
+
+impl Actor {
+    fn remote(&self, owner: Owner) -> RemoteOwner {
+        RemoteOwner {
+            node: self.ctx.me,
+            incarnation: self.ctx.incarnation,
+            conn: owner.conn,
+            channel: owner.channel,
+        }
+    }
+
+    async fn propose(
+        &self,
+        op: QOp,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Resp, String>>> {
+        let c = self.cluster.upgrade()?;
+        let cmd = Cmd::Queue { now: now_ms(), op };
+        match c.start_propose(&self.group, cmd, &self.members).await {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(group = %self.group, "quorum queue command not accepted: {e}");
+                None
+            }
+        }
+    }
+
+    async fn propose_wait(&self, op: QOp) -> Result<Resp, String> {
+        match self.propose(op).await {
+            Some(rx) => rx
+                .await
+                .map_err(|_| "proposal abandoned".to_string())?,
+            None => Err("no leader reachable for this quorum queue".into()),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cmd = tokio::select! {
+                c = rx.recv() => match c { Some(c) => c, None => break },
+                _ = tick.tick() => {
+                    self.housekeeping().await;
+                    continue;
+                }
+            };
+            if let Some(q) = self.q.upgrade() {
+                if let QueueCmd::Publish { msgs, .. } = &cmd {
+                    let _ = q.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(msgs.len() as u64))
+                    });
+                }
+            }
+            if !self.handle(cmd).await {
+                break;
+            }
+        }
+        // Stopped (deleted): tell local consumers.
+        let locals: Vec<(u64, Link)> = self
+            .ctx
+            .links
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        self.ctx.links.clear();
+        for (id, l) in locals {
+            let _ = l.conn.send(ConnCmd::ConsumerCancelled {
+                channel: l.channel,
+                consumer: id,
+                revoked: false,
+            });
+        }
+    }
+
+    /// Leader duties: expiry and consumer timeouts, and cleaning up after
+    /// nodes that restarted or went away. Followers flush credit.
+    async fn housekeeping(&mut self) {
+        if !self.pending_credit.is_empty() {
+            let credits: Vec<(u64, u32)> = self.pending_credit.drain().collect();
+            for (local_id, n) in credits {
+                let _ = self
+                    .propose(QOp::Credit {
+                        node: self.ctx.me,
+                        incarnation: self.ctx.incarnation,
+                        local_id,
+                        n,
+                    })
+                    .await;
+            }
+        }
+        if !self.ctx.is_leader() {
+            return;
+        }
+        let Some(c) = self.cluster.upgrade() else { return };
+        let now = now_ms();
+        let (due, stale) = {
+            let Ok(m) = self.machine.lock() else { return };
+            let due = [m.core.next_expiry(), m.core.next_timeout(), m.core.next_retry()]
+                .into_iter()
+                .flatten()
+                .any(|t| t <= now);
+            let mut stale: Vec<(NodeId, u64)> = Vec::new();
+            for o in m.owners.keys() {
+                let inc = c.incarnation(o.node);
+                if inc != o.incarnation && !stale.contains(&(o.node, inc)) {
+                    stale.push((o.node, inc));
+                }
+            }
+            (due, stale)
+        };
+        if due {
+            let _ = self.propose(QOp::Tick).await;
+        }
+        for (node, alive) in stale {
+            info!(group = %self.group, node, "a node holding deliveries of this quorum queue restarted or went away; returning its messages");
+            let _ = self.propose(QOp::NodeDown { node, alive }).await;
+        }
+    }
+
+    /// Handles one command; false to stop.
+    async fn handle(&mut self, cmd: QueueCmd) -> bool {
+        match cmd {
+            QueueCmd::Publish { msgs, confirm } => {
+                let wire: Vec<WireMsg> = msgs.iter().map(|(m, _)| to_wire(m)).collect();
+                let rx = self.propose(QOp::Enqueue(wire)).await;
+                let Some(c) = confirm else { return true };
+                let Some(rx) = rx else {
+                    // Not accepted: never confirmed (the publisher times
+                    // out or sees the nack).
+                    let _ = c.conn.send(ConnCmd::Confirm {
+                        channel: c.channel,
+                        seqs: c.seqs,
+                        nack: true,
+                    });
+                    return true;
+                };
+                tokio::spawn(async move {
+                    match rx.await {
+                        Ok(Ok(Resp::Enqueued { rejected })) => {
+                            let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+                            for (i, s) in c.seqs.into_iter().enumerate() {
+                                if rejected.contains(&(i as u32)) {
+                                    nacks.push(s)
+                                } else {
+                                    acks.push(s)
+                                }
+                            }
+                            for (seqs, nack) in [(nacks, true), (acks, false)] {
+                                if !seqs.is_empty() {
+                                    let _ = c.conn.send(ConnCmd::Confirm {
+                                        channel: c.channel,
+                                        seqs,
+                                        nack,
+                                    });
+                                }
+                            }
+                        }
+                        other => {
+                            warn!("quorum queue publish not confirmed: {other:?}");
+                            let _ = c.conn.send(ConnCmd::Confirm {
+                                channel: c.channel,
+                                seqs: c.seqs,
+                                nack: true,
+                            });
+                        }
+                    }
+                });
+            }
+            // Nothing to save at shutdown: the state is in the Raft log.
+            QueueCmd::SaveSnapshot { reply } => {
+                let _ = reply.send(());
+            }
+            QueueCmd::Consume {
+                spec,
+                conn,
+                tag,
+                reply,
+                args,
+            } => {
+                let (priority, timeout) = match super::actor::consume_args(&args, None) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return true;
+                    }
+                };
+                let local = spec.id;
+                self.ctx.links.insert(
+                    local,
+                    Link {
+                        conn,
+                        channel: spec.owner.channel,
+                        tag: tag.clone(),
+                        conn_id: spec.owner.conn,
+                    },
+                );
+                let op = QOp::Consume {
+                    owner: self.remote(spec.owner),
+                    local_id: local,
+                    tag: tag.to_string(),
+                    prefetch: spec.prefetch,
+                    no_ack: spec.no_ack,
+                    exclusive: spec.exclusive,
+                    priority,
+                    timeout,
+                };
+                let res = match self.propose_wait(op).await {
+                    Ok(Resp::Refused(c, _)) => {
+                        self.ctx.links.remove(&local);
+                        let (name, vhost) = self
+                            .q
+                            .upgrade()
+                            .map(|q| (q.name.clone(), q.vhost.clone()))
+                            .unwrap_or_default();
+                        Err(AmqpError::new(
+                            c,
+                            format!("queue '{name}' in vhost '{vhost}' in exclusive use"),
+                        ))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        self.ctx.links.remove(&local);
+                        Err(AmqpError::new(
+                            code::INTERNAL_ERROR,
+                            format!("cannot attach the consumer to the quorum queue: {e}"),
+                        ))
+                    }
+                };
+                let _ = reply.send(res);
+            }
+            QueueCmd::Cancel { consumer, reply } => {
+                let _ = self
+                    .propose_wait(QOp::Cancel {
+                        node: self.ctx.me,
+                        incarnation: self.ctx.incarnation,
+                        local_id: consumer,
+                    })
+                    .await;
+                self.ctx.links.remove(&consumer);
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            QueueCmd::Settle { ids, outcome } => {
+                let _ = self
+                    .propose(QOp::Settle {
+                        ids,
+                        outcome: wire_outcome(outcome),
+                    })
+                    .await;
+            }
+            QueueCmd::Get {
+                owner,
+                no_ack,
+                reply,
+            } => {
+                let res = self
+                    .propose_wait(QOp::Get {
+                        owner: self.remote(owner),
+                        no_ack,
+                    })
+                    .await;
+                let got = match res {
+                    Ok(Resp::Got(Some(g))) => from_wire(g.msg).map(|m| {
+                        (
+                            Envelope {
+                                id: g.id,
+                                gid: 0,
+                                size: m.body.len() as u32,
+                                msg: Some(Arc::new(m)),
+                                delivery_count: g.delivery_count,
+                                redelivered: g.redelivered,
+                                expires: 0,
+                                priority: 0,
+                            },
+                            g.remaining,
+                        )
+                    }),
+                    _ => None,
+                };
+                let _ = reply.send(got);
+            }
+            QueueCmd::Credit { consumer, n } => {
+                *self.pending_credit.entry(consumer).or_insert(0) += n;
+            }
+            QueueCmd::ChannelClosed { owner } => {
+                self.ctx.links.retain(|_, l| {
+                    !(l.conn_id == owner.conn && l.channel == owner.channel)
+                });
+                let _ = self.propose(QOp::ChannelClosed(self.remote(owner))).await;
+            }
+            QueueCmd::Purge { reply } => {
+                let n = match self.propose_wait(QOp::Purge).await {
+                    Ok(Resp::Count(n)) => n,
+                    _ => 0,
+                };
+                let _ = reply.send(n);
+            }
+            QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            } => {
+                let counts = self.counts();
+                if if_unused && counts.consumers > 0 {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(AmqpError::precondition(format!(
+                            "queue '{}' in vhost '{}' in use",
+                            self.q.upgrade().map(|q| q.name.clone()).unwrap_or_default(),
+                            self.q.upgrade().map(|q| q.vhost.clone()).unwrap_or_default()
+                        ))));
+                    }
+                    return true;
+                }
+                if if_empty && counts.ready > 0 {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(AmqpError::precondition(format!(
+                            "queue '{}' in vhost '{}' is not empty",
+                            self.q.upgrade().map(|q| q.name.clone()).unwrap_or_default(),
+                            self.q.upgrade().map(|q| q.vhost.clone()).unwrap_or_default()
+                        ))));
+                    }
+                    return true;
+                }
+                match reply {
+                    // From a client or the API: delete cluster-wide (this
+                    // node's copy goes when the metadata command applies).
+                    Some(r) => {
+                        let n = counts.ready + counts.unacked;
+                        let res = match (self.q.upgrade(), self.ctx.broker.upgrade()) {
+                            (Some(q), Some(b)) => delete(&b, &q).await.map_err(|e| {
+                                AmqpError::new(code::INTERNAL_ERROR, format!("cannot delete: {e}"))
+                            }),
+                            _ => Ok(()),
+                        };
+                        let _ = r.send(res.map(|_| n));
+                        return true;
+                    }
+                    // From the metadata group: this node's copy is gone.
+                    None => return false,
+                }
+            }
+            QueueCmd::Stats { reply } => {
+                let _ = reply.send(self.counts());
+            }
+            QueueCmd::Kick | QueueCmd::Touch | QueueCmd::PolicyChanged => {}
+            QueueCmd::Peek { count, reply } => {
+                let out = match self.machine.lock() {
+                    Ok(mut m) => m
+                        .core
+                        .ready_mut()
+                        .iter()
+                        .take(count)
+                        .filter_map(|e| e.msg.clone().map(|msg| (msg, e.redelivered)))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                let _ = reply.send(out);
+            }
+            QueueCmd::Consumers { reply } => {
+                let infos = self
+                    .ctx
+                    .links
+                    .iter()
+                    .map(|l| super::ConsumerInfo {
+                        tag: l.tag.to_string(),
+                        channel: l.channel,
+                        conn: l.conn.clone(),
+                    })
+                    .collect();
+                let _ = reply.send(infos);
+            }
+        }
+        true
+    }
+
+    fn counts(&self) -> super::core::Counts {
+        match self.machine.lock() {
+            Ok(m) => m.core.counts(),
+            Err(_) => super::core::Counts::default(),
+        }
+    }
+}
