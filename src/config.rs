@@ -39,8 +39,8 @@ pub struct Config {
 pub struct ClusterConfig {
     /// Listen for other nodes and join the seeds.
     pub enabled: bool,
-    /// Node name, RabbitMQ style ("warren@host"); must be unique in the
-    /// cluster and stay the same across restarts.
+    /// Node name, RabbitMQ style ("warren@host"; "" = warren@<hostname>);
+    /// must be unique in the cluster and stay the same across restarts.
     pub node_name: String,
     /// Address for inter-node traffic ("" = the same as amqp.bind).
     pub bind: String,
@@ -59,7 +59,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             enabled: false,
-            node_name: "warren@localhost".into(),
+            node_name: String::new(),
             bind: String::new(),
             port: 25672,
             seeds: Vec::new(),

@@ -307,7 +307,7 @@ pub async fn start(config: Arc<Config>) -> Result<ServerHandle, StartError> {
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let broker = open_broker(config.clone(), shutdown_rx.clone()).await?;
-    let cluster = crate::cluster::Cluster::start(&broker, shutdown_rx.clone())
+    let cluster = crate::cluster::Cluster::start(&broker)
         .await
         .map_err(|e| StartError::Cluster(e.to_string()))?;
     let cluster_addr = cluster.listen;
@@ -377,6 +377,9 @@ impl ServerHandle {
         // Deduplication caches and retry delays (lazy writes) are saved
         // now, then made durable by the flush below.
         persist::save_snapshots(&self.broker).await;
+        if let Some(c) = self.broker.cluster.get() {
+            c.shutdown().await;
+        }
         if let Some(st) = &self.broker.storage {
             if let Err(e) = st.msgs.sync().await {
                 error!("final sync of the message store failed: {e}");

@@ -55,6 +55,14 @@ enum Cmd {
     status,
     /// Node environment (listeners, versions).
     environment,
+    /// Cluster members (running or not) and each quorum queue's leader and
+    /// replicas.
+    cluster_status,
+    /// Make the node (-n) join the cluster of the node at HOST:PORT (its
+    /// inter-node address).
+    join_cluster { seed: String },
+    /// Remove a node (by name) from the cluster.
+    forget_cluster_node { node: String },
     /// Wait until the node answers.
     await_startup,
     /// Queues [columns...] (default: name messages).
@@ -471,6 +479,67 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                         }
                     }
                 }
+            }
+        }
+        Cmd::cluster_status => {
+            let v = c.call("GET", "/api/cluster", None, "node")?;
+            if f == "json" {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                if !q {
+                    println!("Cluster status of node {}", cell(&v["this_node"]));
+                }
+                println!("Members");
+                for n in v["nodes"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}{}",
+                        cell(&n["name"]),
+                        cell(&n["address"]),
+                        if n["running"].as_bool() == Some(true) { "running" } else { "down" },
+                        if n["metadata_leader"].as_bool() == Some(true) { "\tmetadata leader" } else { "" }
+                    );
+                }
+                println!("Quorum queues");
+                for qq in v["quorum_queues"].as_array().into_iter().flatten() {
+                    let list = |x: &Value| {
+                        x.as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(cell)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    println!(
+                        "{}\t{}\tleader={}\tmembers={}\tonline={}",
+                        cell(&qq["vhost"]),
+                        cell(&qq["name"]),
+                        cell(&qq["leader"]),
+                        list(&qq["members"]),
+                        list(&qq["online"])
+                    );
+                }
+            }
+        }
+        Cmd::join_cluster { seed } => {
+            c.call(
+                "POST",
+                "/api/cluster/join",
+                Some(&json!({ "seed": seed })),
+                "node",
+            )?;
+            if !q {
+                println!("Node joined the cluster through {seed}");
+            }
+        }
+        Cmd::forget_cluster_node { node } => {
+            c.call(
+                "POST",
+                "/api/cluster/forget",
+                Some(&json!({ "node": node })),
+                &format!("node '{node}'"),
+            )?;
+            if !q {
+                println!("Removed node {node} from the cluster");
             }
         }
         Cmd::environment => {

@@ -72,6 +72,13 @@ impl Wal {
         Ok(Arc::new(Wal { db, meta, flush: tx }))
     }
 
+    /// Syncs everything written so far.
+    pub fn sync(&self) {
+        if let Err(e) = self.db.flush() {
+            error!("final sync of the Raft log failed: {e}");
+        }
+    }
+
     /// The log of one group.
     pub fn group(self: &Arc<Self>, group: &str) -> Result<LogStore, std::io::Error> {
         let tree = self
@@ -255,7 +262,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        self.put_meta("purged", &Some(log_id), false).await?;
+        self.put_meta("purged", &log_id, false).await?;
         let mut batch = sled::Batch::default();
         for kv in self.tree.range(..=log_id.index.to_be_bytes()) {
             let (k, _) = kv.map_err(read_err)?;

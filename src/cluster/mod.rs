@@ -72,6 +72,7 @@ pub struct Cluster {
     /// Inter-node listener address, when clustering is enabled.
     pub listen: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
+    stop_tx: watch::Sender<bool>,
     election_at: DashMap<GroupId, u64>,
     leaderless_since: DashMap<GroupId, u64>,
 }
@@ -122,10 +123,8 @@ impl Cluster {
     /// Starts the runtime: opens the shared log, the metadata group and
     /// every quorum queue group found in it, and (when clustering is
     /// enabled) the listener and the connections to the seeds.
-    pub async fn start(
-        broker: &Arc<Broker>,
-        stop: watch::Receiver<bool>,
-    ) -> Result<Arc<Cluster>, ClusterError> {
+    pub async fn start(broker: &Arc<Broker>) -> Result<Arc<Cluster>, ClusterError> {
+        let (stop_tx, stop) = watch::channel(false);
         let cfg = broker.config.cluster.clone();
         let dir = broker.config.storage.data_dir.clone();
         let wal = log::Wal::open(&dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
@@ -148,11 +147,17 @@ impl Cluster {
             listener = Some(l);
         }
         let addr = listen.map(|a| a.to_string()).unwrap_or_default();
-        let id = types::node_id(&cfg.node_name);
+        let name = if cfg.node_name.is_empty() {
+            crate::mgmt::api::node_name()
+        } else {
+            crate::mgmt::api::set_node_name(&cfg.node_name);
+            cfg.node_name.clone()
+        };
+        let id = types::node_id(&name);
         let me = Me {
             id,
             info: NodeInfo {
-                name: cfg.node_name.clone(),
+                name,
                 addr,
             },
             incarnation: now_ms(),
@@ -174,6 +179,7 @@ impl Cluster {
             broker: Arc::downgrade(broker),
             listen,
             stop: stop.clone(),
+            stop_tx,
             election_at: DashMap::new(),
             leaderless_since: DashMap::new(),
         });
@@ -199,6 +205,17 @@ impl Cluster {
         }
         tokio::spawn(drive(Arc::downgrade(&cluster), stop));
         Ok(cluster)
+    }
+
+    /// Stops every group and the transport, and syncs the log.
+    pub async fn shutdown(&self) {
+        let _ = self.stop_tx.send(true);
+        let groups: Vec<Raft> = self.groups.iter().map(|g| g.raft.clone()).collect();
+        for r in groups {
+            let _ = r.shutdown().await;
+        }
+        self.groups.clear();
+        self.wal.sync();
     }
 
     /// The connection to the node at `addr`, started on first use.
@@ -517,6 +534,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// Joins the cluster the node at `seed` belongs to (warrenctl
+    /// join_cluster).
+    pub async fn join_via(self: &Arc<Self>, seed: &str) -> Result<(), String> {
+        if self.me.info.addr.is_empty() {
+            return Err("clustering is not enabled on this node (start it with --cluster-port)".into());
+        }
+        let p = self.peer(seed);
+        for _ in 0..50 {
+            if p.alive(self.cfg.failure_timeout_ms) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match p
+            .call(
+                Req::Join {
+                    id: self.me.id,
+                    info: self.me.info.clone(),
+                },
+                Duration::from_secs(20),
+            )
+            .await?
+        {
+            RespBody::Done => Ok(()),
+            _ => Err("unexpected answer".into()),
+        }
+    }
+
     /// Removes a node from the cluster (at the metadata leader).
     pub async fn forget(self: &Arc<Self>, id: NodeId) -> Result<(), String> {
         let Some(meta) = self.groups.get(META_GROUP).map(|g| g.raft.clone()) else {
@@ -602,6 +647,15 @@ async fn drive(cluster: Weak<Cluster>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let since = *c.leaderless_since.entry(name.clone()).or_insert(now);
+            // Not knowing any leader (e.g. just restarted): give a live
+            // leader the failure timeout to reach us before electing,
+            // unless this node is the group's only voter.
+            if m.current_leader.is_none()
+                && voters.len() > 1
+                && now.saturating_sub(since) < c.cfg.failure_timeout_ms
+            {
+                continue;
+            }
             let live: Vec<NodeId> = voters
                 .iter()
                 .copied()

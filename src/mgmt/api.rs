@@ -40,6 +40,13 @@ fn created() -> R {
     Ok(StatusCode::CREATED.into_response())
 }
 
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets this process's node name (from the cluster configuration).
+pub fn set_node_name(name: &str) {
+    let _ = NODE_NAME.set(name.to_string());
+}
+
 /// Every route.
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
@@ -47,6 +54,9 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/whoami", get(whoami))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{node}", get(node))
+        .route("/api/cluster", get(super::cluster::get_status))
+        .route("/api/cluster/join", post(super::cluster::post_join))
+        .route("/api/cluster/forget", post(super::cluster::post_forget))
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",
@@ -170,6 +180,9 @@ pub fn routes() -> axum::Router<AppState> {
 
 /// This node's name, RabbitMQ style.
 pub fn node_name() -> String {
+    if let Some(n) = NODE_NAME.get() {
+        return n.clone();
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -277,7 +290,16 @@ fn node_json(b: &Broker) -> Value {
 }
 
 async fn nodes(State(st): State<AppState>, _c: Caller) -> R {
-    ok_json(json!([node_json(&st.broker)]))
+    let mut out = vec![node_json(&st.broker)];
+    // Other cluster members, as far as this node knows them.
+    if let Some(c) = st.broker.cluster.get() {
+        for (id, info) in c.members() {
+            if id != c.me.id {
+                out.push(json!({"name": info.name, "type": "disc", "running": c.alive(id)}));
+            }
+        }
+    }
+    ok_json(Value::Array(out))
 }
 
 async fn node(State(st): State<AppState>, _c: Caller, Path(n): Path<String>) -> R {
@@ -657,9 +679,19 @@ async fn exchange(
     caller: Caller,
     Path((vh, name)): Path<(String, String)>,
 ) -> R {
+    let name = exchange_id(name);
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let e = v.exchange(&name).ok_or_else(ApiError::not_found)?;
     ok_json(exchange_json(&v, &e))
+}
+
+/// RabbitMQ's API names the default exchange "amq.default" in paths.
+fn exchange_id(name: String) -> String {
+    if name == "amq.default" {
+        String::new()
+    } else {
+        name
+    }
 }
 
 fn body_json(body: &axum::body::Bytes) -> Result<Value, ApiError> {
@@ -688,6 +720,7 @@ async fn put_exchange(
     Path((vh, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> R {
+    let name = exchange_id(name);
     caller.require_admin()?;
     let b = body_json(&body)?;
     let existed = ops::vhost(&st.broker, &vh)?.exchange(&name).is_some();
@@ -720,6 +753,7 @@ async fn delete_exchange(
     Path((vh, name)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
 ) -> R {
+    let name = exchange_id(name);
     caller.require_admin()?;
     ops::delete_exchange(&st.broker, &vh, &name, q.if_unused.unwrap_or(false)).await?;
     no_content()
@@ -815,6 +849,7 @@ async fn publish(
     Path((vh, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> R {
+    let name = exchange_id(name);
     let b = body_json(&body)?;
     let bk = &st.broker;
     ops::vhost(bk, &vh)?;
@@ -931,6 +966,7 @@ async fn exchange_bindings_source(
     caller: Caller,
     Path((vh, name)): Path<(String, String)>,
 ) -> R {
+    let name = exchange_id(name);
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
     bindings_where(&v, |b| b["source"] == name.as_str())
@@ -941,6 +977,7 @@ async fn exchange_bindings_destination(
     caller: Caller,
     Path((vh, name)): Path<(String, String)>,
 ) -> R {
+    let name = exchange_id(name);
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     v.exchange(&name).ok_or_else(ApiError::not_found)?;
     bindings_where(&v, |b| {
@@ -1003,6 +1040,7 @@ async fn bindings_between(
     caller: Caller,
     Path((vh, source, dtype, dest)): Path<(String, String, String, String)>,
 ) -> R {
+    let source = exchange_id(source);
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     ok_json(Value::Array(bindings_matching(
         &v,
@@ -1018,6 +1056,7 @@ async fn post_binding(
     Path((vh, source, dtype, dest)): Path<(String, String, String, String)>,
     body: axum::body::Bytes,
 ) -> R {
+    let source = exchange_id(source);
     caller.require_admin()?;
     let b = body_json(&body)?;
     let to_queue = dest_is_queue(&dtype)?;
@@ -1046,6 +1085,7 @@ async fn binding(
     caller: Caller,
     Path((vh, source, dtype, dest, props)): Path<(String, String, String, String, String)>,
 ) -> R {
+    let source = exchange_id(source);
     let v = seen_vhost(&st.broker, &caller, &vh)?;
     let all = bindings_matching(&v, &source, dest_is_queue(&dtype)?, &dest)?;
     all.into_iter()
@@ -1058,6 +1098,7 @@ async fn delete_binding(
     caller: Caller,
     Path((vh, source, dtype, dest, props)): Path<(String, String, String, String, String)>,
 ) -> R {
+    let source = exchange_id(source);
     caller.require_admin()?;
     let to_queue = dest_is_queue(&dtype)?;
     let v = ops::vhost(&st.broker, &vh)?;
@@ -1112,6 +1153,11 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
         .and_then(|v| crate::broker::policy::for_queue(&v, &q.name, &q.args.queue_type))
         .map(|p| p.name.clone());
     let c = q.stats().await.unwrap_or_default();
+    let quorum = if q.is_quorum() {
+        super::cluster::quorum_replicas(b, &q.vhost, &q.name)
+    } else {
+        None
+    };
     let (published, delivered, redelivered, acked) = super::stats::totals(q);
     let (pr, dr, ar) = rates(q);
     let owner = q
@@ -1127,6 +1173,9 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
         "arguments": table_to_json(&q.arguments),
         "type": q.args.queue_type,
         "node": node_name(),
+        "leader": quorum.as_ref().and_then(|r| r.0.clone()),
+        "members": quorum.as_ref().map(|r| r.1.clone()),
+        "online": quorum.as_ref().map(|r| r.2.clone()),
         "state": "running",
         "policy": policy,
         "messages": c.ready + c.unacked,

@@ -16,6 +16,7 @@
 //! | `stats.rs` | message totals counted on the message path |
 
 pub mod api;
+pub mod cluster;
 pub mod definitions;
 pub mod json;
 pub mod metrics;

@@ -1,0 +1,452 @@
+//! Clusters of real Warren processes on loopback ports: formation,
+//! quorum queue replication, leader failure, majority loss.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../common/process.rs"]
+mod process;
+
+use common::within;
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use process::WarrenProcess;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    args: Vec<String>,
+    proc: Option<WarrenProcess>,
+}
+
+impl Node {
+    fn start(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.proc = Some(WarrenProcess::start_with(&self.dir, &args));
+    }
+    fn p(&self) -> &WarrenProcess {
+        self.proc.as_ref().expect("node running")
+    }
+    fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.crash();
+        }
+    }
+    async fn connect(&self) -> Connection {
+        Connection::connect(&self.p().url(), ConnectionProperties::default())
+            .await
+            .expect("connect")
+    }
+    /// The management API address, from the node's log.
+    fn mgmt(&self) -> String {
+        let log = self.p().log_text();
+        let i = log
+            .rfind("management API listening on http://")
+            .expect("mgmt line in log");
+        log[i + "management API listening on http://".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
+    async fn api(&self, path: &str) -> Value {
+        let mut s = tokio::net::TcpStream::connect(self.mgmt()).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        serde_json::from_str(body).unwrap_or(Value::Null)
+    }
+}
+
+/// Starts `n` nodes that seed each other; waits until they formed a cluster.
+async fn cluster(n: usize, tmp: &tempfile::TempDir) -> Vec<Node> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| {
+            let mut args = vec![
+                "--node-name".to_string(),
+                format!("warren@n{}", i + 1),
+                "--cluster-port".into(),
+                ports[i].to_string(),
+                "--cluster-secret".into(),
+                "test-cookie".into(),
+            ];
+            for (j, p) in ports.iter().enumerate() {
+                if j != i {
+                    args.push("--seed".into());
+                    args.push(format!("127.0.0.1:{p}"));
+                }
+            }
+            Node {
+                name: format!("warren@n{}", i + 1),
+                dir: tmp.path().join(format!("n{}", i + 1)),
+                args,
+                proc: None,
+            }
+        })
+        .collect();
+    for node in nodes.iter_mut() {
+        node.start();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = nodes[0].api("/api/cluster").await;
+        let running = st["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter(|x| x["running"] == true).count())
+            .unwrap_or(0);
+        let leader = st["nodes"]
+            .as_array()
+            .map(|a| a.iter().any(|x| x["metadata_leader"] == true))
+            .unwrap_or(false);
+        if running == n && leader {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster did not form: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nodes
+}
+
+fn quorum_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    t
+}
+
+async fn declare_quorum(conn: &Connection, name: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum_args(),
+        )
+        .await
+        .unwrap();
+    q.message_count()
+}
+
+async fn passive_count(conn: &Connection, name: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// The node name leading a quorum queue, as node `via` reports it.
+async fn leader_of(via: &Node, queue: &str) -> Option<String> {
+    let st = via.api("/api/cluster").await;
+    st["quorum_queues"]
+        .as_array()?
+        .iter()
+        .find(|q| q["name"] == queue)
+        .and_then(|q| q["leader"].as_str().map(str::to_string))
+}
+
+async fn wait_leader(via: &Node, queue: &str, not: Option<&str>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(l) = leader_of(via, queue).await {
+            if Some(l.as_str()) != not {
+                return l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader for {queue} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    declare_quorum(&c1, "qq.orders").await;
+    // The definition reaches every node.
+    let st = nodes[2].api("/api/cluster").await;
+    let q = st["quorum_queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "qq.orders")
+        .cloned()
+        .expect("queue known on node 3");
+    assert_eq!(q["members"].as_array().unwrap().len(), 3, "{q}");
+    // Publish on node 2 with confirms.
+    let c2 = nodes[1].connect().await;
+    let pch = c2.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..300u32 {
+        let conf = pch
+            .basic_publish(
+                "".into(),
+                "qq.orders".into(),
+                BasicPublishOptions::default(),
+                format!("order-{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            assert!(within(10, conf).await.unwrap().is_ack());
+        }
+    }
+    pch.wait_for_confirms().await.unwrap();
+    // Counted on every node.
+    for n in &nodes {
+        let c = n.connect().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while passive_count(&c, "qq.orders").await != 300 {
+            assert!(Instant::now() < deadline, "count on {}", n.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Consume on node 3, in order, exactly once.
+    let c3 = nodes[2].connect().await;
+    let cch = c3.create_channel().await.unwrap();
+    cch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "qq.orders".into(),
+            "c3".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        let d = within(20, consumer.next()).await.unwrap().unwrap();
+        got.push(String::from_utf8(d.data.clone()).unwrap());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let want: Vec<String> = (0..300).map(|i| format!("order-{i}")).collect();
+    assert_eq!(got, want);
+    // Acks replicate: empty everywhere.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive_count(&c1, "qq.orders").await != 0 {
+        assert!(Instant::now() < deadline, "acks did not replicate");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // warrenctl cluster_status shows members and the queue's leader.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+        .args(["--url", &format!("http://{}", nodes[0].mgmt()), "cluster_status"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for n in &nodes {
+        assert!(text.contains(&n.name), "{text}");
+    }
+    assert!(text.contains("qq.orders\tleader=warren@n"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_confirmed_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    declare_quorum(&c, "qq.failover").await;
+    drop(c);
+    let leader = wait_leader(&nodes[0], "qq.failover", None).await;
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let (pi, ci) = (others[0], others[1]);
+    // Consumer on one survivor, publisher on the other.
+    let cc = nodes[ci].connect().await;
+    let cch = cc.create_channel().await.unwrap();
+    cch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "qq.failover".into(),
+            "failover-consumer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<u32, u32>::new()));
+    let rec = received.clone();
+    let consume_task = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            if let Ok(s) = std::str::from_utf8(&d.data) {
+                if let Some(n) = s.strip_prefix("m-").and_then(|n| n.parse::<u32>().ok()) {
+                    *rec.lock().unwrap().entry(n).or_insert(0) += 1;
+                }
+            }
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let pc = nodes[pi].connect().await;
+    let pch = pc.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirmed = BTreeSet::new();
+    let mut nacked = 0u32;
+    let mut killed_at = None;
+    let started = Instant::now();
+    let mut i = 0u32;
+    while confirmed.len() < 1500 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "publishing stalled: {} confirmed",
+            confirmed.len()
+        );
+        // Windows of 50, each waited for.
+        let mut window = Vec::new();
+        for _ in 0..50 {
+            let conf = pch
+                .basic_publish(
+                    "".into(),
+                    "qq.failover".into(),
+                    BasicPublishOptions::default(),
+                    format!("m-{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            window.push((i, conf));
+            i += 1;
+        }
+        for (n, conf) in window {
+            match within(60, conf).await {
+                Ok(c) if c.is_ack() => {
+                    confirmed.insert(n);
+                }
+                _ => nacked += 1,
+            }
+        }
+        if killed_at.is_none() && confirmed.len() >= 500 {
+            nodes[li].kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let failover = killed_at.unwrap().elapsed();
+    let new_leader = wait_leader(&nodes[pi], "qq.failover", Some(&leader)).await;
+    assert_ne!(new_leader, leader);
+    // Everything confirmed reaches the consumer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = {
+            let r = received.lock().unwrap();
+            confirmed.iter().filter(|n| !r.contains_key(n)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} confirmed messages never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = received.lock().unwrap().clone();
+    let dups: u32 = r.values().map(|c| c - 1).sum();
+    println!(
+        "leader {leader} killed; new leader {new_leader}; confirmed {}, nacked {nacked}, delivered {} distinct, {dups} duplicates; publishing resumed {:?} after the kill",
+        confirmed.len(),
+        r.len(),
+        failover
+    );
+    consume_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn majority_loss_stops_confirms_until_nodes_return() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    declare_quorum(&c, "qq.majority").await;
+    drop(c);
+    let leader = wait_leader(&nodes[0], "qq.majority", None).await;
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let pc = nodes[li].connect().await;
+    let pch = pc.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let ok = pch
+        .basic_publish(
+            "".into(),
+            "qq.majority".into(),
+            BasicPublishOptions::default(),
+            b"before",
+            persistent(),
+        )
+        .await
+        .unwrap();
+    assert!(within(10, ok).await.unwrap().is_ack());
+    // Lose both followers: no majority, no confirm.
+    for i in (0..3).filter(|i| *i != li) {
+        nodes[i].kill();
+    }
+    let pending = pch
+        .basic_publish(
+            "".into(),
+            "qq.majority".into(),
+            BasicPublishOptions::default(),
+            b"during",
+            persistent(),
+        )
+        .await
+        .unwrap();
+    let mut pending = Box::pin(pending);
+    let early = tokio::time::timeout(Duration::from_secs(3), &mut pending).await;
+    assert!(early.is_err(), "confirmed without a majority: {early:?}");
+    // The followers come back: the publish is confirmed, the queue serves.
+    for i in (0..3).filter(|i| *i != li) {
+        nodes[i].start();
+    }
+    let conf = within(60, pending).await.unwrap();
+    let conn = nodes[li].connect().await;
+    let n = passive_count(&conn, "qq.majority").await;
+    if conf.is_ack() {
+        assert_eq!(n, 2, "both messages are in the queue");
+    } else {
+        // A nack is allowed (the publisher must resend), a loss of the
+        // confirmed one is not.
+        assert!(n >= 1);
+    }
+}
