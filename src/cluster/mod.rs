@@ -51,6 +51,9 @@ pub struct Group {
     pub voters: Arc<Mutex<Vec<NodeId>>>,
 }
 
+/// Where deliveries forwarded to this node go: (consumer id, messages).
+pub type DeliverySink = Arc<dyn Fn(u64, Vec<types::GotMsg>) + Send + Sync>;
+
 /// This node's cluster runtime.
 pub struct Cluster {
     /// Identity, for handshakes.
@@ -65,6 +68,9 @@ pub struct Cluster {
     pub nodes: DashMap<NodeId, NodeInfo>,
     /// Raft groups on this node.
     pub groups: DashMap<GroupId, Group>,
+    /// Quorum queues this node serves without a replica: forwarded
+    /// deliveries land here.
+    pub sinks: DashMap<GroupId, DeliverySink>,
     /// Metadata state (quorum queue definitions).
     pub meta: Arc<Mutex<meta::MetaState>>,
     /// The broker this node serves.
@@ -175,6 +181,7 @@ impl Cluster {
             peers: DashMap::new(),
             nodes: DashMap::new(),
             groups: DashMap::new(),
+            sinks: DashMap::new(),
             meta: Arc::new(Mutex::new(meta::MetaState::default())),
             broker: Arc::downgrade(broker),
             listen,
@@ -829,6 +836,19 @@ async fn handle_req(c: &Arc<Cluster>, req: Req) -> Result<RespBody, String> {
             .map_err(|e| e.to_string()),
         Req::Join { id, info } => c.join(id, info).await.map(|_| RespBody::Done),
         Req::Forget { id } => c.forget(id).await.map(|_| RespBody::Done),
+        Req::Deliver {
+            group,
+            incarnation,
+            local_id,
+            msgs,
+        } => {
+            if incarnation == c.me.incarnation {
+                if let Some(sink) = c.sinks.get(&group).map(|s| s.clone()) {
+                    sink(local_id, msgs);
+                }
+            }
+            Ok(RespBody::Done)
+        }
         Req::Ping | Req::Propose { .. } => Err("handled elsewhere".into()),
     }
 }

@@ -95,6 +95,18 @@ pub enum Req {
     },
     /// Failure detector probe.
     Ping,
+    /// Deliveries from a quorum queue's leader to a consumer on a node that
+    /// holds no replica of it.
+    Deliver {
+        /// Group (queue).
+        group: String,
+        /// Boot id of the consumer's node the leader knows.
+        incarnation: u64,
+        /// Consumer id on the receiving node.
+        local_id: u64,
+        /// Messages.
+        msgs: Vec<super::types::GotMsg>,
+    },
     /// Ask the metadata leader to add a node to the cluster.
     Join {
         /// The node.

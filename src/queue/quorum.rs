@@ -61,6 +61,11 @@ pub struct QCtx {
     leader: OnceLock<Arc<AtomicBool>>,
     vhost: Weak<VHost>,
     broker: Weak<Broker>,
+    /// Replica nodes (deliveries to consumers elsewhere are forwarded by
+    /// the leader).
+    members: Vec<NodeId>,
+    group: String,
+    cluster: Weak<Cluster>,
 }
 
 impl QCtx {
@@ -350,13 +355,44 @@ impl QuorumSm {
         // Deliveries to consumers on this node (grouped per consumer).
         if let Some(q) = &queue {
             let mut batch: Vec<(u64, Vec<Envelope>)> = Vec::new();
+            let mut remote: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
+            let leader = ctx.is_leader();
             for (_, env, (node, inc, local)) in fx.deliveries {
                 if node != ctx.me || inc != ctx.incarnation {
+                    // A consumer on a node without a replica: the leader
+                    // forwards.
+                    if leader && node != ctx.me && !ctx.members.contains(&node) {
+                        if let Some(msg) = env.msg.as_ref() {
+                            let g = GotMsg {
+                                id: env.id,
+                                redelivered: env.redelivered,
+                                delivery_count: env.delivery_count,
+                                msg: to_wire(msg),
+                                remaining: 0,
+                            };
+                            match remote.last_mut() {
+                                Some((k, v)) if *k == (node, inc, local) => v.push(g),
+                                _ => remote.push(((node, inc, local), vec![g])),
+                            }
+                        }
+                    }
                     continue;
                 }
                 match batch.last_mut() {
                     Some((l, v)) if *l == local => v.push(env),
                     _ => batch.push((local, vec![env])),
+                }
+            }
+            if let Some(c) = ctx.cluster.upgrade() {
+                for ((node, inc, local), msgs) in remote {
+                    if let Some(p) = c.peer_by_id(node) {
+                        let _ = p.send_req(crate::cluster::net::Req::Deliver {
+                            group: ctx.group.clone(),
+                            incarnation: inc,
+                            local_id: local,
+                            msgs,
+                        });
+                    }
                 }
             }
             for (local, msgs) in batch {
@@ -662,6 +698,9 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         leader: OnceLock::new(),
         vhost: Arc::downgrade(&vhost),
         broker: Arc::downgrade(&broker),
+        members: def.members.clone(),
+        group: def.group(),
+        cluster: Arc::downgrade(cluster),
     });
     let machine = Arc::new(Mutex::new(Machine::new(&args, &table)));
     let group = def.group();
@@ -703,6 +742,43 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         tx,
     ));
     let _ = ctx.queue.set(Arc::downgrade(&q));
+    if !member {
+        let sink_ctx = ctx.clone();
+        cluster.sinks.insert(
+            def.group(),
+            Arc::new(move |local: u64, msgs: Vec<GotMsg>| {
+                let Some(q) = sink_ctx.queue.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                let Some(link) = sink_ctx.links.get(&local).map(|l| l.clone()) else {
+                    return;
+                };
+                let envs: Vec<Envelope> = msgs
+                    .into_iter()
+                    .filter_map(|g| {
+                        let (id, redelivered, delivery_count) = (g.id, g.redelivered, g.delivery_count);
+                        from_wire(g.msg).map(|m| Envelope {
+                            id,
+                            gid: 0,
+                            size: m.body.len() as u32,
+                            msg: Some(Arc::new(m)),
+                            delivery_count,
+                            redelivered,
+                            expires: 0,
+                            priority: 0,
+                        })
+                    })
+                    .collect();
+                let _ = link.conn.send(ConnCmd::Deliver {
+                    channel: link.channel,
+                    consumer: local,
+                    tag: link.tag.clone(),
+                    queue: q,
+                    msgs: envs,
+                });
+            }),
+        );
+    }
     vhost.queues.insert(def.name.clone(), q.clone());
     let actor = Actor {
         cluster: Arc::downgrade(cluster),
@@ -740,6 +816,7 @@ pub async fn dematerialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
             }
         }
     }
+    cluster.sinks.remove(&def.group());
     let c = cluster.clone();
     let group = def.group();
     // Not from inside the metadata group's apply: shutting a group down

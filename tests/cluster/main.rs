@@ -450,3 +450,85 @@ async fn majority_loss_stops_confirms_until_nodes_return() {
         assert!(n >= 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_forwards_publishes_and_deliveries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    let ch = c1.create_channel().await.unwrap();
+    let mut args = quorum_args();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+    ch.queue_declare(
+        "qq.two".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let st = nodes[0].api("/api/cluster").await;
+    let q = st["quorum_queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "qq.two")
+        .cloned()
+        .unwrap();
+    let members: Vec<String> = q["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(members.len(), 2, "{q}");
+    let outside = nodes
+        .iter()
+        .find(|n| !members.contains(&n.name))
+        .expect("a node without a replica");
+    let conn = outside.connect().await;
+    let pch = conn.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..100u32 {
+        pch.basic_publish(
+            "".into(),
+            "qq.two".into(),
+            BasicPublishOptions::default(),
+            format!("x-{i}").as_bytes(),
+            persistent(),
+        )
+        .await
+        .unwrap();
+    }
+    pch.wait_for_confirms().await.unwrap();
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "qq.two".into(),
+            "outside".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let d = within(20, consumer.next()).await.unwrap().unwrap();
+        got.push(String::from_utf8(d.data.clone()).unwrap());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let want: Vec<String> = (0..100).map(|i| format!("x-{i}")).collect();
+    assert_eq!(got, want);
+    let member = nodes.iter().find(|n| members.contains(&n.name)).unwrap();
+    let mc = member.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive_count(&mc, "qq.two").await != 0 {
+        assert!(Instant::now() < deadline, "acks from the outside node did not apply");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
