@@ -87,10 +87,9 @@ if [ "$FAST" = 0 ]; then
         add lapin "lapin-${s//_/-}" "exec \"$CACHE/lapin/target/release/lapin-tutorials\" $s"
     done
     # queue types through pika and kombu (python/queue_types.py)
-    XF_QUORUM="warren has no quorum queues yet"
     for c in pika kombu; do
         add "$c" "$c-queue-classic" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_classic"
-        add "$c" "$c-queue-quorum" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_quorum" "$XF_QUORUM"
+        add "$c" "$c-queue-quorum" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_quorum"
         add "$c" "$c-queue-stream" "exec \"$PY\" \"$CONF_DIR/python/queue_types.py\" ${c}_stream"
     done
     # rabbitmqadmin v2 (RabbitMQ's own HTTP API CLI) against the management API

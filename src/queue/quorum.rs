@@ -292,7 +292,10 @@ impl QuorumSm {
             QOp::Get { owner, no_ack } => {
                 let o = m.owner(owner);
                 match m.core.get(o, no_ack) {
-                    Some((env, remaining)) => match env.msg.as_ref() {
+                    Some((mut env, remaining)) => match {
+                        stamp(&mut env);
+                        env.msg.as_ref()
+                    } {
                         Some(msg) => Resp::Got(Some(GotMsg {
                             id: env.id,
                             redelivered: env.redelivered,
@@ -357,7 +360,8 @@ impl QuorumSm {
             let mut batch: Vec<(u64, Vec<Envelope>)> = Vec::new();
             let mut remote: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
             let leader = ctx.is_leader();
-            for (_, env, (node, inc, local)) in fx.deliveries {
+            for (_, mut env, (node, inc, local)) in fx.deliveries {
+                stamp(&mut env);
                 if node != ctx.me || inc != ctx.incarnation {
                     // A consumer on a node without a replica: the leader
                     // forwards.
@@ -423,6 +427,18 @@ impl QuorumSm {
             if let Some(q) = &queue {
                 dead_letter(ctx, q, fx.dead).await;
             }
+        }
+    }
+}
+
+/// x-delivery-count on redeliveries, as RabbitMQ's quorum queues set it.
+fn stamp(env: &mut Envelope) {
+    if env.delivery_count > 0 {
+        if let Some(m) = &env.msg {
+            env.msg = Some(Arc::new(super::deadletter::with_delivery_count(
+                m,
+                env.delivery_count,
+            )));
         }
     }
 }
