@@ -53,6 +53,10 @@ pub struct ClusterConfig {
     pub secret: String,
     /// A node is considered down after this long without an answer (ms).
     pub failure_timeout_ms: u64,
+    /// A quorum queue replica snapshots its state after this many Raft log
+    /// entries (or twice the messages it holds, if more); the log before
+    /// the snapshot is then deleted.
+    pub snapshot_min_entries: u64,
 }
 
 impl Default for ClusterConfig {
@@ -65,6 +69,7 @@ impl Default for ClusterConfig {
             seeds: Vec::new(),
             secret: String::new(),
             failure_timeout_ms: 2000,
+            snapshot_min_entries: 20_000,
         }
     }
 }

@@ -92,8 +92,9 @@ impl std::fmt::Debug for Cluster {
 }
 
 /// openraft settings: no heartbeats, no election timers, no ticks (the
-/// failure detector drives elections), no snapshots yet.
-fn raft_config() -> Result<Arc<RaftConfig>, String> {
+/// failure detector drives elections); snapshots are triggered by the
+/// quorum queue actor (the metadata group takes none).
+fn raft_config(keep: u64) -> Result<Arc<RaftConfig>, String> {
     let c = RaftConfig {
         cluster_name: "warren".into(),
         election_timeout_min: 1000,
@@ -104,6 +105,9 @@ fn raft_config() -> Result<Arc<RaftConfig>, String> {
         enable_tick: false,
         max_payload_entries: 4096,
         snapshot_policy: SnapshotPolicy::Never,
+        // Entries kept before a snapshot for followers slightly behind
+        // (further behind, they get the snapshot).
+        max_in_snapshot_log_to_keep: keep,
         ..Default::default()
     };
     c.validate().map(Arc::new).map_err(|e| e.to_string())
@@ -296,7 +300,7 @@ impl Cluster {
             cluster: Arc::downgrade(self),
             group: group.to_string(),
         };
-        let raft = Raft::new(self.me.id, raft_config()?, net, store, sm)
+        let raft = Raft::new(self.me.id, raft_config(self.cfg.snapshot_min_entries.min(1000))?, net, store, sm)
             .await
             .map_err(|e| format!("cannot start Raft group {group}: {e}"))?;
         self.groups.insert(

@@ -1,6 +1,7 @@
 //! Pieces every state machine shares: applied position, membership, and
-//! the snapshot stubs (snapshots are not implemented yet: logs are kept
-//! whole and replayed at start; see ARCHITECTURE.md).
+//! the snapshot stubs of the metadata group (it takes no snapshots: its log
+//! holds only quorum queue declarations and deletions; quorum queues have
+//! real snapshots, see `queue::quorum`).
 
 use super::types::{NodeId, NodeInfo, TypeConfig};
 use openraft::storage::{RaftSnapshotBuilder, Snapshot};

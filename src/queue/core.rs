@@ -358,10 +358,7 @@ impl DedupCache {
     /// order): the cache stays bounded with a TTL and no size too.
     fn evict(&mut self, now: u64) {
         let cap = self.args.cache_size.unwrap_or(u64::MAX);
-        loop {
-            let Some((seq, id)) = self.order.front() else {
-                break;
-            };
+        while let Some((seq, id)) = self.order.front() {
             let live = self.seen.get(id).filter(|e| e.1 == *seq).map(|e| e.0);
             if let Some(exp) = live {
                 let over = self.seen.len() as u64 > cap;
@@ -399,14 +396,14 @@ impl DedupCache {
             if *seq <= self.saved_seq {
                 break;
             }
-            if let Some((exp, s)) = self.seen.get(id) {
-                if s == seq {
-                    put.push(DedupEntry {
-                        seq: *seq,
-                        id: id.clone(),
-                        expires: *exp,
-                    });
-                }
+            if let Some((exp, s)) = self.seen.get(id)
+                && s == seq
+            {
+                put.push(DedupEntry {
+                    seq: *seq,
+                    id: id.clone(),
+                    expires: *exp,
+                });
             }
         }
         put.reverse();
@@ -1162,6 +1159,125 @@ impl QueueCore {
     }
 }
 
+/// The whole state of a queue core, for Raft snapshots of quorum queues:
+/// restoring it into a core configured with the same arguments gives a core
+/// that behaves exactly as the original from then on.
+#[derive(Debug, Clone, Default)]
+pub struct CoreImage {
+    /// The time last passed in.
+    pub now: u64,
+    /// Next message id.
+    pub next_id: MsgId,
+    /// Ready messages in delivery order.
+    pub ready: Vec<Envelope>,
+    /// Delivered and unsettled: (message, channel, consumer, timeout deadline).
+    pub unacked: Vec<(Envelope, Owner, Option<ConsumerId>, u64)>,
+    /// Waiting out a retry delay: (message, due).
+    pub delayed: Vec<(Envelope, u64)>,
+    /// Consumers in dispatch order: (spec, unacked, flow credit, round-robin cursor).
+    pub consumers: Vec<(ConsumerSpec, u32, u32, usize)>,
+    /// Deduplication cache entries.
+    pub dedup: Vec<DedupEntry>,
+}
+
+impl DedupCache {
+    /// Every remembered id (for snapshots).
+    pub fn entries(&self) -> Vec<DedupEntry> {
+        let mut v: Vec<DedupEntry> = self
+            .seen
+            .iter()
+            .map(|(id, (expires, seq))| DedupEntry {
+                seq: *seq,
+                id: id.clone(),
+                expires: *expires,
+            })
+            .collect();
+        v.sort_unstable_by_key(|e| e.seq);
+        v
+    }
+}
+
+impl QueueCore {
+    /// The core's state (see [`CoreImage`]). Paged-out bodies stay `None`.
+    pub fn image(&self) -> CoreImage {
+        let mut dues: HashMap<MsgId, u64> = HashMap::new();
+        for Reverse((due, id)) in self.retry_due.iter() {
+            let e = dues.entry(*id).or_insert(*due);
+            *e = (*e).max(*due);
+        }
+        let mut unacked: Vec<(Envelope, Owner, Option<ConsumerId>, u64)> = self
+            .unacked
+            .values()
+            .map(|u| (u.env.clone(), u.owner, u.consumer, u.deadline))
+            .collect();
+        unacked.sort_unstable_by_key(|u| u.0.id);
+        let mut delayed: Vec<(Envelope, u64)> = self
+            .delayed
+            .values()
+            .map(|e| (e.clone(), dues.get(&e.id).copied().unwrap_or(0)))
+            .collect();
+        delayed.sort_unstable_by_key(|d| d.0.id);
+        CoreImage {
+            now: self.now,
+            next_id: self.next_id,
+            ready: self.ready.iter().cloned().collect(),
+            unacked,
+            delayed,
+            consumers: self
+                .consumers
+                .iter()
+                .map(|c| (c.spec.clone(), c.unacked, c.flow, c.rr))
+                .collect(),
+            dedup: self.dedup.as_ref().map(|d| d.entries()).unwrap_or_default(),
+        }
+    }
+
+    /// Loads an image into a core that was just configured (priorities,
+    /// single active consumer, limits, retry, dedup) and holds nothing yet.
+    pub fn restore_image(&mut self, img: CoreImage) {
+        self.now = img.now;
+        self.next_id = img.next_id;
+        for env in img.ready {
+            if env.expires != 0 && env.msg.as_ref().is_some_and(|m| m.properties.expiration().is_some()) {
+                self.expiries.push(Reverse((env.expires, env.id)));
+            }
+            self.ready.push_back(env);
+        }
+        for (env, owner, consumer, deadline) in img.unacked {
+            if let (Some(cid), true) = (consumer, deadline != 0) {
+                self.timeouts.push(Reverse((deadline, env.id, cid)));
+            }
+            self.unacked.insert(
+                env.id,
+                Unacked {
+                    env,
+                    owner,
+                    consumer,
+                    deadline,
+                },
+            );
+        }
+        for (env, due) in img.delayed {
+            self.retry_due.push(Reverse((due, env.id)));
+            self.delayed.insert(env.id, env);
+        }
+        self.has_exclusive_consumer = img.consumers.iter().any(|c| c.0.exclusive);
+        self.consumers = img
+            .consumers
+            .into_iter()
+            .map(|(spec, unacked, flow, rr)| ConsumerState {
+                spec,
+                unacked,
+                flow,
+                rr,
+            })
+            .collect();
+        if let Some(d) = self.dedup.as_mut() {
+            d.restore(img.dedup, img.now);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1414,6 +1530,202 @@ mod tests {
         // Capped at max.
         assert_eq!(q.retry.delay(false, 5), 250);
         assert_eq!(q.retry.delay(true, 5), 0);
+    }
+
+    fn dedup(size: Option<u64>, ttl: Option<u64>) -> DedupCache {
+        DedupCache::new(super::super::args::DedupArgs {
+            cache_size: size,
+            cache_ttl: ttl,
+        })
+    }
+
+    #[test]
+    fn dedup_delta_holds_what_changed_and_restore_rebuilds() {
+        let mut c = dedup(Some(3), None);
+        for id in ["a", "b", "c"] {
+            assert!(!c.check_and_insert(id.into(), 1_000));
+        }
+        let d = c.take_delta();
+        assert_eq!(
+            d.put
+                .iter()
+                .map(|e| (e.seq, e.id.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "a"), (2, "b"), (3, "c")]
+        );
+        assert!(d.del.is_empty() && !c.is_dirty());
+        assert!(
+            c.check_and_insert("b".into(), 1_001),
+            "duplicate: no change"
+        );
+        assert!(!c.is_dirty());
+        // d evicts a (saved: a removal), e evicts b; nothing else.
+        c.check_and_insert("d".into(), 1_002);
+        c.check_and_insert("e".into(), 1_003);
+        let d2 = c.take_delta();
+        assert_eq!(
+            d2.put.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            vec!["d", "e"]
+        );
+        assert_eq!(d2.del, vec![1, 2]);
+        // An id added and evicted between two saves is never written.
+        c.check_and_insert("f".into(), 1_004);
+        c.check_and_insert("g".into(), 1_005);
+        c.check_and_insert("h".into(), 1_006);
+        c.check_and_insert("i".into(), 1_007);
+        let d3 = c.take_delta();
+        assert_eq!(
+            d3.put.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            vec!["g", "h", "i"]
+        );
+        assert_eq!(d3.del, vec![3, 4, 5]);
+
+        // Saved state = d ∪ d2 ∪ d3 minus deletions: g, h, i.
+        let mut saved: std::collections::BTreeMap<u64, DedupEntry> = Default::default();
+        for d in [d, d2, d3] {
+            for s in d.del {
+                saved.remove(&s);
+            }
+            for e in d.put {
+                saved.insert(e.seq, e);
+            }
+        }
+        let mut r = dedup(Some(3), None);
+        r.restore(saved.into_values().collect(), 2_000);
+        assert!(!r.is_dirty());
+        assert!(r.contains("g", 2_000) && r.contains("i", 2_000) && !r.contains("a", 2_000));
+        // Eviction order and sequence numbers carry on.
+        r.check_and_insert("j".into(), 2_001);
+        assert!(!r.contains("g", 2_001) && r.contains("h", 2_001));
+        let d4 = r.take_delta();
+        assert_eq!(d4.put[0].seq, 10);
+        assert_eq!(d4.del, vec![7]);
+    }
+
+    #[test]
+    fn dedup_ttl_expires_entries_and_restore_drops_expired() {
+        let mut c = dedup(None, Some(100));
+        c.check_and_insert("a".into(), 1_000);
+        c.check_and_insert("b".into(), 1_050);
+        let saved = c.take_delta().put;
+        assert_eq!(saved[0].expires, 1_100);
+        assert!(
+            !c.check_and_insert("a".into(), 1_100),
+            "expired: taken again"
+        );
+        // a got a fresh entry (its saved one is a removal); b is live.
+        assert_eq!(c.len(), 2);
+        let d = c.take_delta();
+        assert_eq!(d.del, vec![1]);
+        assert_eq!(d.put.len(), 1);
+        // Without a size, expired ids still leave the cache.
+        for i in 0..1_000u64 {
+            c.check_and_insert(format!("x{i}"), 2_000 + i);
+        }
+        assert!(c.len() <= 101, "bounded by the ttl: {}", c.len());
+        // Restore at 1_120: b (expires 1_150) stays, a (1_100) goes.
+        let mut r = dedup(None, Some(100));
+        r.restore(saved, 1_120);
+        assert!(r.contains("b", 1_120) && !r.contains("a", 1_120));
+        assert!(r.is_dirty());
+        assert_eq!(r.take_delta().del, vec![1]);
+    }
+
+    #[test]
+    fn restore_applies_a_smaller_cache_size_and_duplicates() {
+        let entries = (1..=5)
+            .map(|i| DedupEntry {
+                seq: i,
+                id: if i == 5 { "m1".into() } else { format!("m{i}") },
+                expires: 0,
+            })
+            .collect();
+        let mut r = dedup(Some(2), None);
+        r.restore(entries, 0);
+        // m1 again at seq 5 replaces seq 1; the oldest beyond 2 go.
+        assert_eq!(r.len(), 2);
+        assert!(r.contains("m1", 0) && r.contains("m4", 0));
+        let mut del = r.take_delta().del;
+        del.sort_unstable();
+        assert_eq!(del, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn delayed_stored_messages_are_reported_and_recovered_in_place() {
+        use super::super::args::{Backoff, RetryArgs, RetryType};
+        let mut q = QueueCore::new(10);
+        q.set_retry(RetryArgs {
+            kind: RetryType::Failed,
+            min: 1_000,
+            max: None,
+            backoff: Backoff::Linear,
+        });
+        q.set_time(5_000);
+        q.enqueue(msg(0), 7);
+        q.enqueue(msg(1), 0);
+        let owner = Owner {
+            conn: 1,
+            channel: 1,
+        };
+        let (a, _) = q.get(owner, false).unwrap();
+        let (b, _) = q.get(owner, false).unwrap();
+        let s = q.settle(&[a.id, b.id], Outcome::Requeue);
+        // Only the stored one is reported (transient ones do not survive).
+        assert_eq!(
+            s.delayed,
+            vec![(
+                7,
+                RetryState {
+                    due: 6_000,
+                    count: 1
+                }
+            )]
+        );
+
+        // After a restart: three stored messages, the middle one waiting.
+        let mut r = QueueCore::new(10);
+        r.enqueue_envelope(None, 1, 1, false);
+        r.enqueue_recovered_retry(
+            None,
+            2,
+            1,
+            0,
+            RetryState {
+                due: 9_000,
+                count: 3,
+            },
+            8_000,
+        );
+        r.enqueue_recovered_retry(
+            None,
+            3,
+            1,
+            0,
+            RetryState {
+                due: 7_000,
+                count: 2,
+            },
+            8_000,
+        );
+        assert_eq!(r.next_retry(), Some(9_000));
+        assert_eq!(r.delayed_len(), 1);
+        assert_eq!(r.counts().ready, 3);
+        let (e, _) = r.get(owner, true).unwrap();
+        assert_eq!(e.gid, 1);
+        let (e, _) = r.get(owner, true).unwrap();
+        assert_eq!((e.gid, e.delivery_count, e.redelivered), (3, 2, true));
+        assert!(r.get(owner, true).is_none(), "still waiting");
+        r.set_time(9_000);
+        let (e, _) = r.get(owner, false).unwrap();
+        assert_eq!((e.gid, e.delivery_count, e.redelivered), (2, 3, true));
+        // The delivery limit counts on from the saved count.
+        r.set_limits(Limits {
+            delivery_limit: Some(3),
+            ..Default::default()
+        });
+        let s = r.settle(&[e.id], Outcome::Requeue);
+        assert_eq!(s.dead.len(), 1);
+        assert_eq!(s.dead[0].0.delivery_count, 4);
     }
 
     #[derive(Debug, Clone)]

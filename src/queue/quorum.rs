@@ -21,7 +21,7 @@ use super::message::Message;
 use super::{QueueCmd, QueueRef};
 use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
 use crate::cluster::Cluster;
-use crate::cluster::sm::{Applied, NoSnapshot, no_install};
+use crate::cluster::sm::{Applied, no_install};
 use crate::cluster::types::{
     Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig,
     WireMsg, WireOutcome,
@@ -66,6 +66,9 @@ pub struct QCtx {
     members: Vec<NodeId>,
     group: String,
     cluster: Weak<Cluster>,
+    /// Parsed and raw arguments (to rebuild the core from a snapshot).
+    args: super::args::QueueArgs,
+    table: FieldTable,
 }
 
 impl QCtx {
@@ -88,6 +91,8 @@ struct Machine {
     consumer_keys: HashMap<ConsumerId, (NodeId, u64, u64)>,
     next_consumer: u64,
     applied: Applied,
+    /// Log index of the last snapshot (0 = none).
+    snap_index: u64,
 }
 
 impl Machine {
@@ -113,9 +118,276 @@ impl Machine {
             consumer_keys: HashMap::new(),
             next_consumer: 1,
             applied: Applied::default(),
+            snap_index: 0,
         }
     }
 
+    /// Messages held (ready, unacked, delayed): what a snapshot carries.
+    fn live(&self) -> u64 {
+        let c = self.core.counts();
+        c.ready + c.unacked + self.core.delayed_len() as u64
+    }
+
+    fn to_snap(&self) -> QSnap {
+        let img = self.core.image();
+        let env = |e: &Envelope| SnapEnv {
+            id: e.id,
+            delivery_count: e.delivery_count,
+            redelivered: e.redelivered,
+            expires: e.expires,
+            priority: e.priority,
+            msg: e.msg.as_deref().map(to_wire),
+        };
+        QSnap {
+            now: img.now,
+            next_id: img.next_id,
+            ready: img.ready.iter().map(env).collect(),
+            unacked: img
+                .unacked
+                .iter()
+                .map(|(e, o, c, d)| (env(e), o.conn, o.channel, *c, *d))
+                .collect(),
+            delayed: img.delayed.iter().map(|(e, due)| (env(e), *due)).collect(),
+            consumers: img
+                .consumers
+                .iter()
+                .map(|(s, unacked, flow, rr)| SnapConsumer {
+                    id: s.id,
+                    conn: s.owner.conn,
+                    channel: s.owner.channel,
+                    prefetch: s.prefetch,
+                    no_ack: s.no_ack,
+                    exclusive: s.exclusive,
+                    flow_window: s.flow_window,
+                    priority: s.priority,
+                    timeout: s.timeout,
+                    unacked: *unacked,
+                    flow: *flow,
+                    rr: *rr as u64,
+                })
+                .collect(),
+            dedup: img
+                .dedup
+                .into_iter()
+                .map(|d| (d.seq, d.id, d.expires))
+                .collect(),
+            owners: self.owners.iter().map(|(o, k)| (*o, *k)).collect(),
+            consumer_map: self.consumers.iter().map(|(k, v)| (*k, *v)).collect(),
+            next_owner: self.next_owner,
+            next_consumer: self.next_consumer,
+        }
+    }
+
+    fn restore(&mut self, s: QSnap) {
+        let env = |e: SnapEnv| {
+            let msg = e.msg.and_then(from_wire).map(Arc::new);
+            Envelope {
+                id: e.id,
+                gid: 0,
+                size: msg.as_ref().map_or(0, |m| m.body.len() as u32),
+                msg,
+                delivery_count: e.delivery_count,
+                redelivered: e.redelivered,
+                expires: e.expires,
+                priority: e.priority,
+            }
+        };
+        let img = super::core::CoreImage {
+            now: s.now,
+            next_id: s.next_id,
+            ready: s.ready.into_iter().map(env).collect(),
+            unacked: s
+                .unacked
+                .into_iter()
+                .map(|(e, conn, channel, c, d)| (env(e), Owner { conn, channel }, c, d))
+                .collect(),
+            delayed: s.delayed.into_iter().map(|(e, due)| (env(e), due)).collect(),
+            consumers: s
+                .consumers
+                .into_iter()
+                .map(|c| {
+                    (
+                        ConsumerSpec {
+                            id: c.id,
+                            owner: Owner {
+                                conn: c.conn,
+                                channel: c.channel,
+                            },
+                            prefetch: c.prefetch,
+                            no_ack: c.no_ack,
+                            exclusive: c.exclusive,
+                            shared: None,
+                            flow_window: c.flow_window,
+                            priority: c.priority,
+                            timeout: c.timeout,
+                        },
+                        c.unacked,
+                        c.flow,
+                        c.rr as usize,
+                    )
+                })
+                .collect(),
+            dedup: s
+                .dedup
+                .into_iter()
+                .map(|(seq, id, expires)| super::core::DedupEntry { seq, id, expires })
+                .collect(),
+        };
+        self.core.restore_image(img);
+        self.owners = s.owners.iter().copied().collect();
+        self.owner_keys = s.owners.iter().map(|(o, k)| (*k, *o)).collect();
+        self.consumers = s.consumer_map.iter().copied().collect();
+        self.consumer_keys = s.consumer_map.iter().map(|(k, v)| (*v, *k)).collect();
+        self.next_owner = s.next_owner;
+        self.next_consumer = s.next_consumer;
+    }
+}
+
+/// A message in a snapshot.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapEnv {
+    id: u64,
+    delivery_count: u16,
+    redelivered: bool,
+    expires: u64,
+    priority: u8,
+    msg: Option<WireMsg>,
+}
+
+/// A consumer in a snapshot.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapConsumer {
+    id: u64,
+    conn: u64,
+    channel: u16,
+    prefetch: u32,
+    no_ack: bool,
+    exclusive: bool,
+    flow_window: u32,
+    priority: i32,
+    timeout: Option<u64>,
+    unacked: u32,
+    flow: u32,
+    rr: u64,
+}
+
+/// A quorum queue replica's state as a snapshot stores it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct QSnap {
+    now: u64,
+    next_id: u64,
+    ready: Vec<SnapEnv>,
+    unacked: Vec<(SnapEnv, u64, u16, Option<u64>, u64)>,
+    delayed: Vec<(SnapEnv, u64)>,
+    consumers: Vec<SnapConsumer>,
+    dedup: Vec<(u64, String, u64)>,
+    owners: Vec<(RemoteOwner, u64)>,
+    consumer_map: Vec<((NodeId, u64, u64), u64)>,
+    next_owner: u64,
+    next_consumer: u64,
+}
+
+/// Where a replica keeps its latest snapshot: one file, replaced
+/// atomically (write, fsync, rename).
+#[derive(Debug)]
+struct SnapFile {
+    path: std::path::PathBuf,
+}
+
+impl SnapFile {
+    fn new(data_dir: &std::path::Path, group: &str) -> SnapFile {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in group.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        SnapFile {
+            path: data_dir.join("raft-snapshots").join(format!("{h:016x}.snap")),
+        }
+    }
+
+    fn write(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(d) = self.path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let bytes = postcard::to_stdvec(&(meta, serde_bytes::Bytes::new(data)))
+            .map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(d) = self.path.parent() {
+            if let Ok(dir) = std::fs::File::open(d) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> Option<(SnapshotMeta<NodeId, NodeInfo>, Vec<u8>)> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        match postcard::from_bytes::<(SnapshotMeta<NodeId, NodeInfo>, serde_bytes::ByteBuf)>(&bytes) {
+            Ok((m, d)) => Some((m, d.into_vec())),
+            Err(e) => {
+                warn!(file = %self.path.display(), "unreadable quorum queue snapshot ({e}); the replica will catch up from the leader");
+                None
+            }
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageError::from_io_error(
+        openraft::ErrorSubject::Snapshot(None),
+        openraft::ErrorVerb::Write,
+        std::io::Error::other(e.to_string()),
+    )
+}
+
+/// Builds a snapshot of a replica.
+pub struct QSnapBuilder {
+    m: Arc<Mutex<Machine>>,
+    file: Arc<SnapFile>,
+}
+
+impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (meta, data) = {
+            let mut m = self.m.lock().map_err(snap_err)?;
+            let data = postcard::to_stdvec(&m.to_snap()).map_err(snap_err)?;
+            let last = m.applied.last;
+            m.snap_index = last.map_or(0, |l| l.index);
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: m.applied.membership.clone(),
+                snapshot_id: format!(
+                    "{}-{}",
+                    last.map_or(0, |l| l.index),
+                    now_ms()
+                ),
+            };
+            (meta, data)
+        };
+        let file = self.file.clone();
+        let (meta2, data2) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || file.write(&meta2, &data2))
+            .await
+            .map_err(snap_err)?
+            .map_err(snap_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl Machine {
     fn owner(&mut self, o: RemoteOwner) -> Owner {
         let key = match self.owners.get(&o) {
             Some(k) => *k,
@@ -194,6 +466,7 @@ fn from_wire(w: WireMsg) -> Option<Message> {
 pub struct QuorumSm {
     m: Arc<Mutex<Machine>>,
     ctx: Arc<QCtx>,
+    snap: Arc<SnapFile>,
 }
 
 /// Effects gathered while applying, carried out after the lock is gone.
@@ -521,7 +794,7 @@ async fn dead_letter(ctx: &QCtx, q: &Arc<QueueRef>, dead: Vec<(Envelope, DeadRea
 }
 
 impl RaftStateMachine<TypeConfig> for QuorumSm {
-    type SnapshotBuilder = NoSnapshot;
+    type SnapshotBuilder = QSnapBuilder;
 
     async fn applied_state(
         &mut self,
@@ -551,8 +824,11 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         Ok(out)
     }
 
-    async fn get_snapshot_builder(&mut self) -> NoSnapshot {
-        NoSnapshot
+    async fn get_snapshot_builder(&mut self) -> QSnapBuilder {
+        QSnapBuilder {
+            m: self.m.clone(),
+            file: self.snap.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
@@ -561,14 +837,45 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, NodeInfo>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        Err(no_install())
+        let data = snapshot.into_inner();
+        let snap: QSnap = postcard::from_bytes(&data).map_err(snap_err)?;
+        {
+            let mut m = self.m.lock().map_err(snap_err)?;
+            let mut fresh = Machine::new(&self.ctx.args, &self.ctx.table);
+            fresh.restore(snap);
+            fresh.applied = Applied {
+                last: meta.last_log_id,
+                membership: meta.last_membership.clone(),
+            };
+            fresh.snap_index = meta.last_log_id.map_or(0, |l| l.index);
+            *m = fresh;
+        }
+        info!(
+            group = %self.ctx.group,
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            "installed a quorum queue snapshot from the leader (this replica was too far behind to replay the log)"
+        );
+        let file = self.snap.clone();
+        let meta2 = meta.clone();
+        tokio::task::spawn_blocking(move || file.write(&meta2, &data))
+            .await
+            .map_err(snap_err)?
+            .map_err(snap_err)?;
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(None)
+        let file = self.snap.clone();
+        let got = tokio::task::spawn_blocking(move || file.read())
+            .await
+            .map_err(snap_err)?;
+        Ok(got.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -717,14 +1024,33 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         members: def.members.clone(),
         group: def.group(),
         cluster: Arc::downgrade(cluster),
+        args: args.clone(),
+        table: table.clone(),
     });
-    let machine = Arc::new(Mutex::new(Machine::new(&args, &table)));
+    let mut m = Machine::new(&args, &table);
+    let snap = Arc::new(SnapFile::new(&broker.config.storage.data_dir, &def.group()));
+    // A replica restarts from its last snapshot, then replays the log after it.
+    if let Some((meta, data)) = snap.read() {
+        match postcard::from_bytes::<QSnap>(&data) {
+            Ok(s) => {
+                m.restore(s);
+                m.applied = Applied {
+                    last: meta.last_log_id,
+                    membership: meta.last_membership.clone(),
+                };
+                m.snap_index = meta.last_log_id.map_or(0, |l| l.index);
+            }
+            Err(e) => warn!(queue = %def.name, "unreadable quorum queue snapshot ({e}); replaying the log"),
+        }
+    }
+    let machine = Arc::new(Mutex::new(m));
     let group = def.group();
     let member = def.members.contains(&cluster.me.id);
     if member {
         let sm = QuorumSm {
             m: machine.clone(),
             ctx: ctx.clone(),
+            snap: snap.clone(),
         };
         match cluster.open_group(&group, sm).await {
             Ok(raft) => {
@@ -833,6 +1159,9 @@ pub async fn dematerialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         }
     }
     cluster.sinks.remove(&def.group());
+    if let Some(b) = cluster.broker.upgrade() {
+        SnapFile::new(&b.config.storage.data_dir, &def.group()).remove();
+    }
     let c = cluster.clone();
     let group = def.group();
     // Not from inside the metadata group's apply: shutting a group down
@@ -945,6 +1274,7 @@ impl Actor {
                     .await;
             }
         }
+        self.maybe_snapshot();
         if !self.ctx.is_leader() {
             return;
         }
@@ -1229,6 +1559,32 @@ impl Actor {
             }
         }
         true
+    }
+
+    /// Snapshots this replica once its log since the last snapshot is long
+    /// compared with what a snapshot holds (so the cost per command stays
+    /// constant); openraft then purges the log before it.
+    fn maybe_snapshot(&self) {
+        let Some(c) = self.cluster.upgrade() else { return };
+        let Some(raft) = c.groups.get(&self.group).map(|g| g.raft.clone()) else {
+            return;
+        };
+        let due = match self.machine.lock() {
+            Ok(m) => {
+                let applied = m.applied.last.map_or(0, |l| l.index);
+                applied.saturating_sub(m.snap_index) > c.cfg.snapshot_min_entries.max(1).max(2 * m.live())
+            }
+            Err(_) => false,
+        };
+        if due {
+            if let Ok(mut m) = self.machine.lock() {
+                // Not again until this one is taken.
+                m.snap_index = m.applied.last.map_or(0, |l| l.index);
+            }
+            tokio::spawn(async move {
+                let _ = raft.trigger().snapshot().await;
+            });
+        }
     }
 
     fn counts(&self) -> super::core::Counts {

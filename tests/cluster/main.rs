@@ -79,6 +79,10 @@ impl Node {
 
 /// Starts `n` nodes that seed each other; waits until they formed a cluster.
 async fn cluster(n: usize, tmp: &tempfile::TempDir) -> Vec<Node> {
+    cluster_with(n, tmp, &[]).await
+}
+
+async fn cluster_with(n: usize, tmp: &tempfile::TempDir, extra: &[&str]) -> Vec<Node> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| {
@@ -96,6 +100,7 @@ async fn cluster(n: usize, tmp: &tempfile::TempDir) -> Vec<Node> {
                     args.push(format!("127.0.0.1:{p}"));
                 }
             }
+            args.extend(extra.iter().map(|s| s.to_string()));
             Node {
                 name: format!("warren@n{}", i + 1),
                 dir: tmp.path().join(format!("n{}", i + 1)),
@@ -531,4 +536,103 @@ async fn a_node_without_a_replica_forwards_publishes_and_deliveries() {
         assert!(Instant::now() < deadline, "acks from the outside node did not apply");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("small-snapshots.toml");
+    std::fs::write(&conf, "[cluster]\nsnapshot_min_entries = 100\n").unwrap();
+    let mut nodes = cluster_with(3, &tmp, &["--config", conf.to_str().unwrap()]).await;
+    let c = nodes[0].connect().await;
+    declare_quorum(&c, "qq.snap").await;
+    drop(c);
+    let leader = wait_leader(&nodes[0], "qq.snap", None).await;
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let lagging = (li + 1) % 3;
+    let other = (li + 2) % 3;
+    async fn publish_each(node: &Node, from: u32, to: u32) {
+        let conn = node.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in from..to {
+            let conf = ch
+                .basic_publish(
+                    "".into(),
+                    "qq.snap".into(),
+                    BasicPublishOptions::default(),
+                    format!("s-{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            assert!(within(10, conf).await.unwrap().is_ack());
+        }
+    }
+    async fn consume_n(node: &Node, n: usize) -> Vec<String> {
+        let conn = node.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < n {
+            let m = ch
+                .basic_get("qq.snap".into(), BasicGetOptions::default())
+                .await
+                .unwrap();
+            let Some(m) = m else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            got.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        got
+    }
+    publish_each(&nodes[li], 0, 400).await;
+    let got = consume_n(&nodes[li], 300).await;
+    assert_eq!(got, (0..300).map(|i| format!("s-{i}")).collect::<Vec<_>>());
+    // Every replica snapshotted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        let dir = n.dir.join("raft-snapshots");
+        while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 {
+            assert!(Instant::now() < deadline, "no snapshot on {}", n.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A follower misses a lot: it comes back through a snapshot install.
+    nodes[lagging].kill();
+    publish_each(&nodes[li], 400, 900).await;
+    let got = consume_n(&nodes[other], 400).await;
+    assert_eq!(got, (300..700).map(|i| format!("s-{i}")).collect::<Vec<_>>());
+    nodes[lagging].start();
+    let lc = nodes[lagging].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passive_count(&lc, "qq.snap").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the lagging node did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(lc);
+    // Whole-cluster restart: state comes back from snapshots + the log tail.
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    // Counts are each replica's applied state: right once the new leader
+    // has committed its first entry.
+    let c = nodes[lagging].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passive_count(&c, "qq.snap").await != 200 {
+        assert!(Instant::now() < deadline, "count after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(c);
+    let got = consume_n(&nodes[lagging], 200).await;
+    assert_eq!(got, (700..900).map(|i| format!("s-{i}")).collect::<Vec<_>>());
 }
