@@ -57,6 +57,10 @@ pub struct ClusterConfig {
     /// entries (or twice the messages it holds, if more); the log before
     /// the snapshot is then deleted.
     pub snapshot_min_entries: u64,
+    /// "real=dial" address pairs: reach the node whose inter-node address
+    /// is `real` by connecting to `dial` instead (a NAT, or the
+    /// fault-injecting proxies of the partition tests).
+    pub dial_overrides: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -70,6 +74,7 @@ impl Default for ClusterConfig {
             secret: String::new(),
             failure_timeout_ms: 2000,
             snapshot_min_entries: 20_000,
+            dial_overrides: Vec::new(),
         }
     }
 }

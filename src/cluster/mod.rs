@@ -234,7 +234,14 @@ impl Cluster {
         if let Some(p) = self.peers.get(addr) {
             return p.clone();
         }
-        let p = Peer::new(addr.to_string());
+        let dial = self
+            .cfg
+            .dial_overrides
+            .iter()
+            .filter_map(|o| o.split_once('='))
+            .find(|(real, _)| *real == addr)
+            .map_or(addr, |(_, dial)| dial);
+        let p = Peer::new(dial.to_string());
         self.peers.insert(addr.to_string(), p.clone());
         let weak = Arc::downgrade(self);
         let on_hello = move |h: PeerHello| {

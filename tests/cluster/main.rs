@@ -842,3 +842,177 @@ async fn random_kills_and_restarts_lose_no_confirmed_message() {
         r.len()
     );
 }
+
+/// A TCP proxy that can cut every connection through it (and refuse new
+/// ones) until healed.
+struct Proxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+async fn proxy(target: u16) -> Proxy {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (cut, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = l.accept().await else { return };
+            if *rx.borrow() {
+                continue; // dropped: refused while cut
+            }
+            let mut rx2 = rx.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = rx2.wait_for(|c| *c) => {}
+                }
+            });
+        }
+    });
+    Proxy { port, cut }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_is_replaced_and_catches_up_after_healing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // proxies[i][j]: how node i reaches node j.
+    let mut proxies: Vec<Vec<Option<Proxy>>> = Vec::new();
+    for i in 0..3 {
+        let mut row = Vec::new();
+        for (j, p) in ports.iter().enumerate() {
+            row.push(if i == j { None } else { Some(proxy(*p).await) });
+        }
+        proxies.push(row);
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..3 {
+        let mut overrides = Vec::new();
+        let mut args = vec![
+            "--node-name".to_string(),
+            format!("warren@n{}", i + 1),
+            "--cluster-port".into(),
+            ports[i].to_string(),
+            "--cluster-secret".into(),
+            "test-cookie".into(),
+        ];
+        for j in 0..3 {
+            if let Some(p) = &proxies[i][j] {
+                overrides.push(format!("\"127.0.0.1:{}=127.0.0.1:{}\"", ports[j], p.port));
+                args.push("--seed".into());
+                args.push(format!("127.0.0.1:{}", p.port));
+            }
+        }
+        let conf = tmp.path().join(format!("n{}.toml", i + 1));
+        std::fs::write(
+            &conf,
+            format!("[cluster]\ndial_overrides = [{}]\n", overrides.join(", ")),
+        )
+        .unwrap();
+        args.push("--config".into());
+        args.push(conf.to_str().unwrap().to_string());
+        let mut n = Node {
+            name: format!("warren@n{}", i + 1),
+            dir: tmp.path().join(format!("n{}", i + 1)),
+            args,
+            proc: None,
+        };
+        n.start();
+        nodes.push(n);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = nodes[0].api("/api/cluster").await;
+        let running = st["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter(|x| x["running"] == true).count())
+            .unwrap_or(0);
+        if running == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster did not form: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = nodes[0].connect().await;
+    declare_quorum(&c, "qq.part").await;
+    drop(c);
+    let leader = wait_leader(&nodes[0], "qq.part", None).await;
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let ai = (li + 1) % 3;
+    let conn = nodes[ai].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |from: u32, to: u32| {
+        let ch = ch.clone();
+        async move {
+            for i in from..to {
+                let conf = ch
+                    .basic_publish(
+                        "".into(),
+                        "qq.part".into(),
+                        BasicPublishOptions::default(),
+                        format!("p-{i}").as_bytes(),
+                        persistent(),
+                    )
+                    .await
+                    .unwrap();
+                assert!(within(30, conf).await.unwrap().is_ack(), "message {i}");
+            }
+        }
+    };
+    publish(0, 200).await;
+    // Cut the leader off from both other nodes, both ways.
+    for j in 0..3 {
+        if let Some(p) = &proxies[li][j] {
+            p.cut.send_replace(true);
+        }
+        if let Some(p) = &proxies[j][li] {
+            p.cut.send_replace(true);
+        }
+    }
+    // The majority side elects a new leader and keeps confirming.
+    publish(200, 500).await;
+    let new_leader = wait_leader(&nodes[ai], "qq.part", Some(&leader)).await;
+    assert_ne!(new_leader, leader);
+    // Heal: the old leader catches up (its replica counts all 500).
+    for row in &proxies {
+        for p in row.iter().flatten() {
+            p.cut.send_replace(false);
+        }
+    }
+    let lc = nodes[li].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while passive_count(&lc, "qq.part").await != 500 {
+        assert!(
+            Instant::now() < deadline,
+            "the healed node did not catch up: {}",
+            passive_count(&lc, "qq.part").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And serves them, in order, from its own replica.
+    let cch = lc.create_channel().await.unwrap();
+    cch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "qq.part".into(),
+            "healed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 500 {
+        let d = within(30, consumer.next()).await.unwrap().unwrap();
+        got.push(String::from_utf8(d.data.clone()).unwrap());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(got, (0..500).map(|i| format!("p-{i}")).collect::<Vec<_>>());
+}
