@@ -178,11 +178,17 @@ impl UserDef {
 
 /// Records a user (replacing it).
 pub async fn put_user(defs: &Definitions, u: &UserDef) -> Result<(), StoreError> {
+    if let Ok(v) = serde_json::to_value(u) {
+        defs.replicate(crate::store::defs::DefChange::Import(
+            serde_json::json!({ "users": [v] }).to_string(),
+        ));
+    }
     defs.put(Table::Users, &u.name, u).await
 }
 
 /// Forgets a user and its permissions.
 pub async fn delete_user(defs: &Definitions, name: &str) -> Result<(), StoreError> {
+    defs.replicate(crate::store::defs::DefChange::DeleteUser(name.to_string()));
     defs.delete(Table::Users, name).await?;
     for (k, p) in defs.list::<PermissionDef>(Table::Permissions)? {
         if p.user == name {
@@ -194,6 +200,11 @@ pub async fn delete_user(defs: &Definitions, name: &str) -> Result<(), StoreErro
 
 /// Records a permission.
 pub async fn put_permission(defs: &Definitions, p: &PermissionDef) -> Result<(), StoreError> {
+    if let Ok(v) = serde_json::to_value(p) {
+        defs.replicate(crate::store::defs::DefChange::Import(
+            serde_json::json!({ "permissions": [v] }).to_string(),
+        ));
+    }
     defs.put(
         Table::Permissions,
         &Definitions::key(&[&p.vhost, &p.user]),
@@ -208,6 +219,10 @@ pub async fn delete_permission(
     user: &str,
     vhost: &str,
 ) -> Result<(), StoreError> {
+    defs.replicate(crate::store::defs::DefChange::ClearPermissions(
+        user.to_string(),
+        vhost.to_string(),
+    ));
     defs.delete(Table::Permissions, &Definitions::key(&[vhost, user]))
         .await
         .map(|_| ())

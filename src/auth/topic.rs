@@ -88,7 +88,13 @@ pub type TopicPerms = HashMap<String, Arc<TopicPermission>>;
 
 /// RabbitMQ's refusal (rabbit_access_control:check_topic_access):
 /// `ACCESS_REFUSED - write access to topic 'a.b' in exchange 'amq.topic' in vhost '/' refused for user 'bob'`.
-pub fn refused(perm: Perm, routing_key: &str, exchange: &str, vhost: &str, user: &str) -> AmqpError {
+pub fn refused(
+    perm: Perm,
+    routing_key: &str,
+    exchange: &str,
+    vhost: &str,
+    user: &str,
+) -> AmqpError {
     AmqpError::new(
         code::ACCESS_REFUSED,
         format!(

@@ -495,8 +495,16 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                         "{}\t{}\t{}{}",
                         cell(&n["name"]),
                         cell(&n["address"]),
-                        if n["running"].as_bool() == Some(true) { "running" } else { "down" },
-                        if n["metadata_leader"].as_bool() == Some(true) { "\tmetadata leader" } else { "" }
+                        if n["running"].as_bool() == Some(true) {
+                            "running"
+                        } else {
+                            "down"
+                        },
+                        if n["metadata_leader"].as_bool() == Some(true) {
+                            "\tmetadata leader"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 println!("Quorum queues");

@@ -13,6 +13,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 
+/// A connection's open channels by number, sorted, with their gauges.
+pub type ChannelList = Arc<Mutex<Vec<(u16, Arc<ChannelStats>)>>>;
+
 /// One channel as management shows it (RabbitMQ's channel info items).
 /// Written only by the owning connection task.
 #[derive(Debug, Default)]
@@ -116,7 +119,7 @@ pub struct ConnInfo {
     /// Negotiated heartbeat (s).
     pub heartbeat: u16,
     /// Open channels by number, sorted (refreshed by the connection task).
-    pub channels: Arc<Mutex<Vec<(u16, Arc<ChannelStats>)>>>,
+    pub channels: ChannelList,
     /// Message totals of this connection (overview message_stats).
     pub stats: Arc<crate::mgmt::stats::MsgCounters>,
     /// The connection's inbox (to force-close it).

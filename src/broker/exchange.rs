@@ -62,7 +62,10 @@ impl ExchangeKind {
 /// The type given to exchange.declare (AMQP or management API): the
 /// routing kind, and whether it is an x-delayed-message exchange (which
 /// routes as its `x-delayed-type` argument, as RabbitMQ's plugin).
-pub fn declared_kind(kind: &str, arguments: &FieldTable) -> Result<(ExchangeKind, bool), AmqpError> {
+pub fn declared_kind(
+    kind: &str,
+    arguments: &FieldTable,
+) -> Result<(ExchangeKind, bool), AmqpError> {
     if kind == DELAYED_TYPE {
         let k = arguments
             .inner()

@@ -25,15 +25,17 @@
 //! in that window (a re-published duplicate of one of them gets through,
 //! unless the original is still in the queue: ids of stored messages newer
 //! than `max_gid` are read back at recovery), and a retry wait started in
-//! that window is lost (the message is ready at once, as before this
-//! existed). Nothing is lost or duplicated beyond that; a clean shutdown
-//! saves everything. Deleting a queue or exchange deletes its entries;
+//! that window is lost (the message is ready at once after the restart,
+//! redelivered, with the count it had before that wait). Messages are never
+//! lost or duplicated by this: the state only delays or counts them, and
+//! the message store decides what exists. A clean shutdown saves
+//! everything. Deleting a queue or exchange deletes its entries;
 //! entries of queues and exchanges that no longer exist are removed at start.
 
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use super::{Broker, VHost};
 use crate::queue::core::{DedupCache, DedupDelta, DedupEntry, RetryState};
-use crate::store::defs::{Batch, Definitions, Table};
+use crate::store::defs::{Batch, DefChange, Definitions, Table};
 use crate::store::{MessageStore, StoreError};
 use amq_protocol::types::FieldTable;
 use serde::{Deserialize, Serialize};
@@ -112,6 +114,16 @@ pub struct BindingDef {
     pub arguments: FieldTable,
 }
 
+/// A binding in RabbitMQ's definitions JSON.
+pub fn binding_json(b: &BindingDef) -> serde_json::Value {
+    serde_json::json!({
+        "vhost": b.vhost, "source": b.source, "destination": b.destination,
+        "destination_type": if b.to_queue { "queue" } else { "exchange" },
+        "routing_key": b.routing_key,
+        "arguments": crate::mgmt::json::table_to_json(&b.arguments),
+    })
+}
+
 fn binding_key(b: &BindingDef) -> String {
     let args = serde_json::to_string(&b.arguments).unwrap_or_default();
     Definitions::key(&[
@@ -161,6 +173,14 @@ impl Storage {
             internal: ex.internal,
             arguments: ex.arguments.clone(),
         };
+        self.defs.replicate(DefChange::Import(
+            serde_json::json!({"exchanges": [{
+                "vhost": vhost, "name": ex.name, "type": ex.type_name(), "durable": true,
+                "auto_delete": ex.auto_delete, "internal": ex.internal,
+                "arguments": crate::mgmt::json::table_to_json(&ex.arguments),
+            }]})
+            .to_string(),
+        ));
         self.defs
             .put(
                 Table::Exchanges,
@@ -173,6 +193,8 @@ impl Storage {
     /// Forgets an exchange, its deduplication cache and every binding from
     /// or to it.
     pub async fn delete_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
+        self.defs
+            .replicate(DefChange::DeleteExchange(vhost.to_string(), name.to_string()));
         self.defs
             .remove_prefix(Table::Dedup, &exchange_dedup_prefix(vhost, name))?;
         self.defs
@@ -214,11 +236,16 @@ impl Storage {
 
     /// Records a durable binding.
     pub async fn put_binding(&self, def: &BindingDef) -> Result<(), StoreError> {
+        self.defs.replicate(DefChange::Import(
+            serde_json::json!({"bindings": [binding_json(def)]}).to_string(),
+        ));
         self.defs.put(Table::Bindings, &binding_key(def), def).await
     }
 
     /// Forgets a binding.
     pub async fn delete_binding(&self, def: &BindingDef) -> Result<(), StoreError> {
+        self.defs
+            .replicate(DefChange::Unbind(binding_json(def).to_string()));
         self.defs
             .delete(Table::Bindings, &binding_key(def))
             .await
@@ -241,6 +268,9 @@ impl Storage {
 
     /// Records a vhost.
     pub async fn put_vhost(&self, name: &str) -> Result<(), StoreError> {
+        self.defs.replicate(DefChange::Import(
+            serde_json::json!({"vhosts": [{"name": name}]}).to_string(),
+        ));
         self.defs
             .put(
                 Table::VHosts,

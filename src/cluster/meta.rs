@@ -34,6 +34,7 @@ impl MetaSm {
 }
 
 enum Effect {
+    Defs(NodeId, crate::store::defs::DefChange),
     Create(QuorumDef),
     Delete(QuorumDef),
     Members(QuorumDef),
@@ -80,6 +81,10 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
                             None => Resp::Ok,
                         }
                     }
+                    Some(Cmd::Meta(MetaCmd::Defs { origin, change })) => {
+                        effect = Some(Effect::Defs(origin, change));
+                        Resp::Ok
+                    }
                     Some(Cmd::Meta(MetaCmd::SetMembers {
                         vhost,
                         name,
@@ -97,6 +102,14 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
             };
             if let (Some(eff), Some(c)) = (effect, self.cluster.upgrade()) {
                 match eff {
+                    // Applied everywhere, the origin too: the log's order is
+                    // the one every node converges to (the origin re-applies
+                    // what it already has; imports are idempotent).
+                    Effect::Defs(origin, change) => {
+                        if let Some(a) = c.defs_applier.get() {
+                            let _ = a.send((origin, change));
+                        }
+                    }
                     Effect::Create(def) => crate::queue::quorum::materialize(&c, &def).await,
                     Effect::Delete(def) => crate::queue::quorum::dematerialize(&c, &def).await,
                     Effect::Members(def) => crate::queue::quorum::members_changed(&c, &def).await,

@@ -13,6 +13,7 @@
 //! restart) the first live voter of that group, in id order, triggers an
 //! election, and the others follow if it does not succeed in time.
 
+pub mod defs;
 pub mod log;
 pub mod meta;
 pub mod net;
@@ -71,6 +72,8 @@ pub struct Cluster {
     /// Quorum queues this node serves without a replica: forwarded
     /// deliveries land here.
     pub sinks: DashMap<GroupId, DeliverySink>,
+    /// Applies other nodes' definition changes, in metadata log order.
+    pub defs_applier: std::sync::OnceLock<defs::Applier>,
     /// Metadata state (quorum queue definitions).
     pub meta: Arc<Mutex<meta::MetaState>>,
     /// The broker this node serves.
@@ -186,6 +189,7 @@ impl Cluster {
             nodes: DashMap::new(),
             groups: DashMap::new(),
             sinks: DashMap::new(),
+            defs_applier: std::sync::OnceLock::new(),
             meta: Arc::new(Mutex::new(meta::MetaState::default())),
             broker: Arc::downgrade(broker),
             listen,
@@ -195,6 +199,10 @@ impl Cluster {
             leaderless_since: DashMap::new(),
         });
         cluster.nodes.insert(id, me.info.clone());
+        if cfg.enabled {
+            let applier = defs::start(&cluster, broker);
+            let _ = cluster.defs_applier.set(applier);
+        }
         if let Some(l) = listener {
             info!(node = %me.info.name, addr = %me.info.addr, "listening for other Warren nodes on {}", me.info.addr);
             tokio::spawn(accept_loop(l, Arc::downgrade(&cluster), stop.clone()));

@@ -111,6 +111,14 @@ pub enum MetaCmd {
         /// Name.
         name: String,
     },
+    /// A definition change (vhost, exchange, binding, user, permission,
+    /// policy) made on `origin`, for every other node to apply.
+    Defs {
+        /// Node that made it (already applied there).
+        origin: NodeId,
+        /// What.
+        change: crate::store::defs::DefChange,
+    },
     /// Change a quorum queue's replica set (after the queue group's own
     /// membership change committed).
     SetMembers {

@@ -6,8 +6,8 @@
 
 use super::json::{json_to_table, table_to_json, value_to_json};
 use super::{ApiError, AppState, Caller, ops};
-use crate::broker::exchange::{Binding, Exchange};
 use crate::broker::conns::ChannelStats;
+use crate::broker::exchange::{Binding, Exchange};
 use crate::broker::{Broker, VHost};
 use crate::queue::QueueRef;
 use amq_protocol::protocol::BasicProperties;
@@ -565,9 +565,7 @@ async fn consumer_list(
         let e = oldest.entry(m.queue_id).or_insert(m.id);
         *e = (*e).min(m.id);
     }
-    all.retain(|(_, _, m)| {
-        only.is_none_or(|o| o == m.vhost) && caller.can_see(b, &m.vhost)
-    });
+    all.retain(|(_, _, m)| only.is_none_or(|o| o == m.vhost) && caller.can_see(b, &m.vhost));
     all.sort_by(|a, b| (&a.2.vhost, &a.2.queue, a.2.id).cmp(&(&b.2.vhost, &b.2.queue, b.2.id)));
     Ok(all
         .iter()
@@ -1694,7 +1692,9 @@ async fn user_topic_permissions(
 ) -> R {
     caller.require_admin()?;
     st.broker.users.get(&name).ok_or_else(ApiError::not_found)?;
-    ok_json(Value::Array(topic_perms_where(&st.broker, |u, _| u == name)))
+    ok_json(Value::Array(topic_perms_where(&st.broker, |u, _| {
+        u == name
+    })))
 }
 
 /// One user's topic permissions in a vhost: 404 when there are none (or no
@@ -1715,7 +1715,9 @@ async fn topic_permission(
     Path((vh, user)): Path<(String, String)>,
 ) -> R {
     caller.require_admin()?;
-    ok_json(Value::Array(user_vhost_topic_perms(&st.broker, &vh, &user)?))
+    ok_json(Value::Array(user_vhost_topic_perms(
+        &st.broker, &vh, &user,
+    )?))
 }
 
 async fn topic_permission_exchange(
@@ -1725,7 +1727,9 @@ async fn topic_permission_exchange(
 ) -> R {
     caller.require_admin()?;
     // RabbitMQ answers with the user's topic permissions in the vhost.
-    ok_json(Value::Array(user_vhost_topic_perms(&st.broker, &vh, &user)?))
+    ok_json(Value::Array(user_vhost_topic_perms(
+        &st.broker, &vh, &user,
+    )?))
 }
 
 /// Sets a topic permission from RabbitMQ's JSON (exchange, write, read;
@@ -1883,6 +1887,10 @@ async fn delete_policy(
     {
         return Err(ApiError::not_found());
     }
+    s.defs.replicate(crate::store::defs::DefChange::DeletePolicy(
+        vh.clone(),
+        name.clone(),
+    ));
     crate::broker::policy::reload(&st.broker, &vh).await;
     no_content()
 }

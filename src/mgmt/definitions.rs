@@ -69,6 +69,11 @@ pub async fn put_policy(b: &Broker, p: &PolicyDef) -> Result<(), ApiError> {
     st.defs
         .put(Table::Policies, &Definitions::key(&[&p.vhost, &p.name]), p)
         .await?;
+    if let Ok(v) = serde_json::to_value(p) {
+        st.defs.replicate(crate::store::defs::DefChange::Import(
+            json!({ "policies": [v] }).to_string(),
+        ));
+    }
     crate::broker::policy::reload(b, &p.vhost).await;
     Ok(())
 }

@@ -73,6 +73,8 @@ pub async fn delete_vhost(b: &Broker, name: &str) -> Result<(), ApiError> {
         }
         crate::auth::store::delete_vhost_permissions(&st.defs, name).await?;
         st.defs.delete(Table::VHosts, name).await?;
+        st.defs
+            .replicate(crate::store::defs::DefChange::DeleteVhost(name.to_string()));
     }
     Ok(())
 }
@@ -411,10 +413,8 @@ pub async fn get(b: &Broker, q: &QueueRef, count: usize, requeue: bool) -> Vec<(
             None => break,
         }
     }
-    let re = super::stats::count_deliveries(
-        q,
-        &out.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
-    );
+    let re =
+        super::stats::count_deliveries(q, &out.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
     let mut c = super::stats::Counts::default();
     use super::stats::Counts as C;
     c.0[if requeue { C::GET } else { C::GET_NO_ACK }] = out.len() as u64;

@@ -177,7 +177,11 @@ impl LocalStats {
         };
         let re = count_deliveries(q, std::slice::from_ref(env));
         let c = &mut self.counts.0;
-        c[if no_ack { Counts::GET_NO_ACK } else { Counts::GET }] += 1;
+        c[if no_ack {
+            Counts::GET_NO_ACK
+        } else {
+            Counts::GET
+        }] += 1;
         c[Counts::REDELIVER] += re;
     }
 
@@ -225,7 +229,10 @@ pub struct BrokerStats {
 /// Turns monotonically growing totals into per-second rates: the rates
 /// over the last window of at least a second.
 #[derive(Debug, Default)]
-pub struct Sampler(Mutex<Option<(Instant, Vec<u64>, Vec<f64>)>>);
+pub struct Sampler(Mutex<Option<Sample>>);
+
+/// When, the totals then, the rates computed then.
+type Sample = (Instant, Vec<u64>, Vec<f64>);
 
 impl Sampler {
     /// Rates of `totals` (same order each call); zeros until a second has

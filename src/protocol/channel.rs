@@ -597,11 +597,7 @@ impl Connection {
             self.chan(ch)?.unconfirmed.insert(s, (parties, false));
         }
         for q in &targets {
-            let g = if q.uses_message_store() {
-                gid
-            } else {
-                0
-            };
+            let g = if q.uses_message_store() { gid } else { 0 };
             self.pend_publish(ch, q, msg.clone(), g, seq);
         }
         Ok(())

@@ -125,7 +125,7 @@ pub(crate) struct Connection {
     /// blocked, as in RabbitMQ.
     pub has_published: bool,
     /// Open channels as shown by management (broker.connections).
-    channel_list: Arc<std::sync::Mutex<Vec<(u16, Arc<crate::broker::conns::ChannelStats>)>>>,
+    channel_list: crate::broker::conns::ChannelList,
     /// Message totals (overview), published to `conn_stats` once per turn.
     pub msg_stats: crate::mgmt::stats::LocalStats,
     conn_stats: Arc<crate::mgmt::stats::MsgCounters>,
@@ -233,10 +233,7 @@ pub async fn serve(
     conn.cleanup().await;
     // Its totals stay in the overview after it is gone.
     conn.msg_stats.publish_to(&conn.conn_stats);
-    conn.broker
-        .mgmt_stats
-        .retired
-        .add(&conn.msg_stats.counts);
+    conn.broker.mgmt_stats.retired.add(&conn.msg_stats.counts);
     conn.broker.connections.remove(&id);
     info!(peer = %conn.peer, user = %conn.user, "connection closed: {why}");
 }

@@ -18,7 +18,7 @@ use super::core::{
     Settled,
 };
 use super::message::Message;
-use super::{QueueCmd, QueueRef};
+use super::{ConfirmTo, QueueCmd, QueueRef};
 use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
 use crate::cluster::Cluster;
 use crate::cluster::sm::{Applied, no_install};
@@ -1174,6 +1174,26 @@ pub async fn members_changed(_cluster: &Arc<Cluster>, def: &QuorumDef) {
     info!(queue = %def.name, vhost = %def.vhost, members = ?def.members, "quorum queue replica set changed");
 }
 
+/// Publish/settle proposals of one queue in the Raft pipeline at once (see
+/// `Actor::run`).
+const PROPOSALS_IN_FLIGHT: usize = 2;
+
+/// Messages (or settled ids) merged into one Raft entry at most.
+const MAX_MSGS_PER_ENTRY: usize = 4096;
+
+/// A place in the proposal window. Not waited for longer than a few
+/// seconds: a proposal stuck without a majority must not stall the actor
+/// (stats, deletes) for good.
+async fn in_window(w: &Arc<tokio::sync::Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), w.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
+/// One client publish batch: messages and where to confirm them.
+type PublishPart = (Vec<(Arc<Message>, u64)>, Option<ConfirmTo>);
+
 /// The local handle: turns queue commands into proposals.
 struct Actor {
     cluster: Weak<Cluster>,
@@ -1219,26 +1239,86 @@ impl Actor {
         }
     }
 
+    /// A publish batch left the inbox.
+    fn dequeued(&self, cmd: &QueueCmd) {
+        if let (Some(q), QueueCmd::Publish { msgs, .. }) = (self.q.upgrade(), cmd) {
+            let _ = q
+                .inflight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(msgs.len() as u64))
+                });
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At most PROPOSALS_IN_FLIGHT publish/settle proposals are in the
+        // Raft pipeline at once; whatever arrives meanwhile waits in the
+        // inbox and goes into the next proposal as one entry. Under load
+        // entries grow instead of multiplying (one log append, flush,
+        // replication round and apply per batch, not per client batch).
+        let window = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
+        let mut stash: Option<QueueCmd> = None;
         loop {
-            let cmd = tokio::select! {
-                c = rx.recv() => match c { Some(c) => c, None => break },
-                _ = tick.tick() => {
-                    self.housekeeping().await;
-                    continue;
+            let cmd = match stash.take() {
+                Some(c) => c,
+                None => {
+                    let c = tokio::select! {
+                        c = rx.recv() => match c { Some(c) => c, None => break },
+                        _ = tick.tick() => {
+                            self.housekeeping().await;
+                            continue;
+                        }
+                    };
+                    self.dequeued(&c);
+                    c
                 }
             };
-            if let Some(q) = self.q.upgrade() {
-                if let QueueCmd::Publish { msgs, .. } = &cmd {
-                    let _ = q.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                        Some(v.saturating_sub(msgs.len() as u64))
-                    });
+            match cmd {
+                QueueCmd::Publish { msgs, confirm } => {
+                    let permit = in_window(&window).await;
+                    let mut n = msgs.len();
+                    let mut parts = vec![(msgs, confirm)];
+                    while n < MAX_MSGS_PER_ENTRY {
+                        let Ok(next) = rx.try_recv() else { break };
+                        self.dequeued(&next);
+                        match next {
+                            QueueCmd::Publish { msgs, confirm } => {
+                                n += msgs.len();
+                                parts.push((msgs, confirm));
+                            }
+                            other => {
+                                stash = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    self.publish(parts, permit).await;
                 }
-            }
-            if !self.handle(cmd).await {
-                break;
+                QueueCmd::Settle { mut ids, outcome } => {
+                    let permit = in_window(&window).await;
+                    while ids.len() < MAX_MSGS_PER_ENTRY {
+                        let Ok(next) = rx.try_recv() else { break };
+                        self.dequeued(&next);
+                        match next {
+                            QueueCmd::Settle {
+                                ids: more,
+                                outcome: o,
+                            } if o == outcome => ids.extend(more),
+                            other => {
+                                stash = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    self.settle(ids, outcome, permit).await;
+                }
+                other => {
+                    if !self.handle(other).await {
+                        break;
+                    }
+                }
             }
         }
         // Stopped (deleted): tell local consumers.
@@ -1304,54 +1384,102 @@ impl Actor {
         }
     }
 
+    /// Proposes the publish batches `parts` as one Raft entry; confirms
+    /// each part's publisher once it is applied. `permit` (a place in the
+    /// proposal window) is held until then.
+    async fn publish(
+        &self,
+        parts: Vec<PublishPart>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let mut wire: Vec<WireMsg> = Vec::new();
+        let mut confirms: Vec<(u32, ConfirmTo)> = Vec::new();
+        for (msgs, confirm) in parts {
+            if let Some(c) = confirm {
+                confirms.push((wire.len() as u32, c));
+            }
+            wire.extend(msgs.iter().map(|(m, _)| to_wire(m)));
+        }
+        let rx = self.propose(QOp::Enqueue(wire)).await;
+        let Some(rx) = rx else {
+            // Not accepted: never confirmed (the publisher sees the nack).
+            for (_, c) in confirms {
+                let _ = c.conn.send(ConnCmd::Confirm {
+                    channel: c.channel,
+                    seqs: c.seqs,
+                    nack: true,
+                });
+            }
+            return;
+        };
+        tokio::spawn(async move {
+            let res = rx.await;
+            drop(permit);
+            match res {
+                Ok(Ok(Resp::Enqueued { rejected })) => {
+                    for (start, c) in confirms {
+                        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+                        for (i, s) in c.seqs.into_iter().enumerate() {
+                            if rejected.contains(&(start + i as u32)) {
+                                nacks.push(s)
+                            } else {
+                                acks.push(s)
+                            }
+                        }
+                        for (seqs, nack) in [(nacks, true), (acks, false)] {
+                            if !seqs.is_empty() {
+                                let _ = c.conn.send(ConnCmd::Confirm {
+                                    channel: c.channel,
+                                    seqs,
+                                    nack,
+                                });
+                            }
+                        }
+                    }
+                }
+                other => {
+                    if !confirms.is_empty() {
+                        warn!("quorum queue publish not confirmed: {other:?}");
+                    }
+                    for (_, c) in confirms {
+                        let _ = c.conn.send(ConnCmd::Confirm {
+                            channel: c.channel,
+                            seqs: c.seqs,
+                            nack: true,
+                        });
+                    }
+                }
+            }
+        });
+    }
+
+    /// Proposes settlements as one Raft entry; `permit` is held until it
+    /// is applied.
+    async fn settle(
+        &self,
+        ids: Vec<u64>,
+        outcome: Outcome,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let rx = self
+            .propose(QOp::Settle {
+                ids,
+                outcome: wire_outcome(outcome),
+            })
+            .await;
+        if let (Some(rx), Some(p)) = (rx, permit) {
+            tokio::spawn(async move {
+                let _ = rx.await;
+                drop(p);
+            });
+        }
+    }
+
     /// Handles one command; false to stop.
     async fn handle(&mut self, cmd: QueueCmd) -> bool {
         match cmd {
             QueueCmd::Publish { msgs, confirm } => {
-                let wire: Vec<WireMsg> = msgs.iter().map(|(m, _)| to_wire(m)).collect();
-                let rx = self.propose(QOp::Enqueue(wire)).await;
-                let Some(c) = confirm else { return true };
-                let Some(rx) = rx else {
-                    // Not accepted: never confirmed (the publisher times
-                    // out or sees the nack).
-                    let _ = c.conn.send(ConnCmd::Confirm {
-                        channel: c.channel,
-                        seqs: c.seqs,
-                        nack: true,
-                    });
-                    return true;
-                };
-                tokio::spawn(async move {
-                    match rx.await {
-                        Ok(Ok(Resp::Enqueued { rejected })) => {
-                            let (mut acks, mut nacks) = (Vec::new(), Vec::new());
-                            for (i, s) in c.seqs.into_iter().enumerate() {
-                                if rejected.contains(&(i as u32)) {
-                                    nacks.push(s)
-                                } else {
-                                    acks.push(s)
-                                }
-                            }
-                            for (seqs, nack) in [(nacks, true), (acks, false)] {
-                                if !seqs.is_empty() {
-                                    let _ = c.conn.send(ConnCmd::Confirm {
-                                        channel: c.channel,
-                                        seqs,
-                                        nack,
-                                    });
-                                }
-                            }
-                        }
-                        other => {
-                            warn!("quorum queue publish not confirmed: {other:?}");
-                            let _ = c.conn.send(ConnCmd::Confirm {
-                                channel: c.channel,
-                                seqs: c.seqs,
-                                nack: true,
-                            });
-                        }
-                    }
-                });
+                self.publish(vec![(msgs, confirm)], None).await;
             }
             // Nothing to save at shutdown: the state is in the Raft log.
             QueueCmd::SaveSnapshot { reply } => {
@@ -1429,12 +1557,7 @@ impl Actor {
                 }
             }
             QueueCmd::Settle { ids, outcome } => {
-                let _ = self
-                    .propose(QOp::Settle {
-                        ids,
-                        outcome: wire_outcome(outcome),
-                    })
-                    .await;
+                self.settle(ids, outcome, None).await;
             }
             QueueCmd::Get {
                 owner,

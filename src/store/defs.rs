@@ -125,6 +125,36 @@ impl Batch {
 #[derive(Clone)]
 pub struct Definitions {
     db: sled::Db,
+    /// Where changes to replicate go (set when this node is clustered).
+    replicate: std::sync::Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<DefChange>>>,
+}
+
+/// A definition change made on this node, for the other nodes of a cluster
+/// to apply (see `cluster::defs`). Definitions travel in RabbitMQ's
+/// definitions-file JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum DefChange {
+    /// A fragment of a definitions file to import (vhosts, exchanges,
+    /// bindings, users, permissions, policies).
+    Import(String),
+    /// vhost deleted.
+    DeleteVhost(String),
+    /// Exchange deleted: (vhost, name).
+    DeleteExchange(String, String),
+    /// Binding deleted: one binding in definitions JSON.
+    Unbind(String),
+    /// User deleted.
+    DeleteUser(String),
+    /// Permissions cleared: (user, vhost).
+    ClearPermissions(String, String),
+    /// Policy deleted: (vhost, name).
+    DeletePolicy(String, String),
+}
+
+tokio::task_local! {
+    /// Set while applying a change that came from another node, so it is
+    /// not sent back out.
+    pub static APPLYING_REPLICATED: bool;
 }
 
 fn defs_err(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -157,7 +187,26 @@ impl Definitions {
                 }
             }
         };
-        Ok(Definitions { db })
+        Ok(Definitions {
+            db,
+            replicate: Default::default(),
+        })
+    }
+
+    /// Sends every later local definition change to `tx` (clustering).
+    pub fn set_replicator(&self, tx: tokio::sync::mpsc::UnboundedSender<DefChange>) {
+        let _ = self.replicate.set(tx);
+    }
+
+    /// Hands a local change to the replicator, if clustered (and unless it
+    /// is itself the application of a replicated change).
+    pub fn replicate(&self, change: DefChange) {
+        if APPLYING_REPLICATED.try_with(|a| *a).unwrap_or(false) {
+            return;
+        }
+        if let Some(tx) = self.replicate.get() {
+            let _ = tx.send(change);
+        }
     }
 
     /// Builds a composite key from parts (see the module docs).
@@ -326,6 +375,50 @@ mod tests {
     struct Q {
         id: u64,
         durable: bool,
+    }
+
+    #[tokio::test]
+    async fn batches_and_prefix_removal_are_lazy_but_survive_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = Definitions::open(dir.path()).unwrap();
+            let mut b = Batch::default();
+            for (k, v) in [
+                (["q", "1", "a"], 1u64),
+                (["q", "1", "b"], 2),
+                (["q", "2", "a"], 3),
+            ] {
+                b.put(&Definitions::key(&k), &v).unwrap();
+            }
+            b.delete(&Definitions::key(&["q", "1", "zz"]));
+            assert_eq!(b.len(), 4);
+            d.apply(Table::Dedup, b).unwrap();
+            d.apply(Table::Dedup, Batch::default()).unwrap();
+            assert_eq!(
+                d.remove_prefix_where(Table::Dedup, &Definitions::key(&["q", ""]), |k| k
+                    .ends_with('b'))
+                    .unwrap(),
+                1
+            );
+            d.put(Table::Retry, "x", &7u64).await.unwrap();
+            assert_eq!(d.remove_prefix(Table::Retry, "").unwrap(), 1);
+            d.flush().await.unwrap();
+        }
+        let d = Definitions::open(dir.path()).unwrap();
+        let rows: Vec<(String, u64)> = d.list(Table::Dedup).unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (Definitions::key(&["q", "1", "a"]), 1),
+                (Definitions::key(&["q", "2", "a"]), 3)
+            ]
+        );
+        assert!(d.list::<u64>(Table::Retry).unwrap().is_empty());
+        assert_eq!(
+            d.remove_prefix(Table::Dedup, &Definitions::key(&["q", "2", ""]))
+                .unwrap(),
+            1
+        );
     }
 
     #[tokio::test]

@@ -1016,3 +1016,109 @@ async fn a_partitioned_leader_is_replaced_and_catches_up_after_healing() {
     }
     assert_eq!(got, (0..500).map(|i| format!("p-{i}")).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_made_on_one_node_reach_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    // Exchange + quorum queue + binding declared over AMQP on node 1.
+    let c1 = nodes[0].connect().await;
+    let ch = c1.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "orders".into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    declare_quorum(&c1, "qq.eu-orders").await;
+    ch.queue_bind(
+        "qq.eu-orders".into(),
+        "orders".into(),
+        "eu.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // A user made on node 2 through warrenctl.
+    let ctl = |node: &Node, args: &[&str]| {
+        let url = format!("http://{}", node.mgmt());
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"));
+        cmd.args(["--url", url.as_str()]).args(args);
+        cmd
+    };
+    let out = ctl(&nodes[1], &["add_user", "carol", "s3cret"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&nodes[1], &["set_permissions", "-p", "/", "carol", ".*", ".*", ".*"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Node 3: carol can log in, publishes through the replicated exchange
+    // and binding, and the message lands in the quorum queue.
+    let url3 = format!("amqp://carol:s3cret@{}/%2f", nodes[2].p().addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let c3 = loop {
+        match Connection::connect(&url3, ConnectionProperties::default()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "carol cannot log in on node 3: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let ch3 = c3.create_channel().await.unwrap();
+    ch3.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Mandatory: returned until the binding exists on node 3.
+        let conf = ch3
+            .basic_publish(
+                "orders".into(),
+                "eu.de.new".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"order for Berlin",
+                persistent(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if conf.is_ack() && conf.take_message().is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "binding never reached node 3");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive_count(&c1, "qq.eu-orders").await != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Deleting the exchange on node 3 removes it on node 1.
+    ch3.exchange_delete("orders".into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = nodes[0].api("/api/exchanges/%2f/orders").await;
+        if v.get("error").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "exchange still on node 1: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -10,6 +10,7 @@ mod http;
 mod t10_permissions;
 mod t15_topic_permissions;
 mod t20_api;
+mod t25_stats;
 mod t30_definitions;
 mod t40_metrics;
 mod t50_warrenctl;

@@ -15,7 +15,12 @@ fn refused(perm: &str, key: &str, exchange: &str) -> String {
     )
 }
 
-async fn ok(broker: &std::sync::Arc<warren::broker::Broker>, m: &str, p: &str, b: serde_json::Value) -> u16 {
+async fn ok(
+    broker: &std::sync::Arc<warren::broker::Broker>,
+    m: &str,
+    p: &str,
+    b: serde_json::Value,
+) -> u16 {
     let (s, e) = call(broker, m, p, Some(b)).await;
     assert!(s.is_success(), "{m} {p}: {s} {e}");
     s.as_u16()
@@ -77,8 +82,20 @@ async fn topic_permission_matrix() {
         json!({"configure": ".*", "write": ".*", "read": ".*"}),
     )
     .await;
-    ok(&broker, "PUT", "/api/exchanges/%2F/events", json!({"type": "topic"})).await;
-    ok(&broker, "PUT", "/api/exchanges/%2F/free", json!({"type": "topic"})).await;
+    ok(
+        &broker,
+        "PUT",
+        "/api/exchanges/%2F/events",
+        json!({"type": "topic"}),
+    )
+    .await;
+    ok(
+        &broker,
+        "PUT",
+        "/api/exchanges/%2F/free",
+        json!({"type": "topic"}),
+    )
+    .await;
     // {username} is expanded; the first topic permission in the vhost is
     // "created", the next one (another exchange) an update.
     let s = ok(
@@ -107,7 +124,9 @@ async fn topic_permission_matrix() {
     // publish: write pattern against the routing key
     let ch = confirm_channel(&bob).await;
     confirmed(&ch, "amq.topic", "bob.orders").await.unwrap();
-    let e = confirmed(&ch, "amq.topic", "alice.orders").await.unwrap_err();
+    let e = confirmed(&ch, "amq.topic", "alice.orders")
+        .await
+        .unwrap_err();
     assert_eq!(e, (403, refused("write", "alice.orders", "amq.topic")));
     let ch = confirm_channel(&bob).await;
     confirmed(&ch, "events", "a.1").await.unwrap();
@@ -125,7 +144,9 @@ async fn topic_permission_matrix() {
     bind(&ch, "bob-q", "amq.direct", "alice.x").await.unwrap();
     // "" is "^$": only the empty key
     bind(&ch, "bob-q", "events", "").await.unwrap();
-    let e = bind(&ch, "bob-q", "amq.topic", "alice.*").await.unwrap_err();
+    let e = bind(&ch, "bob-q", "amq.topic", "alice.*")
+        .await
+        .unwrap_err();
     assert_eq!(e, (403, refused("read", "alice.*", "amq.topic")));
     let ch = bob.create_channel().await.unwrap();
     let e = bind(&ch, "bob-q", "events", "a.1").await.unwrap_err();
@@ -214,7 +235,13 @@ async fn vhost_expansion() {
     let b = TestBroker::start().await;
     let broker = b.handle.as_ref().unwrap().broker.clone();
     ok(&broker, "PUT", "/api/vhosts/tenant-1", json!({})).await;
-    ok(&broker, "PUT", "/api/users/bob", json!({"password": "bob", "tags": ""})).await;
+    ok(
+        &broker,
+        "PUT",
+        "/api/users/bob",
+        json!({"password": "bob", "tags": ""}),
+    )
+    .await;
     ok(
         &broker,
         "PUT",
@@ -237,7 +264,9 @@ async fn vhost_expansion() {
     .unwrap();
     let ch = confirm_channel(&bob).await;
     confirmed(&ch, "amq.topic", "tenant-1.bob").await.unwrap();
-    let e = confirmed(&ch, "amq.topic", "tenant-2.bob").await.unwrap_err();
+    let e = confirmed(&ch, "amq.topic", "tenant-2.bob")
+        .await
+        .unwrap_err();
     assert_eq!(
         e,
         (
@@ -252,7 +281,13 @@ async fn topic_permissions_api_and_definitions() {
     let b = TestBroker::start().await;
     let broker = b.handle.as_ref().unwrap().broker.clone();
     ok(&broker, "PUT", "/api/vhosts/app", json!({})).await;
-    ok(&broker, "PUT", "/api/users/bob", json!({"password": "bob", "tags": ""})).await;
+    ok(
+        &broker,
+        "PUT",
+        "/api/users/bob",
+        json!({"password": "bob", "tags": ""}),
+    )
+    .await;
     ok(
         &broker,
         "PUT",
@@ -267,8 +302,7 @@ async fn topic_permissions_api_and_definitions() {
         json!({"exchange": "amq.topic", "write": "", "read": "^x"}),
     )
     .await;
-    let expected_app =
-        json!({"user": "bob", "vhost": "app", "exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"});
+    let expected_app = json!({"user": "bob", "vhost": "app", "exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"});
     let expected_root =
         json!({"user": "bob", "vhost": "/", "exchange": "amq.topic", "write": "", "read": "^x"});
     let (s, all) = call(&broker, "GET", "/api/topic-permissions", None).await;
@@ -290,7 +324,10 @@ async fn topic_permissions_api_and_definitions() {
         Some(json!({"exchange": "amq.topic", "write": ".*", "read": ".*"})),
     )
     .await;
-    assert_eq!((s.as_u16(), e["reason"].as_str()), (400, Some("vhost_or_user_not_found")));
+    assert_eq!(
+        (s.as_u16(), e["reason"].as_str()),
+        (400, Some("vhost_or_user_not_found"))
+    );
     let (s, _) = call(
         &broker,
         "PUT",
@@ -308,22 +345,40 @@ async fn topic_permissions_api_and_definitions() {
     .await;
     assert_eq!(s, 400);
     // not for non-administrators
-    ok(&broker, "PUT", "/api/users/mon", json!({"password": "m", "tags": "monitoring"})).await;
-    let (s, _) =
-        crate::http::call_as(&broker, Some(("mon", "m")), "GET", "/api/topic-permissions", None)
-            .await;
+    ok(
+        &broker,
+        "PUT",
+        "/api/users/mon",
+        json!({"password": "m", "tags": "monitoring"}),
+    )
+    .await;
+    let (s, _) = crate::http::call_as(
+        &broker,
+        Some(("mon", "m")),
+        "GET",
+        "/api/topic-permissions",
+        None,
+    )
+    .await;
     assert_eq!(s, 401);
 
     // definitions: exported, wiped, imported back identically
     let (_, defs) = call(&broker, "GET", "/api/definitions", None).await;
-    assert_eq!(defs["topic_permissions"], json!([expected_root, expected_app]));
+    assert_eq!(
+        defs["topic_permissions"],
+        json!([expected_root, expected_app])
+    );
     let (s, _) = call(&broker, "DELETE", "/api/topic-permissions/app/bob", None).await;
     assert_eq!(s, 204);
     let (s, _) = call(&broker, "DELETE", "/api/topic-permissions/app/bob", None).await;
     assert_eq!(s, 404);
     call(&broker, "DELETE", "/api/users/bob", None).await;
     let (_, wiped) = call(&broker, "GET", "/api/topic-permissions", None).await;
-    assert_eq!(wiped, json!([]), "deleting the user drops its topic permissions");
+    assert_eq!(
+        wiped,
+        json!([]),
+        "deleting the user drops its topic permissions"
+    );
     let (s, e) = call(&broker, "POST", "/api/definitions", Some(defs.clone())).await;
     assert_eq!(s, 204, "{e}");
     let (_, again) = call(&broker, "GET", "/api/definitions", None).await;
@@ -376,7 +431,13 @@ fn warrenctl_and_restart() {
     assert_eq!(ctl(&a, &["add_user", "bob", "pw"]).0, 0);
     let (c, out) = ctl(
         &a,
-        &["set_topic_permissions", "bob", "amq.topic", "^{username}-", "^{username}-"],
+        &[
+            "set_topic_permissions",
+            "bob",
+            "amq.topic",
+            "^{username}-",
+            "^{username}-",
+        ],
     );
     assert_eq!(c, 0);
     assert_eq!(
@@ -401,7 +462,10 @@ fn warrenctl_and_restart() {
         out,
         "/\tamq.match\t.*\t\n/\tamq.topic\t^{username}-\t^{username}-\n"
     );
-    assert_eq!(ctl(&a, &["clear_topic_permissions", "bob", "amq.match"]).0, 0);
+    assert_eq!(
+        ctl(&a, &["clear_topic_permissions", "bob", "amq.match"]).0,
+        0
+    );
     let (_, out) = ctl(&a, &["-q", "list_topic_permissions"]);
     assert_eq!(out, "bob\tamq.topic\t^{username}-\t^{username}-\n");
     assert_eq!(ctl(&a, &["clear_topic_permissions", "bob"]).0, 0);

@@ -141,3 +141,4 @@ pub fn s(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())
 }
 mod t60_super;
+mod t70_groups;

@@ -94,6 +94,12 @@ pub struct Cli {
     /// Delete the queues at the end of the run
     #[arg(long = "delete-queues")]
     pub delete_queues: bool,
+    /// Declare the queues as quorum queues (durable, x-queue-type=quorum), as PerfTest's --quorum-queue
+    #[arg(long = "quorum-queue")]
+    pub quorum_queue: bool,
+    /// Extra queue.declare arguments, PerfTest style: "k=v,k2=v2" (integer values are sent as longs)
+    #[arg(long = "queue-args", value_name = "K=V,...")]
+    pub queue_args: Option<String>,
     /// Declare the queues as streams (durable, x-queue-type=stream)
     #[arg(long = "stream")]
     pub stream: bool,
@@ -345,6 +351,23 @@ fn declare(plan: &Plan) -> Result<(), Error> {
         let kind = if c.fanout > 0 { "fanout" } else { "direct" };
         conn.exchange_declare(1, &plan.exchange, kind, c.persistent)?;
     }
+    for kv in c
+        .queue_args
+        .iter()
+        .flat_map(|a| a.split(','))
+        .filter(|kv| !kv.is_empty())
+    {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(Error::Config(format!(
+                "--queue-args: '{kv}' is not key=value"
+            )));
+        };
+        let v = match v.parse::<i64>() {
+            Ok(n) => amq_protocol::types::AMQPValue::LongLongInt(n),
+            Err(_) => amq_protocol::types::AMQPValue::LongString(v.into()),
+        };
+        conn.declare_args.insert(k.into(), v);
+    }
     for (i, q) in plan.queues.iter().enumerate() {
         // auto-delete: a queue goes away when its last consumer leaves, so runs don't
         // inherit each other's backlog (a queue that never had a consumer stays).
@@ -353,6 +376,13 @@ fn declare(plan: &Plan) -> Result<(), Error> {
             conn.declare_args.insert(
                 "x-queue-type".into(),
                 amq_protocol::types::AMQPValue::LongString("stream".into()),
+            );
+            conn.queue_declare(1, q, true, false, false)?;
+        } else if c.quorum_queue {
+            // Quorum queues are durable and never auto-delete.
+            conn.declare_args.insert(
+                "x-queue-type".into(),
+                amq_protocol::types::AMQPValue::LongString("quorum".into()),
             );
             conn.queue_declare(1, q, true, false, false)?;
         } else {

@@ -239,33 +239,132 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The `x-stream-offset` header table entry: name length, name, type
+/// `l` (signed 64-bit, as RabbitMQ sends it), value.
+const OFFSET_ENTRY_LEN: usize = 1 + 15 + 1 + 8;
+
+fn offset_entry(offset: u64, out: &mut Vec<u8>) {
+    out.push(15);
+    out.extend_from_slice(b"x-stream-offset");
+    out.push(b'l');
+    out.extend_from_slice(&(offset as i64).to_be_bytes());
+}
+
+/// Appends to `out` the wire property list `raw` with an `x-stream-offset`
+/// header added, without decoding it: the headers table (property 3) is
+/// created, or the entry is appended to it. False (nothing usable in
+/// `out`) when `raw` is malformed, has a second flags word, or already has
+/// a header of that name; the caller then takes the slow path.
+fn splice_offset_header(raw: &[u8], offset: u64, out: &mut Vec<u8>) -> bool {
+    const CONTENT_TYPE: u16 = 1 << 15;
+    const CONTENT_ENCODING: u16 = 1 << 14;
+    const HEADERS: u16 = 1 << 13;
+    let Some(flags) = raw.get(0..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return false;
+    };
+    if flags & 1 != 0 {
+        return false;
+    }
+    let mut pos = 2;
+    for bit in [CONTENT_TYPE, CONTENT_ENCODING] {
+        if flags & bit != 0 {
+            let Some(&n) = raw.get(pos) else {
+                return false;
+            };
+            pos += 1 + n as usize;
+        }
+    }
+    if pos > raw.len() {
+        return false;
+    }
+    if flags & HEADERS == 0 {
+        out.extend_from_slice(&(flags | HEADERS).to_be_bytes());
+        out.extend_from_slice(&raw[2..pos]);
+        out.extend_from_slice(&(OFFSET_ENTRY_LEN as u32).to_be_bytes());
+        offset_entry(offset, out);
+        out.extend_from_slice(&raw[pos..]);
+        return true;
+    }
+    let Some(len) = raw
+        .get(pos..pos + 4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    else {
+        return false;
+    };
+    let Some(table) = raw.get(pos + 4..pos + 4 + len) else {
+        return false;
+    };
+    // Conservative: any occurrence of the key (even inside a value) means
+    // the slow path, which replaces the header.
+    if table
+        .windows(16)
+        .any(|w| w[0] == 15 && &w[1..] == b"x-stream-offset")
+    {
+        return false;
+    }
+    out.extend_from_slice(&raw[..pos]);
+    out.extend_from_slice(&((len + OFFSET_ENTRY_LEN) as u32).to_be_bytes());
+    out.extend_from_slice(table);
+    offset_entry(offset, out);
+    out.extend_from_slice(&raw[pos + 4 + len..]);
+    true
+}
+
+/// The slow path of [`splice_offset_header`]: decode, set the header,
+/// encode.
+fn with_offset_header(raw: &[u8], offset: u64) -> Option<Bytes> {
+    let (rest, props) = amq_protocol::protocol::basic::parse_properties(raw).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongLongInt(offset as i64),
+    );
+    Some(crate::protocol::frame::encode_properties(
+        &props.with_headers(headers),
+    ))
+}
+
 /// Decodes a chunk into deliverable messages, each with its
-/// `x-stream-offset` header.
+/// `x-stream-offset` header. The delivery path writes only the wire
+/// properties (`raw_properties`, which carry the header; all of a chunk's
+/// in one buffer); `properties` is the message's stored property list,
+/// decoded, without it.
 fn decode(h: &ChunkHeader, data: Bytes) -> Option<Vec<Decoded>> {
     let recs = chunk::records(data, h.count)?;
-    let mut out = Vec::with_capacity(recs.len());
-    for (i, r) in recs.into_iter().enumerate() {
+    let mut buf = Vec::with_capacity(
+        recs.iter()
+            .map(|r| r.properties.len() + 4 + OFFSET_ENTRY_LEN)
+            .sum(),
+    );
+    let mut spans = Vec::with_capacity(recs.len());
+    for (i, r) in recs.iter().enumerate() {
         let offset = h.first + i as u64;
-        let (rest, props) =
+        let start = buf.len();
+        if !splice_offset_header(&r.properties, offset, &mut buf) {
+            buf.truncate(start);
+            buf.extend_from_slice(&with_offset_header(&r.properties, offset)?);
+        }
+        spans.push(start..buf.len());
+    }
+    let buf = Bytes::from(buf);
+    let mut out = Vec::with_capacity(recs.len());
+    for ((i, r), span) in recs.into_iter().enumerate().zip(spans) {
+        let (rest, properties) =
             amq_protocol::protocol::basic::parse_properties(&r.properties[..]).ok()?;
         if !rest.is_empty() {
             return None;
         }
-        let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongLongInt(offset as i64),
-        );
-        let props = props.with_headers(headers);
-        let raw = crate::protocol::frame::encode_properties(&props);
         let m = Message {
             exchange: r.exchange,
             routing_key: r.routing_key,
-            properties: props,
-            raw_properties: raw,
+            properties,
+            raw_properties: buf.slice(span),
             body: r.body,
         };
-        out.push((offset, r.filter, Arc::new(m)));
+        out.push((h.first + i as u64, r.filter, Arc::new(m)));
     }
     Some(out)
 }
@@ -894,5 +993,81 @@ impl StreamActor {
                 let _ = st.delete_exchange(&self.q.vhost, &x).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::protocol::BasicProperties;
+    use amq_protocol::protocol::basic::parse_properties;
+    use amq_protocol::types::FieldTable;
+
+    fn spliced(p: &BasicProperties, offset: u64) -> Option<BasicProperties> {
+        let raw = crate::protocol::frame::encode_properties(p);
+        let mut out = vec![];
+        if !splice_offset_header(&raw, offset, &mut out) {
+            return None;
+        }
+        let (rest, got) = parse_properties(&out[..]).unwrap();
+        assert!(rest.is_empty());
+        Some(got)
+    }
+
+    fn slow(p: &BasicProperties, offset: u64) -> BasicProperties {
+        let raw = crate::protocol::frame::encode_properties(p);
+        let out = with_offset_header(&raw, offset).unwrap();
+        parse_properties(&out[..]).unwrap().1
+    }
+
+    #[test]
+    fn offset_header_splice_matches_decode_and_encode() {
+        let mut h = FieldTable::default();
+        h.insert("k".into(), AMQPValue::LongString("v".into()));
+        h.insert("n".into(), AMQPValue::LongInt(-4));
+        let cases = vec![
+            BasicProperties::default(),
+            BasicProperties::default().with_delivery_mode(2),
+            BasicProperties::default()
+                .with_content_type("text/plain".into())
+                .with_content_encoding("gzip".into())
+                .with_priority(3)
+                .with_message_id("id-1".into())
+                .with_timestamp(17)
+                .with_app_id("app".into()),
+            BasicProperties::default()
+                .with_content_type("a/b".into())
+                .with_headers(h.clone())
+                .with_correlation_id("c".into()),
+            BasicProperties::default().with_headers(FieldTable::default()),
+        ];
+        for (i, p) in cases.iter().enumerate() {
+            let off = 1u64 << (i * 9);
+            let got = spliced(p, off).expect("fast path");
+            assert_eq!(got, slow(p, off), "case {i}");
+            assert_eq!(
+                got.headers()
+                    .as_ref()
+                    .and_then(|t| t.inner().get("x-stream-offset").cloned()),
+                Some(AMQPValue::LongLongInt(off as i64))
+            );
+        }
+        // A publisher's own x-stream-offset header: the slow path replaces it.
+        let mut own = FieldTable::default();
+        own.insert("x-stream-offset".into(), AMQPValue::LongString("x".into()));
+        let p = BasicProperties::default().with_headers(own);
+        assert!(spliced(&p, 5).is_none());
+        assert_eq!(
+            slow(&p, 5)
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get("x-stream-offset").cloned()),
+            Some(AMQPValue::LongLongInt(5))
+        );
+        // Garbage is refused, not spliced.
+        let mut out = vec![];
+        assert!(!splice_offset_header(&[0x20], 1, &mut out));
+        assert!(!splice_offset_header(&[0x20, 0x00, 0, 0, 1], 1, &mut out));
+        assert!(!splice_offset_header(&[0x80, 0x00, 9, b'a'], 1, &mut out));
     }
 }

@@ -191,41 +191,47 @@ pub struct Record {
     pub body: Bytes,
 }
 
-/// Splits the record section of a chunk. None if it is malformed.
-pub fn records(mut data: Bytes, count: u32) -> Option<Vec<Record>> {
+/// Splits the record section of a chunk. None if it is malformed. The
+/// fields are cut by position and sliced out of `data` once each (no
+/// reference-count traffic for the length prefixes).
+pub fn records(data: Bytes, count: u32) -> Option<Vec<Record>> {
     let mut out = Vec::with_capacity(count as usize);
+    let d = &data[..];
+    let mut pos = 0usize;
     for _ in 0..count {
-        if data.remaining() < 4 {
-            return None;
-        }
-        let len = data.get_u32() as usize;
-        if data.remaining() < len {
-            return None;
-        }
-        let mut r = data.split_to(len);
-        let mut take = |n: usize| (r.remaining() >= n).then(|| r.split_to(n));
-        let exl = *take(1)?.first()? as usize;
+        let len = u32::from_be_bytes(d.get(pos..pos + 4)?.try_into().ok()?) as usize;
+        let end = (pos + 4).checked_add(len).filter(|e| *e <= d.len())?;
+        let mut p = pos + 4;
+        // The next `n` bytes of this record, as a range.
+        let mut take = |n: usize| {
+            let r = p..p.checked_add(n).filter(|e| *e <= end)?;
+            p = r.end;
+            Some(r)
+        };
+        let exl = d[take(1)?.start] as usize;
         let exchange = take(exl)?;
-        let rkl = *take(1)?.first()? as usize;
+        let rkl = d[take(1)?.start] as usize;
         let routing_key = take(rkl)?;
-        let fl = take(2)?.get_u16();
+        let f = take(2)?;
+        let fl = u16::from_be_bytes([d[f.start], d[f.start + 1]]);
         let filter = if fl == NO_FILTER {
             None
         } else {
             Some(take(fl as usize)?)
         };
-        let pl = take(4)?.get_u32() as usize;
+        let pl = take(4)?;
+        let pl = u32::from_be_bytes(d[pl].try_into().ok()?) as usize;
         let properties = take(pl)?;
-        let body = r;
         out.push(Record {
-            exchange,
-            routing_key,
-            filter,
-            properties,
-            body,
+            exchange: data.slice(exchange),
+            routing_key: data.slice(routing_key),
+            filter: filter.map(|r| data.slice(r)),
+            properties: data.slice(properties),
+            body: data.slice(p..end),
         });
+        pos = end;
     }
-    data.is_empty().then_some(out)
+    (pos == d.len()).then_some(out)
 }
 
 #[cfg(test)]
