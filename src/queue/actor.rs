@@ -598,6 +598,9 @@ impl QueueActor {
                         &self.q.arguments,
                         |k| eff.policy_value(k),
                     ));
+                    // A lowered max-length applies to what is queued now.
+                    let dead = self.core.trim_to_limits();
+                    self.dead_letter(dead).await;
                 }
             }
             QueueCmd::Consume {

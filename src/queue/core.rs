@@ -753,6 +753,35 @@ impl QueueCore {
         (Admission::Accepted, dead)
     }
 
+    /// Applies lowered length limits at once (a policy changed): with
+    /// drop-head, the oldest ready messages over the limit leave (to be
+    /// dead-lettered with reason maxlen), as RabbitMQ does. The reject
+    /// modes keep what is queued and refuse new publishes.
+    pub fn trim_to_limits(&mut self) -> Vec<(Envelope, DeadReason)> {
+        let mut dead = Vec::new();
+        if self.limits.overflow != super::args::Overflow::DropHead {
+            return dead;
+        }
+        loop {
+            let over = self
+                .limits
+                .max_length
+                .is_some_and(|m| self.ready.len() as u64 > m)
+                || self
+                    .limits
+                    .max_length_bytes
+                    .is_some_and(|m| self.ready.bytes() > m);
+            if !over {
+                break;
+            }
+            match self.ready.pop_front() {
+                Some(e) => dead.push((e, DeadReason::MaxLen)),
+                None => break,
+            }
+        }
+        dead
+    }
+
     /// Removes ready messages whose TTL has run out by `now`, wherever they
     /// sit in the queue (not only at the head).
     pub fn expire(&mut self, now: u64) -> Vec<(Envelope, DeadReason)> {

@@ -485,3 +485,21 @@ async fn policies_survive_a_restart() {
     let _ = conn.close(200, "bye".into()).await;
     p.stop();
 }
+
+#[tokio::test]
+async fn lowering_max_length_by_policy_trims_the_existing_backlog() {
+    let b = TestBroker::start().await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_queue(&ch, "backlog").await;
+    publish_n(&ch, "backlog", 10).await;
+    settle().await;
+    // Oldest messages go first (drop-head), at once, as in RabbitMQ.
+    set_policy(&b, "trim", "^backlog$", "queues", 0, json!({"max-length": 3})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while message_count(&conn, "backlog").await != 3 {
+        assert!(std::time::Instant::now() < deadline, "backlog not trimmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(drain(&ch, "backlog").await, vec!["7", "8", "9"]);
+}

@@ -277,6 +277,14 @@ pub(crate) mod tests {
         assert_eq!(recs[1].filter.as_deref(), Some(&b"ca"[..]));
         assert_eq!(recs[0].filter, None);
         assert_eq!(recs[0].properties, msgs[0].raw_properties);
+        // Truncated or padded record sections are refused, never a panic.
+        let whole = bytes.slice(HEADER_LEN + h.bloom_len as usize..);
+        for cut in 0..whole.len() {
+            assert!(records(whole.slice(..cut), h.count).is_none(), "cut {cut}");
+        }
+        let mut padded = whole.to_vec();
+        padded.push(0);
+        assert!(records(Bytes::from(padded), h.count).is_none());
         // A flipped bit is caught.
         let mut bad = bytes.to_vec();
         let last = bad.len() - 1;
