@@ -200,6 +200,7 @@ pub fn spawn(
         dedup_saved_at: 0,
     };
     actor.core.set_limits(actor.eff.limits.clone());
+    actor.core.arm_recovered_ttl(recovered_at);
     actor
         .core
         .set_retry(super::args::effective_retry(&q.args, &q.arguments, |k| {

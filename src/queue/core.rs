@@ -753,6 +753,22 @@ impl QueueCore {
         (Admission::Accepted, dead)
     }
 
+    /// Recovered messages of a queue with a message TTL (x-message-ttl or
+    /// policy) get a deadline counted from the restart: the store keeps no
+    /// publish time, so a restart gives each message its full TTL again
+    /// rather than letting it live forever.
+    pub fn arm_recovered_ttl(&mut self, now: u64) {
+        let Some(ttl) = self.limits.message_ttl else {
+            return;
+        };
+        let at = now.saturating_add(ttl).max(1);
+        for env in self.ready.iter_mut() {
+            if env.expires == 0 {
+                env.expires = at;
+            }
+        }
+    }
+
     /// Applies lowered length limits at once (a policy changed): with
     /// drop-head, the oldest ready messages over the limit leave (to be
     /// dead-lettered with reason maxlen), as RabbitMQ does. The reject

@@ -318,6 +318,14 @@ impl ReadyList {
     }
 
     /// Iterates in delivery order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Envelope> {
+        self.lanes
+            .iter_mut()
+            .rev()
+            .flat_map(|l| l.head.iter_mut().chain(l.tail.iter_mut()))
+    }
+
+    /// Messages in delivery order.
     pub fn iter(&self) -> impl Iterator<Item = &Envelope> {
         self.lanes.iter().rev().flat_map(|l| l.iter())
     }

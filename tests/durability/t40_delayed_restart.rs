@@ -100,3 +100,65 @@ async fn persistent_delayed_message_survives_restart() {
     drop(conn);
     w.stop();
 }
+
+/// Messages of a queue with x-message-ttl still expire after a restart
+/// (their TTL counts again from the restart: the store keeps no publish
+/// time), instead of living forever.
+#[tokio::test]
+async fn queue_ttl_still_expires_recovered_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let w = WarrenProcess::start(&data);
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(4000));
+    let declare = |ch: lapin::Channel, args: FieldTable| async move {
+        ch.queue_declare(
+            "ttlq".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap()
+        .message_count()
+    };
+    {
+        let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        declare(ch.clone(), args.clone()).await;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            ch.basic_publish(
+                "".into(),
+                "ttlq".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        }
+        ch.wait_for_confirms().await.unwrap();
+    }
+    w.crash();
+    let w = WarrenProcess::start(&data);
+    let conn = Connection::connect(&w.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(declare(ch.clone(), args.clone()).await, 5, "recovered");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while declare(ch.clone(), args.clone()).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovered messages never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
