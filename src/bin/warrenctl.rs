@@ -63,6 +63,14 @@ enum Cmd {
     join_cluster { seed: String },
     /// Remove a node (by name) from the cluster.
     forget_cluster_node { node: String },
+    /// Add a replica of a quorum queue on NODE (rabbitmq-queues add_member).
+    add_member { queue: String, node: String },
+    /// Remove the replica of a quorum queue on NODE (rabbitmq-queues delete_member).
+    delete_member { queue: String, node: String },
+    /// Add NODE as a replica of every quorum queue (rabbitmq-queues grow).
+    grow { node: String },
+    /// Remove NODE from every quorum queue (rabbitmq-queues shrink).
+    shrink { node: String },
     /// Wait until the node answers.
     await_startup,
     /// Queues [columns...] (default: name messages).
@@ -548,6 +556,32 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             )?;
             if !q {
                 println!("Removed node {node} from the cluster");
+            }
+        }
+        Cmd::add_member { queue, node } | Cmd::delete_member { queue, node } => {
+            let action = if matches!(cli.cmd, Cmd::add_member { .. }) { "add" } else { "delete" };
+            c.call(
+                "POST",
+                "/api/cluster/members",
+                Some(&json!({"vhost": cli.vhost, "queue": queue, "node": node, "action": action})),
+                &format!("quorum queue '{queue}'"),
+            )?;
+            if !q {
+                println!(
+                    "{} a replica of quorum queue {queue} on {node}",
+                    if action == "add" { "Added" } else { "Removed" }
+                );
+            }
+        }
+        Cmd::grow { node } | Cmd::shrink { node } => {
+            let path = if matches!(cli.cmd, Cmd::grow { .. }) { "/api/cluster/grow" } else { "/api/cluster/shrink" };
+            let v = c.call("POST", path, Some(&json!({ "node": node })), "node")?;
+            if f == "json" {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                for r in v.as_array().into_iter().flatten() {
+                    println!("{}\t{}\t{}", cell(&r["vhost"]), cell(&r["name"]), cell(&r["result"]));
+                }
             }
         }
         Cmd::environment => {

@@ -72,6 +72,8 @@ pub struct Cluster {
     /// Quorum queues this node serves without a replica: forwarded
     /// deliveries land here.
     pub sinks: DashMap<GroupId, DeliverySink>,
+    /// Quorum queue contexts by group (type-erased; see queue::quorum).
+    pub queue_ctxs: DashMap<GroupId, Weak<dyn std::any::Any + Send + Sync>>,
     /// Applies other nodes' definition changes, in metadata log order.
     pub defs_applier: std::sync::OnceLock<defs::Applier>,
     /// Metadata state (quorum queue definitions).
@@ -189,6 +191,7 @@ impl Cluster {
             nodes: DashMap::new(),
             groups: DashMap::new(),
             sinks: DashMap::new(),
+            queue_ctxs: DashMap::new(),
             defs_applier: std::sync::OnceLock::new(),
             meta: Arc::new(Mutex::new(meta::MetaState::default())),
             broker: Arc::downgrade(broker),
@@ -588,6 +591,68 @@ impl Cluster {
         }
     }
 
+    /// Makes `voters` the voting members of `group`, at its leader (adding
+    /// new ones as learners first, so they catch up before they count).
+    /// `old` names the current members, to find the leader from a node
+    /// without a replica.
+    pub async fn set_voters(
+        self: &Arc<Self>,
+        group: &str,
+        voters: Vec<NodeId>,
+        old: &[NodeId],
+    ) -> Result<(), String> {
+        let deadline = now_ms() + 60_000;
+        loop {
+            let local = self.groups.get(group).map(|g| g.raft.clone());
+            let leader = local
+                .as_ref()
+                .and_then(|r| r.metrics().borrow().current_leader);
+            if let (Some(raft), Some(l)) = (&local, leader) {
+                if l == self.me.id {
+                    let current: std::collections::BTreeSet<NodeId> =
+                        raft.metrics().borrow().membership_config.voter_ids().collect();
+                    for v in &voters {
+                        if !current.contains(v) {
+                            let info = self.nodes.get(v).map(|n| n.clone()).unwrap_or_default();
+                            raft.add_learner(*v, info, true)
+                                .await
+                                .map_err(|e| format!("cannot add the replica: {e}"))?;
+                        }
+                    }
+                    let set: std::collections::BTreeSet<NodeId> = voters.iter().copied().collect();
+                    raft.change_membership(set, false)
+                        .await
+                        .map_err(|e| format!("cannot change the replica set: {e}"))?;
+                    return Ok(());
+                }
+            }
+            let mut targets: Vec<NodeId> = leader.into_iter().collect();
+            targets.extend(old.iter().copied().filter(|m| *m != self.me.id));
+            for t in targets {
+                if t == self.me.id {
+                    continue;
+                }
+                let Some(p) = self.peer_by_id(t) else { continue };
+                if let Ok(RespBody::Done) = p
+                    .call(
+                        Req::SetVoters {
+                            group: group.to_string(),
+                            voters: voters.clone(),
+                        },
+                        Duration::from_secs(70),
+                    )
+                    .await
+                {
+                    return Ok(());
+                }
+            }
+            if now_ms() > deadline {
+                return Err(format!("no leader of {group} could change its replicas within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Removes a node from the cluster (at the metadata leader).
     pub async fn forget(self: &Arc<Self>, id: NodeId) -> Result<(), String> {
         let Some(meta) = self.groups.get(META_GROUP).map(|g| g.raft.clone()) else {
@@ -854,6 +919,17 @@ async fn handle_req(c: &Arc<Cluster>, req: Req) -> Result<RespBody, String> {
             .map(RespBody::Snapshot)
             .map_err(|e| e.to_string()),
         Req::Join { id, info } => c.join(id, info).await.map(|_| RespBody::Done),
+        Req::SetVoters { group, voters } => {
+            let leads = c
+                .groups
+                .get(&group)
+                .map(|g| g.raft.metrics().borrow().current_leader == Some(c.me.id))
+                .unwrap_or(false);
+            if !leads {
+                return Err("not the leader".into());
+            }
+            c.set_voters(&group, voters, &[]).await.map(|_| RespBody::Done)
+        }
         Req::Forget { id } => c.forget(id).await.map(|_| RespBody::Done),
         Req::Deliver {
             group,

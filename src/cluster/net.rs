@@ -114,6 +114,13 @@ pub enum Req {
         /// Its name and address.
         info: NodeInfo,
     },
+    /// Ask a quorum queue's leader to change its voters.
+    SetVoters {
+        /// Group.
+        group: String,
+        /// New voters.
+        voters: Vec<NodeId>,
+    },
     /// Ask the metadata leader to remove a node.
     Forget {
         /// The node.

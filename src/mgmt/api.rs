@@ -57,6 +57,9 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/cluster", get(super::cluster::get_status))
         .route("/api/cluster/join", post(super::cluster::post_join))
         .route("/api/cluster/forget", post(super::cluster::post_forget))
+        .route("/api/cluster/members", post(super::cluster::post_members))
+        .route("/api/cluster/grow", post(super::cluster::post_grow))
+        .route("/api/cluster/shrink", post(super::cluster::post_shrink))
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{name}",

@@ -122,3 +122,64 @@ pub async fn post_forget(State(st): State<AppState>, caller: Caller, Json(body):
         .map_err(|e| ApiError::bad_request(format!("cannot remove {node}: {e}")))?;
     Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }
+
+/// POST /api/cluster/members {"vhost", "queue", "node", "action": "add" |
+/// "delete"}: one quorum queue gains or loses a replica (rabbitmq-queues
+/// add_member / delete_member).
+pub async fn post_members(State(st): State<AppState>, caller: Caller, Json(body): Json<Value>) -> R {
+    if !caller.is_admin() {
+        return Err(ApiError::unauthorised("Not administrator user"));
+    }
+    let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (vhost, queue, node, action) = (s("vhost"), s("queue"), s("node"), s("action"));
+    let vhost = if vhost.is_empty() { "/".to_string() } else { vhost };
+    if queue.is_empty() || node.is_empty() || !(action == "add" || action == "delete") {
+        return Err(ApiError::bad_request(
+            "body must be {\"vhost\", \"queue\", \"node\", \"action\": \"add\"|\"delete\"}",
+        ));
+    }
+    let id = crate::cluster::types::node_id(&node);
+    crate::queue::quorum::change_member(&st.broker, &vhost, &queue, id, action == "add")
+        .await
+        .map_err(ApiError::bad_request)?;
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
+}
+
+/// POST /api/cluster/grow {"node"} and /api/cluster/shrink {"node"}: add the
+/// node to every quorum queue, or remove it from every one (rabbitmq-queues
+/// grow / shrink). Answers with what was done per queue.
+pub async fn post_grow(st: State<AppState>, caller: Caller, body: Json<Value>) -> R {
+    grow_or_shrink(st, caller, body, true).await
+}
+
+/// See [`post_grow`].
+pub async fn post_shrink(st: State<AppState>, caller: Caller, body: Json<Value>) -> R {
+    grow_or_shrink(st, caller, body, false).await
+}
+
+async fn grow_or_shrink(State(st): State<AppState>, caller: Caller, Json(body): Json<Value>, add: bool) -> R {
+    if !caller.is_admin() {
+        return Err(ApiError::unauthorised("Not administrator user"));
+    }
+    let Some(node) = body.get("node").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request("body must be {\"node\": \"warren@host\"}"));
+    };
+    let Some(c) = st.broker.cluster.get().cloned() else {
+        return Err(ApiError::bad_request("clustering is not running on this node"));
+    };
+    let id = crate::cluster::types::node_id(node);
+    let defs: Vec<_> = c
+        .meta
+        .lock()
+        .map(|m| m.queues.values().cloned().collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for d in defs {
+        if d.members.contains(&id) == add {
+            continue;
+        }
+        let r = crate::queue::quorum::change_member(&st.broker, &d.vhost, &d.name, id, add).await;
+        out.push(json!({"vhost": d.vhost, "name": d.name, "result": match r { Ok(()) => "ok".to_string(), Err(e) => e }}));
+    }
+    Ok(Json(Value::Array(out)).into_response())
+}

@@ -63,7 +63,7 @@ pub struct QCtx {
     broker: Weak<Broker>,
     /// Replica nodes (deliveries to consumers elsewhere are forwarded by
     /// the leader).
-    members: Vec<NodeId>,
+    members: Mutex<Vec<NodeId>>,
     group: String,
     cluster: Weak<Cluster>,
     /// Parsed and raw arguments (to rebuild the core from a snapshot).
@@ -638,7 +638,10 @@ impl QuorumSm {
                 if node != ctx.me || inc != ctx.incarnation {
                     // A consumer on a node without a replica: the leader
                     // forwards.
-                    if leader && node != ctx.me && !ctx.members.contains(&node) {
+                    if leader
+                        && node != ctx.me
+                        && !ctx.members.lock().map(|m| m.contains(&node)).unwrap_or(true)
+                    {
                         if let Some(msg) = env.msg.as_ref() {
                             let g = GotMsg {
                                 id: env.id,
@@ -1021,7 +1024,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         leader: OnceLock::new(),
         vhost: Arc::downgrade(&vhost),
         broker: Arc::downgrade(&broker),
-        members: def.members.clone(),
+        members: Mutex::new(def.members.clone()),
         group: def.group(),
         cluster: Arc::downgrade(cluster),
         args: args.clone(),
@@ -1084,6 +1087,9 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         tx,
     ));
     let _ = ctx.queue.set(Arc::downgrade(&q));
+    cluster
+        .queue_ctxs
+        .insert(def.group(), Arc::downgrade(&ctx) as Weak<dyn std::any::Any + Send + Sync>);
     if !member {
         let sink_ctx = ctx.clone();
         cluster.sinks.insert(
@@ -1127,7 +1133,6 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         ctx,
         machine,
         group,
-        members: def.members.clone(),
         q: Arc::downgrade(&q),
         pending_credit: HashMap::new(),
     };
@@ -1169,9 +1174,119 @@ pub async fn dematerialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
     tokio::spawn(async move { c.drop_group(&group).await });
 }
 
+impl Cluster {
+    /// The shared context of a quorum queue on this node.
+    fn queue_ctx(&self, group: &str) -> Option<Arc<QCtx>> {
+        self.queue_ctxs
+            .get(group)
+            .and_then(|w| w.upgrade())
+            .and_then(|a| a.downcast::<QCtx>().ok())
+    }
+}
+
 /// A quorum queue's replica set changed.
-pub async fn members_changed(_cluster: &Arc<Cluster>, def: &QuorumDef) {
+pub async fn members_changed(cluster: &Arc<Cluster>, def: &QuorumDef) {
     info!(queue = %def.name, vhost = %def.vhost, members = ?def.members, "quorum queue replica set changed");
+    let group = def.group();
+    let hosted = cluster.groups.contains_key(&group);
+    let member = def.members.contains(&cluster.me.id);
+    if member == hosted {
+        // Same role here: only the member list moves.
+        if let Some(ctx) = cluster.queue_ctx(&group) {
+            if let Ok(mut m) = ctx.members.lock() {
+                m.clone_from(&def.members);
+            }
+        }
+        return;
+    }
+    // This node gains or loses its replica: rebuild its handle (consumers
+    // attached here are cancelled and may re-consume).
+    if let Some(b) = cluster.broker.upgrade() {
+        if let Some(v) = b.vhost(&def.vhost) {
+            if let Some(q) = v.queue(&def.name).filter(|q| q.id == def.id) {
+                v.queues.remove_if(&def.name, |_, x| x.id == def.id);
+                let _ = q
+                    .tx
+                    .send(QueueCmd::Delete {
+                        if_unused: false,
+                        if_empty: false,
+                        reply: None,
+                    })
+                    .await;
+            }
+        }
+    }
+    cluster.sinks.remove(&group);
+    if hosted {
+        cluster.drop_group(&group).await;
+        if let Some(b) = cluster.broker.upgrade() {
+            SnapFile::new(&b.config.storage.data_dir, &group).remove();
+        }
+    }
+    materialize(cluster, def).await;
+}
+
+/// Adds (`add`) or removes a replica of a quorum queue (warrenctl
+/// add_member / delete_member, grow / shrink): the metadata group records
+/// the new replica set first (so an added node opens its replica), then the
+/// queue's leader changes the group's membership (an added node catches up
+/// by log replay or a snapshot); a removed node drops its replica last.
+pub async fn change_member(
+    broker: &Arc<Broker>,
+    vhost: &str,
+    name: &str,
+    node: NodeId,
+    add: bool,
+) -> Result<(), String> {
+    let Some(cluster) = broker.cluster.get().cloned() else {
+        return Err("clustering is not running".into());
+    };
+    let def = cluster
+        .meta
+        .lock()
+        .map_err(|_| "metadata lock poisoned".to_string())?
+        .queues
+        .get(&(vhost.to_string(), name.to_string()))
+        .cloned()
+        .ok_or_else(|| format!("no quorum queue '{name}' in vhost '{vhost}'"))?;
+    if !cluster.members().iter().any(|(id, _)| *id == node) {
+        return Err("that node is not a member of the cluster".into());
+    }
+    let mut members = def.members.clone();
+    if add {
+        if members.contains(&node) {
+            return Ok(());
+        }
+        members.push(node);
+    } else {
+        if !members.contains(&node) {
+            return Ok(());
+        }
+        if members.len() == 1 {
+            return Err("cannot remove the last replica of a quorum queue".into());
+        }
+        members.retain(|m| *m != node);
+    }
+    let meta_members: Vec<NodeId> = cluster.members().into_iter().map(|(id, _)| id).collect();
+    let set_members = |members: Vec<NodeId>| {
+        Cmd::Meta(MetaCmd::SetMembers {
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+            members,
+        })
+    };
+    if add {
+        cluster
+            .propose(crate::cluster::types::META_GROUP, set_members(members.clone()), &meta_members)
+            .await?;
+        cluster.set_voters(&def.group(), members, &def.members).await
+    } else {
+        cluster.set_voters(&def.group(), members.clone(), &def.members).await?;
+        cluster
+            .propose(crate::cluster::types::META_GROUP, set_members(members), &meta_members)
+            .await
+            .map(|_| ())
+    }
 }
 
 /// Publish/settle proposals of one queue in the Raft pipeline at once (see
@@ -1200,7 +1315,6 @@ struct Actor {
     ctx: Arc<QCtx>,
     machine: Arc<Mutex<Machine>>,
     group: String,
-    members: Vec<NodeId>,
     q: Weak<QueueRef>,
     pending_credit: HashMap<u64, u32>,
 }
@@ -1221,7 +1335,8 @@ impl Actor {
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Resp, String>>> {
         let c = self.cluster.upgrade()?;
         let cmd = Cmd::Queue { now: now_ms(), op };
-        match c.start_propose(&self.group, cmd, &self.members).await {
+        let members = self.ctx.members.lock().map(|m| m.clone()).unwrap_or_default();
+        match c.start_propose(&self.group, cmd, &members).await {
             Ok(rx) => Some(rx),
             Err(e) => {
                 warn!(group = %self.group, "quorum queue command not accepted: {e}");

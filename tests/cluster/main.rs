@@ -1122,3 +1122,126 @@ async fn definitions_made_on_one_node_reach_every_node() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_member_and_delete_member_move_replicas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    let ch = c1.create_channel().await.unwrap();
+    let mut args = quorum_args();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+    ch.queue_declare(
+        "qq.grow".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..100u32 {
+        ch.basic_publish(
+            "".into(),
+            "qq.grow".into(),
+            BasicPublishOptions::default(),
+            format!("g-{i}").as_bytes(),
+            persistent(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    drop(ch);
+    drop(c1);
+    let members = |st: &Value| -> Vec<String> {
+        st["quorum_queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == "qq.grow")
+            .unwrap()["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = members(&nodes[0].api("/api/cluster").await);
+    assert_eq!(before.len(), 2);
+    let outside = nodes.iter().position(|n| !before.contains(&n.name)).unwrap();
+    let ctl = |node: &Node, args: &[&str]| {
+        let url = format!("http://{}", node.mgmt());
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"));
+        cmd.args(["--url", url.as_str()]).args(args);
+        cmd
+    };
+    let out = ctl(&nodes[0], &["add_member", "qq.grow", &nodes[outside].name])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let after = members(&nodes[0].api("/api/cluster").await);
+    assert_eq!(after.len(), 3, "{after:?}");
+    // The new replica caught up: it counts the backlog itself.
+    let oc = nodes[outside].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passive_count(&oc, "qq.grow").await != 100 {
+        assert!(Instant::now() < deadline, "new replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(oc);
+    // With three replicas, losing one original keeps the queue serving.
+    let victim = nodes
+        .iter()
+        .position(|n| n.name == before[0])
+        .unwrap();
+    nodes[victim].kill();
+    let alive = (0..3).find(|i| *i != victim && *i != outside).unwrap();
+    let conn = nodes[alive].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let conf = ch
+        .basic_publish(
+            "".into(),
+            "qq.grow".into(),
+            BasicPublishOptions::default(),
+            b"after-kill",
+            persistent(),
+        )
+        .await
+        .unwrap();
+    assert!(within(30, conf).await.unwrap().is_ack());
+    nodes[victim].start();
+    // Shrink back: remove the replica on the node we added.
+    let out = ctl(&nodes[alive], &["delete_member", "qq.grow", &nodes[outside].name])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let last = members(&nodes[alive].api("/api/cluster").await);
+    assert_eq!(last.len(), 2, "{last:?}");
+    assert!(!last.contains(&nodes[outside].name));
+    // Still serves all 101 from the node without a replica.
+    let oc = nodes[outside].connect().await;
+    let och = oc.create_channel().await.unwrap();
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while n < 101 {
+        assert!(Instant::now() < deadline, "got {n} of 101");
+        match och
+            .basic_get("qq.grow".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(_) => n += 1,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
