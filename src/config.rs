@@ -346,6 +346,13 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Settings that are lists (parsed from comma-separated environment values).
+const LIST_KEYS: &[&str] = &[
+    "auth.loopback_users",
+    "cluster.seeds",
+    "cluster.dial_overrides",
+];
+
 impl Config {
     /// Loads defaults < file (if given, or etc/warren.toml when present) < env.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -356,11 +363,18 @@ impl Config {
                 b = b.add_source(config::File::from(Path::new("etc/warren.toml")).required(false))
             }
         }
-        b = b.add_source(
-            config::Environment::with_prefix("WARREN")
-                .prefix_separator("__")
-                .separator("__"),
-        );
+        // Lists from the environment are comma-separated, e.g.
+        // WARREN__CLUSTER__SEEDS=10.0.0.2:25672,10.0.0.3:25672 or
+        // WARREN__AUTH__LOOPBACK_USERS= (empty: none).
+        let mut env = config::Environment::with_prefix("WARREN")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",");
+        for key in LIST_KEYS {
+            env = env.with_list_parse_key(key);
+        }
+        b = b.add_source(env);
         let cfg: Config = b.build()?.try_deserialize()?;
         cfg.validate()?;
         Ok(cfg)
