@@ -18,6 +18,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Cluster tests each run three or more broker processes: one at a time, so
+/// a 2-core machine is not asked to run a dozen nodes at once.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -201,6 +205,7 @@ fn persistent() -> BasicProperties {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let nodes = cluster(3, &tmp).await;
     let c1 = nodes[0].connect().await;
@@ -289,6 +294,7 @@ async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_confirmed_message() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = cluster(3, &tmp).await;
     let c = nodes[0].connect().await;
@@ -400,6 +406,7 @@ async fn killing_the_leader_loses_no_confirmed_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn majority_loss_stops_confirms_until_nodes_return() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = cluster(3, &tmp).await;
     let c = nodes[0].connect().await;
@@ -458,6 +465,7 @@ async fn majority_loss_stops_confirms_until_nodes_return() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_forwards_publishes_and_deliveries() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let nodes = cluster(3, &tmp).await;
     let c1 = nodes[0].connect().await;
@@ -540,6 +548,7 @@ async fn a_node_without_a_replica_forwards_publishes_and_deliveries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_them() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("small-snapshots.toml");
     std::fs::write(&conf, "[cluster]\nsnapshot_min_entries = 100\n").unwrap();
@@ -643,6 +652,7 @@ async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_th
 /// must have been delivered at least once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_kills_and_restarts_lose_no_confirmed_message() {
+    let _serial = SERIAL.lock().await;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let tmp = tempfile::tempdir().unwrap();
@@ -878,6 +888,7 @@ async fn proxy(target: u16) -> Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_is_replaced_and_catches_up_after_healing() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     // proxies[i][j]: how node i reaches node j.
@@ -1019,6 +1030,7 @@ async fn a_partitioned_leader_is_replaced_and_catches_up_after_healing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_made_on_one_node_reach_every_node() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let nodes = cluster(3, &tmp).await;
     // Exchange + quorum queue + binding declared over AMQP on node 1.
@@ -1125,6 +1137,7 @@ async fn definitions_made_on_one_node_reach_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_member_and_delete_member_move_replicas() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = cluster(3, &tmp).await;
     let c1 = nodes[0].connect().await;
