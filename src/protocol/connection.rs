@@ -394,7 +394,8 @@ async fn handshake(
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut rd = HsReader {
         stream,
-        buf: BytesMut::with_capacity(8192),
+        // Handshake frames are a few hundred bytes; grows if needed.
+        buf: BytesMut::with_capacity(1024),
     };
 
     let start_ok = match rd.method().await? {
@@ -552,7 +553,8 @@ impl Connection {
         let mut alarm = self.broker.alarm();
         alarm.mark_changed();
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)));
-        let mut cmds: Vec<ConnCmd> = Vec::with_capacity(64);
+        // Grows on first use: an idle connection holds no command buffer.
+        let mut cmds: Vec<ConnCmd> = Vec::new();
         // The heartbeat timer keeps its own schedule: other events must not
         // push it back.
         let mut next_tick = Instant::now() + hb.map_or(Duration::from_secs(3600), |h| h / 2);
