@@ -6,7 +6,6 @@ use crate::process::WarrenProcess;
 use crate::*;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::{BTreeMap, BTreeSet};

@@ -38,7 +38,7 @@ use crate::queue::{QueueCmd, QueueRef};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -77,11 +77,11 @@ static OPEN: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 struct DirLock(PathBuf);
 
 impl DirLock {
-    fn take(dir: &PathBuf) -> Option<DirLock> {
+    fn take(dir: &Path) -> Option<DirLock> {
         let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         g.get_or_insert_with(HashSet::new)
-            .insert(dir.clone())
-            .then(|| DirLock(dir.clone()))
+            .insert(dir.to_path_buf())
+            .then(|| DirLock(dir.to_path_buf()))
     }
 }
 
@@ -686,10 +686,8 @@ impl StreamActor {
         // A group's position is the group's, not the tag's.
         let track = group.is_none()
             && auto.unwrap_or(offset_arg.is_none() && !tag.starts_with("amq.ctag-"));
-        if track {
-            if let Some(o) = self.offsets.consumers.get(&*tag) {
-                start = OffsetSpec::Offset(o + 1);
-            }
+        if track && let Some(o) = self.offsets.consumers.get(&*tag) {
+            start = OffsetSpec::Offset(o + 1);
         }
         let cursor = resolve(&self.view, start).map_err(|e| {
             AmqpError::internal(format!("cannot read stream '{}': {e}", self.q.name))
@@ -1025,7 +1023,7 @@ mod tests {
         let mut h = FieldTable::default();
         h.insert("k".into(), AMQPValue::LongString("v".into()));
         h.insert("n".into(), AMQPValue::LongInt(-4));
-        let cases = vec![
+        let cases = [
             BasicProperties::default(),
             BasicProperties::default().with_delivery_mode(2),
             BasicProperties::default()

@@ -16,12 +16,11 @@ pub fn segment_bases(dir: &Path) -> io::Result<Vec<u64>> {
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name();
         let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_suffix(".log") {
-            if stem.len() == 20 {
-                if let Ok(b) = stem.parse::<u64>() {
-                    bases.push(b);
-                }
-            }
+        if let Some(stem) = name.strip_suffix(".log")
+            && stem.len() == 20
+            && let Ok(b) = stem.parse::<u64>()
+        {
+            bases.push(b);
         }
     }
     bases.sort_unstable();
@@ -40,10 +39,10 @@ pub fn open(dir: &Path) -> io::Result<(ActiveSegment, LogView)> {
     };
     for &b in sealed {
         let s = SealedSegment::open(dir, b)?;
-        if let Some(prev) = view.segments.back() {
-            if prev.summary.end != b {
-                tracing::warn!(dir = %dir.display(), expected = prev.summary.end, found = b, "stream segments are not contiguous");
-            }
+        if let Some(prev) = view.segments.back()
+            && prev.summary.end != b
+        {
+            tracing::warn!(dir = %dir.display(), expected = prev.summary.end, found = b, "stream segments are not contiguous");
         }
         view.segments.push_back(SegView {
             summary: s.summary,

@@ -55,7 +55,7 @@ pub fn escape(name: &str) -> String {
         }
     }
     if out.is_empty() {
-        out.push_str("%");
+        out.push('%');
     }
     out
 }

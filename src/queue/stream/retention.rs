@@ -34,10 +34,10 @@ pub fn plan(view: &LogView, s: &StreamSettings, now_ms: i64) -> usize {
 pub fn remove_segments(dir: &Path, bases: &[u64]) {
     for &b in bases {
         for p in [log_path(dir, b), index_path(dir, b)] {
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %p.display(), "could not delete a stream segment past its retention: {e}");
-                }
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), "could not delete a stream segment past its retention: {e}");
             }
         }
     }

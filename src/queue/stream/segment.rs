@@ -233,14 +233,14 @@ impl SealedSegment {
 /// The index plus an entry for the last chunk (what a sealed index holds).
 fn with_last(s: &SegmentSummary) -> Vec<IndexEntry> {
     let mut index = s.index.clone();
-    if let (Some((off, pos)), Some(ts)) = (s.last_chunk, s.last_ts) {
-        if index.last().is_none_or(|e| e.pos != pos) {
-            index.push(IndexEntry {
-                offset: off,
-                timestamp_ms: ts,
-                pos,
-            });
-        }
+    if let (Some((off, pos)), Some(ts)) = (s.last_chunk, s.last_ts)
+        && index.last().is_none_or(|e| e.pos != pos)
+    {
+        index.push(IndexEntry {
+            offset: off,
+            timestamp_ms: ts,
+            pos,
+        });
     }
     index
 }

@@ -162,10 +162,10 @@ impl Writer {
         if !items.is_empty() {
             let _ = self.events.send(items);
         }
-        if let Some(b) = offsets {
-            if let Err(e) = tracking::save(&self.dir, &b) {
-                warn!(dir = %self.dir.display(), "could not store stream consumer offsets: {e}");
-            }
+        if let Some(b) = offsets
+            && let Err(e) = tracking::save(&self.dir, &b)
+        {
+            warn!(dir = %self.dir.display(), "could not store stream consumer offsets: {e}");
         }
         stop
     }
