@@ -569,6 +569,15 @@ impl Connection {
             if let Err(e) = self.write_out() {
                 return format!("write error: {e}");
             }
+            // A quiet connection gives its (small) buffers back at once
+            // instead of at the next heartbeat tick, so thousands of idle
+            // connections hold none; busy ones keep theirs.
+            if !self.busy_reads && self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+                self.inbuf = BytesMut::new();
+            }
+            if self.out.is_empty() && self.out.capacity() > 0 && self.out.capacity() <= 16 * 1024 {
+                self.out = BytesMut::new();
+            }
             if let Some(deadline) = self.closing {
                 if self.client_closed {
                     return "closed by the client (connection.close)".into();
