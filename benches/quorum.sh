@@ -20,7 +20,7 @@
 # IDLE_QUEUES (1000), IDLE_SECONDS (30), OUT (benches/results/QUORUM.md; "-" =
 # do not write), WARREN_BIN / PERF_BIN / WARRENCTL_BIN (prebuilt binaries;
 # otherwise release builds, copied so a rebuild during the run does not
-# change them), KEEP_WORKDIR=1 keeps the nodes' logs.
+# change them), WARREN_LOG_LEVEL (warn), KEEP_WORKDIR=1 keeps the nodes' logs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -168,7 +168,7 @@ start_warren() { # N (1 = no clustering flags)
     mkdir -p "$dir/data"
     local port mgmt metrics; port=$(free_port); mgmt=$(free_port); metrics=$(free_port)
     local args=(--bind 127.0.0.1 --port "$port" --mgmt-port "$mgmt" --metrics-port "$metrics"
-                --data-dir "$dir/data" --log-level warn)
+                --data-dir "$dir/data" --log-level "${WARREN_LOG_LEVEL:-warn}")
     if [ "$n" -gt 1 ]; then
       args+=(--node-name "warren@n$((i + 1))" --cluster-port "${cport[$i]}" --cluster-secret "bench-$$-$RUN_ID")
       for ((j = 0; j < n; j++)); do [ $j = $i ] || args+=(--seed "127.0.0.1:${cport[$j]}"); done
@@ -185,7 +185,7 @@ start_warren() { # N (1 = no clustering flags)
   [ "$n" -gt 1 ] || return 0
   local st
   for ((i = 0; i < 600; i++)); do
-    st=$("$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null || true)
+    st=$(timeout 20 "$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null || true)
     if [ "$(grep -c $'\trunning' <<< "$st")" -ge "$n" ] && grep -q "metadata leader" <<< "$st"; then return 0; fi
     sleep 0.1
   done
@@ -194,7 +194,7 @@ start_warren() { # N (1 = no clustering flags)
 
 warren_leader() { # QUEUE -> index of the node leading it (or nothing)
   local st l
-  st=$("$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null || true)
+  st=$(timeout 20 "$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null || true)
   l=$(awk -F'\t' -v q="$1" '$2 == q { for (i = 3; i <= NF; i++) if ($i ~ /^leader=/) { sub(/^leader=/, "", $i); print $i } }' <<< "$st")
   # A single node is not named warren@n1 (no --node-name): any leader is it.
   if [ ${#NODE_NAMES[@]} = 1 ] && [ -n "$l" ]; then echo 0; return 0; fi
@@ -203,7 +203,7 @@ warren_leader() { # QUEUE -> index of the node leading it (or nothing)
 }
 
 warren_leader_counts() { # -> "n1=X n2=Y n3=Z" quorum queues led per node
-  "$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null |
+  timeout 20 "$WCTL" --url "http://127.0.0.1:${NODE_MGMT[0]}" cluster_status 2>/dev/null |
     awk -F'\t' '{ for (i = 3; i <= NF; i++) if ($i ~ /^leader=warren@/) { sub(/^leader=warren@/, "", $i); c[$i]++ } }
                 END { for (k in c) printf "%s=%d ", k, c[k] }'
 }
@@ -338,7 +338,7 @@ run_idle() { # BROKER
     t1=$(date +%s.%N); decl_s=$(python3 -c "print(round($t1 - $t0, 1))")
     # Let every group elect its leader and go quiet.
     for ((i = 0; i < 120; i++)); do
-      leaders=$("${b}_leader_counts")
+      leaders=$("${b}_leader_counts" || true)
       [ "$(awk '{ s = 0; for (i = 1; i <= NF; i++) { split($i, a, "="); s += a[2] } print s }' <<< "$leaders")" -ge "$IDLE_QUEUES" ] && break
       sleep 1
     done

@@ -23,7 +23,21 @@ use tracing::error;
 pub struct Wal {
     db: sled::Db,
     meta: sled::Tree,
-    flush: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+    flush: std_mpsc::Sender<FlushReq>,
+}
+
+/// Work for the flusher thread: everything that must be on disk before
+/// going on is synced there, by one thread, one `flush` per batch.
+enum FlushReq {
+    /// An append, reported durable to openraft after the flush.
+    Append(LogFlushed<TypeConfig>),
+    /// A vote (synced metadata): the sender hears when it is on disk.
+    /// Not sled's `flush_async`: that runs the flush as a blocking job in
+    /// sled's small shared thread pool, and many groups voting at once (a
+    /// thousand quorum queues declared together) filled the pool with
+    /// flushes waiting for a buffer write queued behind them, which
+    /// deadlocked the node.
+    Sync(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 impl std::fmt::Debug for Wal {
@@ -45,7 +59,7 @@ impl Wal {
             .open()
             .map_err(io_err)?;
         let meta = db.open_tree("raft-meta").map_err(io_err)?;
-        let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
+        let (tx, rx) = std_mpsc::channel::<FlushReq>();
         let fdb = db.clone();
         std::thread::Builder::new()
             .name("warren-raft-wal".into())
@@ -61,11 +75,19 @@ impl Wal {
                             "the Raft write-ahead log could not be synced to disk ({e}); quorum queue writes are not confirmed. Check the data directory's disk"
                         );
                     }
-                    for cb in batch {
-                        cb.log_io_completed(match &res {
-                            Ok(_) => Ok(()),
-                            Err(e) => Err(io_err(e)),
-                        });
+                    for req in batch {
+                        match req {
+                            FlushReq::Append(cb) => cb.log_io_completed(match &res {
+                                Ok(_) => Ok(()),
+                                Err(e) => Err(io_err(e)),
+                            }),
+                            FlushReq::Sync(tx) => {
+                                let _ = tx.send(match &res {
+                                    Ok(_) => Ok(()),
+                                    Err(e) => Err(e.to_string()),
+                                });
+                            }
+                        }
                     }
                 }
             })?;
@@ -160,7 +182,13 @@ impl LogStore {
             .insert(meta_key(&self.group, what), bytes)
             .map_err(write_err)?;
         if sync {
-            self.wal.db.flush_async().await.map_err(write_err)?;
+            let stopped = || write_err("the write-ahead log flusher has stopped");
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.wal
+                .flush
+                .send(FlushReq::Sync(tx))
+                .map_err(|_| stopped())?;
+            rx.await.map_err(|_| stopped())?.map_err(write_err)?;
         }
         Ok(())
     }
@@ -246,7 +274,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.tree.apply_batch(batch).map_err(write_err)?;
         self.wal
             .flush
-            .send(callback)
+            .send(FlushReq::Append(callback))
             .map_err(|_| write_err("the write-ahead log flusher has stopped"))?;
         Ok(())
     }

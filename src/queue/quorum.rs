@@ -59,6 +59,8 @@ pub struct QCtx {
     links: DashMap<u64, Link>,
     queue: OnceLock<Weak<QueueRef>>,
     leader: OnceLock<Arc<AtomicBool>>,
+    /// This node's replica, when it has one.
+    raft: OnceLock<crate::cluster::types::Raft>,
     vhost: Weak<VHost>,
     broker: Weak<Broker>,
     /// Replica nodes (deliveries to consumers elsewhere are forwarded by
@@ -72,7 +74,15 @@ pub struct QCtx {
 }
 
 impl QCtx {
+    /// Whether this replica leads its group now: read from openraft's
+    /// metrics (the driver's flag lags by up to a tick, and a delivery to a
+    /// consumer on a node without a replica must not fall in that gap).
     fn is_leader(&self) -> bool {
+        if let Some(r) = self.raft.get() {
+            let m = r.metrics();
+            let m = m.borrow();
+            return m.state == openraft::ServerState::Leader && m.current_leader == Some(self.me);
+        }
         self.leader
             .get()
             .map(|l| l.load(Ordering::Relaxed))
@@ -93,6 +103,11 @@ struct Machine {
     applied: Applied,
     /// Log index of the last snapshot (0 = none).
     snap_index: u64,
+    /// Message bytes and messages enqueued since the last snapshot (this
+    /// replica's bookkeeping, not replicated state): entries carry whole
+    /// batches, so an entry count alone lets the log grow without bound.
+    log_bytes: u64,
+    log_msgs: u64,
 }
 
 impl Machine {
@@ -100,7 +115,7 @@ impl Machine {
         let mut core = QueueCore::new(usize::MAX);
         core.set_max_priority(q.max_priority.unwrap_or(0));
         core.set_single_active(q.single_active_consumer);
-        core.set_dedup(q.dedup.clone());
+        core.set_dedup(q.dedup);
         let eff = crate::broker::policy::merge(q, arguments, None);
         let mut limits = eff.limits;
         if limits.delivery_limit.is_none() {
@@ -119,7 +134,29 @@ impl Machine {
             next_consumer: 1,
             applied: Applied::default(),
             snap_index: 0,
+            log_bytes: 0,
+            log_msgs: 0,
         }
+    }
+
+    /// A snapshot was taken or installed at `index`.
+    fn snapped(&mut self, index: u64) {
+        self.snap_index = index;
+        self.log_bytes = 0;
+        self.log_msgs = 0;
+    }
+
+    /// Whether the log since the last snapshot is worth replacing by one:
+    /// more entries than `min_entries` or more message bytes than
+    /// SNAPSHOT_MIN_BYTES, and (so that a long queue is not copied over
+    /// and over) more than twice what a snapshot would hold.
+    fn snapshot_due(&self, min_entries: u64) -> bool {
+        let applied = self.applied.last.map_or(0, |l| l.index);
+        let entries =
+            applied.saturating_sub(self.snap_index) > min_entries.max(1).max(2 * self.live());
+        let c = self.core.counts();
+        let held = c.ready_bytes + c.unacked * (self.log_bytes / self.log_msgs.max(1));
+        entries || self.log_bytes > SNAPSHOT_MIN_BYTES.max(2 * held)
     }
 
     /// Messages held (ready, unacked, delayed): what a snapshot carries.
@@ -362,7 +399,7 @@ impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
             let mut m = self.m.lock().map_err(snap_err)?;
             let data = postcard::to_stdvec(&m.to_snap()).map_err(snap_err)?;
             let last = m.applied.last;
-            m.snap_index = last.map_or(0, |l| l.index);
+            m.snapped(last.map_or(0, |l| l.index));
             let meta = SnapshotMeta {
                 last_log_id: last,
                 last_membership: m.applied.membership.clone(),
@@ -483,6 +520,8 @@ impl QuorumSm {
         let resp = match op {
             QOp::Enqueue(msgs) => {
                 let mut rejected = Vec::new();
+                m.log_msgs += msgs.len() as u64;
+                m.log_bytes += msgs.iter().map(|w| w.body.len() as u64).sum::<u64>();
                 for (i, w) in msgs.into_iter().enumerate() {
                     let Some(msg) = from_wire(w) else {
                         rejected.push(i as u32);
@@ -564,11 +603,12 @@ impl QuorumSm {
             }
             QOp::Get { owner, no_ack } => {
                 let o = m.owner(owner);
-                match m.core.get(o, no_ack) {
-                    Some((mut env, remaining)) => match {
-                        stamp(&mut env);
-                        env.msg.as_ref()
-                    } {
+                let got = m.core.get(o, no_ack).map(|(mut env, remaining)| {
+                    stamp(&mut env);
+                    (env, remaining)
+                });
+                match got {
+                    Some((env, remaining)) => match env.msg.as_ref() {
                         Some(msg) => Resp::Got(Some(GotMsg {
                             id: env.id,
                             redelivered: env.redelivered,
@@ -1022,6 +1062,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         links: DashMap::new(),
         queue: OnceLock::new(),
         leader: OnceLock::new(),
+        raft: OnceLock::new(),
         vhost: Arc::downgrade(&vhost),
         broker: Arc::downgrade(&broker),
         members: Mutex::new(def.members.clone()),
@@ -1041,7 +1082,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
                     last: meta.last_log_id,
                     membership: meta.last_membership.clone(),
                 };
-                m.snap_index = meta.last_log_id.map_or(0, |l| l.index);
+                m.snapped(meta.last_log_id.map_or(0, |l| l.index));
             }
             Err(e) => warn!(queue = %def.name, "unreadable quorum queue snapshot ({e}); replaying the log"),
         }
@@ -1060,6 +1101,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
                 if let Some(g) = cluster.groups.get(&group) {
                     let _ = ctx.leader.set(g.leader.clone());
                 }
+                let _ = ctx.raft.set(raft.clone());
                 if def.members.first() == Some(&cluster.me.id)
                     && !raft.is_initialized().await.unwrap_or(true)
                 {
@@ -1135,6 +1177,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         group,
         q: Arc::downgrade(&q),
         pending_credit: HashMap::new(),
+        was_leader: false,
     };
     tokio::spawn(actor.run(rx));
     info!(queue = %def.name, vhost = %def.vhost, replicas = def.members.len(), member, "quorum queue ready on this node");
@@ -1306,6 +1349,10 @@ async fn in_window(w: &Arc<tokio::sync::Semaphore>) -> Option<tokio::sync::Owned
         .and_then(Result::ok)
 }
 
+/// Message bytes in the log after which a replica snapshots (see
+/// `Machine::snapshot_due`).
+const SNAPSHOT_MIN_BYTES: u64 = 64 << 20;
+
 /// One client publish batch: messages and where to confirm them.
 type PublishPart = (Vec<(Arc<Message>, u64)>, Option<ConfirmTo>);
 
@@ -1317,6 +1364,8 @@ struct Actor {
     group: String,
     q: Weak<QueueRef>,
     pending_credit: HashMap<u64, u32>,
+    /// Led the group at the last housekeeping turn.
+    was_leader: bool,
 }
 
 impl Actor {
@@ -1471,9 +1520,14 @@ impl Actor {
         }
         self.maybe_snapshot();
         if !self.ctx.is_leader() {
+            self.was_leader = false;
             return;
         }
         let Some(c) = self.cluster.upgrade() else { return };
+        if !self.was_leader {
+            self.was_leader = true;
+            self.reforward(&c);
+        }
         let now = now_ms();
         let (due, stale) = {
             let Ok(m) = self.machine.lock() else { return };
@@ -1799,6 +1853,45 @@ impl Actor {
         true
     }
 
+    /// A new leader sends again what consumers on nodes without a replica
+    /// hold unacked: the previous leader's forwards may not have arrived
+    /// (at-least-once: a consumer may see such a message twice).
+    fn reforward(&self, c: &Arc<Cluster>) {
+        let members = self.ctx.members.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut out: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
+        if let Ok(m) = self.machine.lock() {
+            for (env, _owner, consumer, _) in m.core.image().unacked {
+                let Some(cid) = consumer else { continue };
+                let Some(key) = m.consumer_keys.get(&cid).copied() else { continue };
+                if key.0 == self.ctx.me || members.contains(&key.0) {
+                    continue;
+                }
+                let Some(msg) = env.msg.as_deref() else { continue };
+                let g = GotMsg {
+                    id: env.id,
+                    redelivered: true,
+                    delivery_count: env.delivery_count,
+                    msg: to_wire(msg),
+                    remaining: 0,
+                };
+                match out.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(g),
+                    None => out.push((key, vec![g])),
+                }
+            }
+        }
+        for ((node, inc, local), msgs) in out {
+            if let Some(p) = c.peer_by_id(node) {
+                let _ = p.send_req(crate::cluster::net::Req::Deliver {
+                    group: self.group.clone(),
+                    incarnation: inc,
+                    local_id: local,
+                    msgs,
+                });
+            }
+        }
+    }
+
     /// Snapshots this replica once its log since the last snapshot is long
     /// compared with what a snapshot holds (so the cost per command stays
     /// constant); openraft then purges the log before it.
@@ -1808,16 +1901,14 @@ impl Actor {
             return;
         };
         let due = match self.machine.lock() {
-            Ok(m) => {
-                let applied = m.applied.last.map_or(0, |l| l.index);
-                applied.saturating_sub(m.snap_index) > c.cfg.snapshot_min_entries.max(1).max(2 * m.live())
-            }
+            Ok(m) => m.snapshot_due(c.cfg.snapshot_min_entries),
             Err(_) => false,
         };
         if due {
             if let Ok(mut m) = self.machine.lock() {
                 // Not again until this one is taken.
-                m.snap_index = m.applied.last.map_or(0, |l| l.index);
+                let at = m.applied.last.map_or(0, |l| l.index);
+                m.snapped(at);
             }
             tokio::spawn(async move {
                 let _ = raft.trigger().snapshot().await;
