@@ -1178,6 +1178,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         q: Arc::downgrade(&q),
         pending_credit: HashMap::new(),
         was_leader: false,
+        follower_saw_leader: false,
     };
     tokio::spawn(actor.run(rx));
     info!(queue = %def.name, vhost = %def.vhost, replicas = def.members.len(), member, "quorum queue ready on this node");
@@ -1366,6 +1367,9 @@ struct Actor {
     pending_credit: HashMap<u64, u32>,
     /// Led the group at the last housekeeping turn.
     was_leader: bool,
+    /// Saw another node lead since this one last led (a takeover then
+    /// re-forwards deliveries to nodes without a replica).
+    follower_saw_leader: bool,
 }
 
 impl Actor {
@@ -1521,12 +1525,22 @@ impl Actor {
         self.maybe_snapshot();
         if !self.ctx.is_leader() {
             self.was_leader = false;
+            // Another node leads: if this one takes over later, what that
+            // leader forwarded may not have arrived.
+            if let Some(r) = self.ctx.raft.get() {
+                let l = r.metrics().borrow().current_leader;
+                if l.is_some() && l != Some(self.ctx.me) {
+                    self.follower_saw_leader = true;
+                }
+            }
             return;
         }
         let Some(c) = self.cluster.upgrade() else { return };
         if !self.was_leader {
             self.was_leader = true;
-            self.reforward(&c);
+            if std::mem::take(&mut self.follower_saw_leader) {
+                self.reforward(&c);
+            }
         }
         let now = now_ms();
         let (due, stale) = {
