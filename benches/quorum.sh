@@ -5,6 +5,7 @@
 #
 #   benches/quorum.sh [--only cluster,single,idle] [--broker warren|rabbitmq|both]
 #                     [--rounds R] [--seconds S]
+#   benches/quorum.sh --report RECORDS.jsonl   (only rewrite OUT from saved records)
 #
 # Load (per run, same generator for both: warren-perf): 1 producer, persistent
 # SIZE-byte messages, confirm window 256 (-c 256), 1 consumer with manual acks
@@ -16,7 +17,9 @@
 # Idle: IDLE_QUEUES quorum queues on a fresh 3-node cluster; CPU and RSS of
 # each node over IDLE_SECONDS before and after declaring them.
 #
-# Environment: ROUNDS (3), SECONDS_PER_RUN (15), SIZES ("1024"; e.g. "1024 100"),
+# Environment: ROUNDS (3), SECONDS_PER_RUN (15), SIZES ("1024 100"), CONNECT
+# (leader: the generator connects to the queue's leader; follower: to the next
+# node, so every publish and ack is forwarded to the leader),
 # IDLE_QUEUES (1000), IDLE_SECONDS (30), OUT (benches/results/QUORUM.md; "-" =
 # do not write), WARREN_BIN / PERF_BIN / WARRENCTL_BIN (prebuilt binaries;
 # otherwise release builds, copied so a rebuild during the run does not
@@ -26,15 +29,17 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-15}
-SIZES=${SIZES:-1024}
+SIZES=${SIZES:-1024 100}
+CONNECT=${CONNECT:-leader}
 IDLE_QUEUES=${IDLE_QUEUES:-1000}
 IDLE_SECONDS=${IDLE_SECONDS:-30}
 OUT=${OUT:-$ROOT/benches/results/QUORUM.md}
 ONLY="cluster,single,idle"
+REPORT_ONLY=""
 BROKER=both
-CMDLINE="benches/quorum.sh $*"
+CMDLINE="benches/quorum.sh${*:+ $*}"
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY="$2"; shift 2 ;;
@@ -44,6 +49,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --rounds=*) ROUNDS="${1#*=}"; shift ;;
     --seconds) SECS="$2"; shift 2 ;;
+    --report) REPORT_ONLY="$2"; shift 2 ;;
     --seconds=*) SECS="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "quorum.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
@@ -60,7 +66,152 @@ for p in "${PARTS[@]}"; do
 done
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "quorum.sh: --rounds takes a positive number" >&2; exit 2; }
 [[ "$SECS" =~ ^[1-9][0-9]*$ ]] || { echo "quorum.sh: --seconds takes a positive number" >&2; exit 2; }
+case "$CONNECT" in leader|follower) ;; *) echo "quorum.sh: CONNECT must be leader or follower" >&2; exit 2 ;; esac
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+# ---------------------------------------------------------------- report
+report() { # RECORDS.jsonl: write OUT (markdown) and print it
+  python3 - "$1" "$OUT" <<'PY'
+import json, statistics, sys, os
+recs_path, out = sys.argv[1:]
+recs = [json.loads(l) for l in open(recs_path) if l.strip()]
+meta = next((r for r in recs if r.get("scenario") == "meta"), {})
+cmdline, rounds, secs = meta.get("cmdline", "?"), meta.get("rounds", "?"), meta.get("seconds", "?")
+sizes, connect = meta.get("sizes", "?"), meta.get("connect", "leader")
+nq, idle_secs = meta.get("idle_queues", "?"), meta.get("idle_seconds", "?")
+med = lambda v: statistics.median(v) if v else None
+def f(v, nd=0):
+    if v is None: return "—"
+    return f"{v:,.{nd}f}"
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "—"
+lines = []
+p = lines.append
+def conn_note(r):
+    c = r.get("connected_to", r["leader"])
+    return "" if c == r["leader"] else f" (client on n{c + 1})"
+host = os.uname()
+try:
+    cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+except Exception:
+    cpu = "?"
+p("# Quorum queues: Warren vs RabbitMQ 3.10.8 (3-node and single-node, one machine)")
+p("")
+p(f"Command: `{cmdline}` (ROUNDS={rounds}, SECONDS_PER_RUN={secs}, SIZES=\"{sizes}\", CONNECT={connect}, "
+  f"IDLE_QUEUES={nq}, IDLE_SECONDS={idle_secs}).")
+p(f"Warren at `{meta.get('git', '?')}`, run {meta.get('date', '?')}.")
+p(f"Machine: {os.cpu_count()} CPUs ({cpu}), kernel {host.release}. Every node of both clusters, and the load")
+p("generator, share these CPUs; other work on the machine (e.g. compilers) adds noise.")
+p("")
+p("Load: 1 producer, persistent messages, publisher confirms with 256 outstanding (`-c 256`), 1 consumer,")
+p("manual acks (one per message), prefetch 256; quorum queue declared with `x-quorum-initial-group-size: 3`")
+p(f"on node 1; the generator (warren-perf) connects to the node {'leading the queue' if connect == 'leader' else 'after the leader (a follower)'}. Fresh nodes and data")
+p("dirs for every run; brokers alternate. Broker CPU = utime+stime of all nodes during the load / confirmed")
+p("messages. Peak RSS = VmHWM of each node (leader / followers).")
+p("")
+for sc, title in (("cluster", "3-node cluster"), ("single", "single node")):
+    rs = [r for r in recs if r["scenario"] == sc]
+    if not rs: continue
+    for size in sorted({r["size"] for r in rs}, reverse=True):
+        p(f"## {title}, {size} B messages")
+        p("")
+        p("| broker | round | confirmed msg/s | consumed msg/s | latency p50 / p99 ms | broker CPU µs/msg | CPU s per node | peak RSS MiB per node | leader | errors |")
+        p("|---|---|---|---|---|---|---|---|---|---|")
+        agg = {}
+        for r in sorted((r for r in rs if r["size"] == size), key=lambda r: (r["round"], r["broker"] != "warren")):
+            g = r["gen"]; ok = g.get("ok", False) and g.get("confirmed", 0) > 0
+            cpu = sum(r["node_cpu_s"])
+            conf = g.get("confirmed", 0)
+            cpm = cpu * 1e6 / conf if conf else None
+            lat = g.get("latency_us") or {}
+            lead = r["leader"]
+            hwm = r["node_hwm_kb"]
+            hw_l = hwm[lead] / 1024 if hwm else None
+            hw_f = max([h for i, h in enumerate(hwm) if i != lead], default=0) / 1024 if len(hwm) > 1 else None
+            p(f"| {r['broker']} | {r['round']} | {f(g.get('confirm_rate'))} | {f(g.get('consume_rate'))} | "
+              f"{f(lat.get('p50', 0) / 1000, 1) if lat else '—'} / {f(lat.get('p99', 0) / 1000, 1) if lat else '—'} | "
+              f"{f(cpm, 1)} | {' / '.join(f'{x:.1f}' for x in r['node_cpu_s'])} | "
+              f"{' / '.join(f'{x / 1024:.0f}' for x in hwm)} | n{lead + 1}{conn_note(r)} | {'; '.join(g.get('errors') or [])[:200]} |")
+            if ok:
+                a = agg.setdefault(r["broker"], {"conf": [], "cons": [], "cpm": [], "hwl": [], "hwf": [], "p50": [], "p99": []})
+                a["conf"].append(g["confirm_rate"]); a["cons"].append(g["consume_rate"]); a["cpm"].append(cpm)
+                a["hwl"].append(hw_l)
+                if hw_f is not None: a["hwf"].append(hw_f)
+                if lat: a["p50"].append(lat["p50"] / 1000); a["p99"].append(lat["p99"] / 1000)
+        p("")
+        p("Medians:")
+        p("")
+        p("| broker | runs | confirmed msg/s | consumed msg/s | latency p50 / p99 ms | broker CPU µs/msg | peak RSS MiB leader | peak RSS MiB followers (max) |")
+        p("|---|---|---|---|---|---|---|---|")
+        for b in ("warren", "rabbitmq"):
+            a = agg.get(b)
+            if not a: continue
+            p(f"| {b} | {len(a['conf'])} | {f(med(a['conf']))} | {f(med(a['cons']))} | {f(med(a['p50']), 1)} / {f(med(a['p99']), 1)} | "
+              f"{f(med(a['cpm']), 1)} | {f(med(a['hwl']))} | {f(med(a['hwf'])) if a['hwf'] else '—'} |")
+        w, rb = agg.get("warren"), agg.get("rabbitmq")
+        if w and rb:
+            p("")
+            p(f"Warren / RabbitMQ: confirmed msg/s **{ratio(med(w['conf']), med(rb['conf']))}**, "
+              f"consumed msg/s {ratio(med(w['cons']), med(rb['cons']))}; "
+              f"RabbitMQ / Warren CPU per message {ratio(med(rb['cpm']), med(w['cpm']))}; "
+              f"RabbitMQ / Warren peak RSS (leader) {ratio(med(rb['hwl']), med(w['hwl']))}.")
+        p("")
+idle = [r for r in recs if r["scenario"] == "idle"]
+if idle:
+    p(f"## Idle quorum queues on the 3-node cluster")
+    p("")
+    p(f"CPU and RSS of each node over {idle_secs} s of idleness without queues, then (after declaring the queues")
+    p("through node 1 and waiting until every queue has a leader, plus 10 s) over another "
+      f"{idle_secs} s with them. Per queue = (with − without) / queues, summed over the nodes.")
+    p("")
+    p("| broker | queues | declare time s | leaders per node | CPU % of a core per node, before → after | RSS MiB per node, before → after | CPU µs per queue per second (all nodes) | RSS KiB per queue (all nodes) | errors |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for r in idle:
+        s = r["seconds"]; n = r["queues"]
+        b4, af = r["cpu_before_s"], r["cpu_after_s"]
+        cpu_pct = " / ".join(f"{x / s * 100:.1f} → {y / s * 100:.1f}" for x, y in zip(b4, af))
+        rss = " / ".join(f"{x / 1024:.0f} → {y / 1024:.0f}" for x, y in zip(r["rss_before_kb"], r["rss_after_kb"]))
+        per_q_cpu = (sum(af) - sum(b4)) / s / n * 1e6 if b4 and af else None
+        per_q_rss = (sum(r["rss_after_kb"]) - sum(r["rss_before_kb"])) / n if r["rss_after_kb"] else None
+        p(f"| {r['broker']} | {n} | {r['declare_s']} | {r['leaders'] or '—'} | {cpu_pct or '—'} | {rss or '—'} | "
+          f"{f(per_q_cpu, 1)} | {f(per_q_rss, 1)} | {r['error'][:200]} |")
+    p("")
+p("## Notes")
+p("")
+busy = {}
+for r in recs:
+    if r.get("scenario") == "cluster" and (r.get("gen") or {}).get("duration_s"):
+        busy.setdefault(r["broker"], []).append(sum(r["node_cpu_s"]) / r["gen"]["duration_s"])
+loads = [r["loadavg"] for r in recs if "loadavg" in r]
+p(f"- Noise: the machine has {os.cpu_count()} CPUs, shared by all three nodes of a cluster and the generator;")
+p("  other work (other agents compiling and testing) may run at the same time, so absolute rates move")
+p("  between sessions; compare brokers within one run (they alternate W R W R, so both see the same")
+p("  background) and prefer CPU per message, the steadier figure."
+  + (f" 1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f}." if loads else ""))
+if busy:
+    p("  CPUs used by the 3 nodes during a 3-node run (median): "
+      + ", ".join(f"{b} {med(v):.2f}" for b, v in sorted(busy.items(), key=lambda kv: kv[0] != "warren"))
+      + f" of the {os.cpu_count()}")
+    p("  (the generator needs some too): throughput here is bounded by CPU, not disk.")
+p("- Durability is not identical: RabbitMQ's Ra WAL fdatasyncs before confirming (`wal_sync_method`")
+p("  `datasync`, Ra's default); Warren's Raft WAL (sled) makes a batch durable with sync_file_range")
+p("  (data written and waited for, but no fdatasync: no device cache flush, no metadata sync) before")
+p("  the append is reported to openraft.")
+p("- Leader placement: Warren spreads quorum queue leaders over the nodes; RabbitMQ 3.10 puts each")
+p("  leader on the node the client declared it on (all on node 1 here), which is why its idle CPU is")
+p("  lopsided.")
+p("- One run = fresh nodes and data dirs. Peak RSS includes start-up; RabbitMQ's baseline (no queues) is")
+p("  about 120 MiB per node, Warren's about 16 MiB.")
+p("")
+text = "\n".join(lines) + "\n"
+if out != "-":
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    open(out, "w").write(text)
+print(text)
+PY
+}
+
+if [ -n "$REPORT_ONLY" ]; then report "$REPORT_ONLY"; exit 0; fi
 
 log() { echo "[quorum $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "quorum.sh: $*" >&2; exit 1; }
@@ -87,6 +238,11 @@ CLK_TCK=$(getconf CLK_TCK)
 WORK=$(mktemp -d /tmp/warren-quorum.XXXXXX)
 RECORDS="$WORK/records.jsonl"
 : > "$RECORDS"
+GIT_REV=$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)
+python3 -c 'import json, sys; a = sys.argv[1:]; print(json.dumps({"scenario": "meta", "cmdline": a[0], "rounds": int(a[1]),
+  "seconds": int(a[2]), "sizes": a[3], "connect": a[4], "idle_queues": int(a[5]), "idle_seconds": int(a[6]),
+  "git": a[7], "date": a[8]}))' \
+  "$CMDLINE" "$ROUNDS" "$SECS" "$SIZES" "$CONNECT" "$IDLE_QUEUES" "$IDLE_SECONDS" "$GIT_REV" "$(date -u +%Y-%m-%dT%H:%MZ)" >> "$RECORDS"
 EPMD_BEFORE=$(pgrep -x epmd || true)
 
 # Every process group this script started (setsid: group id = launcher pid).
@@ -287,20 +443,22 @@ run_load() { # SCENARIO(cluster|single) BROKER ROUND SIZE
     done
     [ -n "$leader" ] || { fail="no leader for $q within 30 s"; leader=0; }
   fi
-  local cpu0="" cpu1="" hwm="" rss=""
+  local cpu0="" cpu1="" hwm="" rss="" target=$leader load
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  [ "$CONNECT" = follower ] && target=$(( (leader + 1) % n ))
   if [ -z "$fail" ]; then
     sleep 1
     cpu0=$(cpu_list)
-    timeout $((SECS + 120)) "$PERF" --uri "$(uri "${NODE_PORTS[$leader]}")" --json --quiet --predeclared -u "$q" \
+    timeout $((SECS + 120)) "$PERF" --uri "$(uri "${NODE_PORTS[$target]}")" --json --quiet --predeclared -u "$q" \
       -x 1 -y 1 -s "$size" -f -c 256 -q 256 -z "$SECS" > "$out" 2> "$out.err" ||
       log "warren-perf failed: $(tail -n 3 "$out.err" | tr '\n' ' ')"
     cpu1=$(cpu_list); hwm=$(kb_list VmHWM); rss=$(kb_list VmRSS)
     tail -n 1 "$out" > "$out.tmp" && mv "$out.tmp" "$out"
   fi
   stop_nodes
-  python3 - "$out" "$sc" "$b" "$r" "$size" "$n" "$leader" "$CLK_TCK" "$cpu0" "$cpu1" "$hwm" "$rss" "$fail" >> "$RECORDS" <<'PY'
+  python3 - "$out" "$sc" "$b" "$r" "$size" "$n" "$leader" "$CLK_TCK" "$cpu0" "$cpu1" "$hwm" "$rss" "$fail" "$target" "$load" >> "$RECORDS" <<'PY'
 import json, sys
-path, sc, b, r, size, n, leader, tck, cpu0, cpu1, hwm, rss, fail = sys.argv[1:]
+path, sc, b, r, size, n, leader, tck, cpu0, cpu1, hwm, rss, fail, target, load = sys.argv[1:]
 try:
     g = json.loads(open(path).read() or "{}")
 except Exception:
@@ -310,7 +468,7 @@ if fail:
 ints = lambda s: [int(x) for x in s.split()]
 c0, c1 = ints(cpu0), ints(cpu1)
 print(json.dumps({"scenario": sc, "broker": b, "round": int(r), "size": int(size), "nodes": int(n),
-                  "leader": int(leader),
+                  "leader": int(leader), "connected_to": int(target), "loadavg": float(load),
                   "node_cpu_s": [(y - x) / int(tck) for x, y in zip(c0, c1)],
                   "node_hwm_kb": ints(hwm), "node_rss_kb": ints(rss), "gen": g}))
 PY
@@ -377,105 +535,4 @@ if want idle; then
 fi
 
 [ "$OUT" = "-" ] || cp "$RECORDS" "${OUT%.md}.jsonl"
-python3 - "$RECORDS" "${OUT}" "$CMDLINE" "$ROUNDS" "$SECS" "$IDLE_QUEUES" "$IDLE_SECONDS" <<'PY'
-import json, statistics, sys, os, subprocess
-recs_path, out, cmdline, rounds, secs, nq, idle_secs = sys.argv[1:]
-recs = [json.loads(l) for l in open(recs_path) if l.strip()]
-med = lambda v: statistics.median(v) if v else None
-def f(v, nd=0):
-    if v is None: return "—"
-    return f"{v:,.{nd}f}"
-def ratio(a, b):
-    return f"{a / b:.2f}x" if a and b else "—"
-lines = []
-p = lines.append
-host = os.uname()
-try:
-    cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
-except Exception:
-    cpu = "?"
-p("# Quorum queues: Warren vs RabbitMQ 3.10.8 (3-node and single-node, one machine)")
-p("")
-p(f"Command: `{cmdline}` (ROUNDS={rounds}, SECONDS_PER_RUN={secs}, IDLE_QUEUES={nq}, IDLE_SECONDS={idle_secs}).")
-p(f"Machine: {os.cpu_count()} CPUs ({cpu}), kernel {host.release}. Every node of both clusters, and the load")
-p("generator, share these CPUs; other work on the machine (e.g. compilers) adds noise.")
-p("")
-p("Load: 1 producer, persistent messages, publisher confirms with 256 outstanding (`-c 256`), 1 consumer,")
-p("manual acks (one per message), prefetch 256; quorum queue declared with `x-quorum-initial-group-size: 3`")
-p("on node 1; the generator (warren-perf) connects to the node leading the queue. Fresh nodes and data")
-p("dirs for every run; brokers alternate. Broker CPU = utime+stime of all nodes during the load / confirmed")
-p("messages. Peak RSS = VmHWM of each node (leader / followers).")
-p("")
-for sc, title in (("cluster", "3-node cluster"), ("single", "single node")):
-    rs = [r for r in recs if r["scenario"] == sc]
-    if not rs: continue
-    for size in sorted({r["size"] for r in rs}, reverse=True):
-        p(f"## {title}, {size} B messages")
-        p("")
-        p("| broker | round | confirmed msg/s | consumed msg/s | latency p50 / p99 ms | broker CPU µs/msg | CPU s per node | peak RSS MiB per node | leader | errors |")
-        p("|---|---|---|---|---|---|---|---|---|---|")
-        agg = {}
-        for r in sorted((r for r in rs if r["size"] == size), key=lambda r: (r["round"], r["broker"] != "warren")):
-            g = r["gen"]; ok = g.get("ok", False) and g.get("confirmed", 0) > 0
-            cpu = sum(r["node_cpu_s"])
-            conf = g.get("confirmed", 0)
-            cpm = cpu * 1e6 / conf if conf else None
-            lat = g.get("latency_us") or {}
-            lead = r["leader"]
-            hwm = r["node_hwm_kb"]
-            hw_l = hwm[lead] / 1024 if hwm else None
-            hw_f = max([h for i, h in enumerate(hwm) if i != lead], default=0) / 1024 if len(hwm) > 1 else None
-            p(f"| {r['broker']} | {r['round']} | {f(g.get('confirm_rate'))} | {f(g.get('consume_rate'))} | "
-              f"{f(lat.get('p50', 0) / 1000, 1) if lat else '—'} / {f(lat.get('p99', 0) / 1000, 1) if lat else '—'} | "
-              f"{f(cpm, 1)} | {' / '.join(f'{x:.1f}' for x in r['node_cpu_s'])} | "
-              f"{' / '.join(f'{x / 1024:.0f}' for x in hwm)} | n{lead + 1} | {'; '.join(g.get('errors') or [])[:200]} |")
-            if ok:
-                a = agg.setdefault(r["broker"], {"conf": [], "cons": [], "cpm": [], "hwl": [], "hwf": [], "p50": [], "p99": []})
-                a["conf"].append(g["confirm_rate"]); a["cons"].append(g["consume_rate"]); a["cpm"].append(cpm)
-                a["hwl"].append(hw_l)
-                if hw_f is not None: a["hwf"].append(hw_f)
-                if lat: a["p50"].append(lat["p50"] / 1000); a["p99"].append(lat["p99"] / 1000)
-        p("")
-        p("Medians:")
-        p("")
-        p("| broker | runs | confirmed msg/s | consumed msg/s | latency p50 / p99 ms | broker CPU µs/msg | peak RSS MiB leader | peak RSS MiB followers (max) |")
-        p("|---|---|---|---|---|---|---|---|")
-        for b in ("warren", "rabbitmq"):
-            a = agg.get(b)
-            if not a: continue
-            p(f"| {b} | {len(a['conf'])} | {f(med(a['conf']))} | {f(med(a['cons']))} | {f(med(a['p50']), 1)} / {f(med(a['p99']), 1)} | "
-              f"{f(med(a['cpm']), 1)} | {f(med(a['hwl']))} | {f(med(a['hwf'])) if a['hwf'] else '—'} |")
-        w, rb = agg.get("warren"), agg.get("rabbitmq")
-        if w and rb:
-            p("")
-            p(f"Warren / RabbitMQ: confirmed msg/s **{ratio(med(w['conf']), med(rb['conf']))}**, "
-              f"consumed msg/s {ratio(med(w['cons']), med(rb['cons']))}; "
-              f"RabbitMQ / Warren CPU per message {ratio(med(rb['cpm']), med(w['cpm']))}; "
-              f"RabbitMQ / Warren peak RSS (leader) {ratio(med(rb['hwl']), med(w['hwl']))}.")
-        p("")
-idle = [r for r in recs if r["scenario"] == "idle"]
-if idle:
-    p(f"## Idle quorum queues on the 3-node cluster")
-    p("")
-    p(f"CPU and RSS of each node over {idle_secs} s of idleness without queues, then (after declaring the queues")
-    p("through node 1 and waiting until every queue has a leader, plus 10 s) over another "
-      f"{idle_secs} s with them. Per queue = (with − without) / queues, summed over the nodes.")
-    p("")
-    p("| broker | queues | declare time s | leaders per node | CPU % of a core per node, before → after | RSS MiB per node, before → after | CPU µs per queue per second (all nodes) | RSS KiB per queue (all nodes) | errors |")
-    p("|---|---|---|---|---|---|---|---|---|")
-    for r in idle:
-        s = r["seconds"]; n = r["queues"]
-        b4, af = r["cpu_before_s"], r["cpu_after_s"]
-        cpu_pct = " / ".join(f"{x / s * 100:.1f} → {y / s * 100:.1f}" for x, y in zip(b4, af))
-        rss = " / ".join(f"{x / 1024:.0f} → {y / 1024:.0f}" for x, y in zip(r["rss_before_kb"], r["rss_after_kb"]))
-        per_q_cpu = (sum(af) - sum(b4)) / s / n * 1e6 if b4 and af else None
-        per_q_rss = (sum(r["rss_after_kb"]) - sum(r["rss_before_kb"])) / n if r["rss_after_kb"] else None
-        p(f"| {r['broker']} | {n} | {r['declare_s']} | {r['leaders'] or '—'} | {cpu_pct or '—'} | {rss or '—'} | "
-          f"{f(per_q_cpu, 1)} | {f(per_q_rss, 1)} | {r['error'][:200]} |")
-    p("")
-text = "\n".join(lines) + "\n"
-if out != "-":
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    open(out, "w").write(text)
-print(text)
-PY
+report "$RECORDS"

@@ -61,6 +61,7 @@ impl Wal {
         let meta = db.open_tree("raft-meta").map_err(io_err)?;
         let (tx, rx) = std_mpsc::channel::<FlushReq>();
         let fdb = db.clone();
+        let mut durable = Durable::new(&dir.join("raft"));
         std::thread::Builder::new()
             .name("warren-raft-wal".into())
             .spawn(move || {
@@ -69,7 +70,11 @@ impl Wal {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    let res = fdb.flush();
+                    // sled's flush writes with sync_file_range only (no
+                    // file size, no device cache flush): fdatasync the log
+                    // file and fsync any blob files (large entries) too, so
+                    // a confirm survives a power loss, not just a crash.
+                    let res = fdb.flush().map_err(io_err).and_then(|_| durable.sync());
                     if let Err(e) = &res {
                         error!(
                             "the Raft write-ahead log could not be synced to disk ({e}); quorum queue writes are not confirmed. Check the data directory's disk"
@@ -79,7 +84,7 @@ impl Wal {
                         match req {
                             FlushReq::Append(cb) => cb.log_io_completed(match &res {
                                 Ok(_) => Ok(()),
-                                Err(e) => Err(io_err(e)),
+                                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
                             }),
                             FlushReq::Sync(tx) => {
                                 let _ = tx.send(match &res {
@@ -134,6 +139,57 @@ impl Wal {
                     .map(str::to_string)
             })
             .collect()
+    }
+}
+
+/// What makes a sled flush durable: fdatasync of its log file, and fsync of
+/// blob files written since the last sync (and of their directory).
+struct Durable {
+    dir: std::path::PathBuf,
+    db: Option<std::fs::File>,
+    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl Durable {
+    fn new(dir: &Path) -> Durable {
+        Durable {
+            dir: dir.to_path_buf(),
+            db: std::fs::File::open(dir.join("db")).ok(),
+            synced_blobs: Default::default(),
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.db.is_none() {
+            self.db = std::fs::File::open(self.dir.join("db")).ok();
+        }
+        if let Some(f) = &self.db {
+            f.sync_data()?;
+        }
+        let blobs = self.dir.join("blobs");
+        let Ok(rd) = std::fs::read_dir(&blobs) else {
+            return Ok(());
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match std::fs::File::open(e.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Removed by sled meanwhile (its entry was purged).
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(err),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            std::fs::File::open(&blobs)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
     }
 }
 

@@ -1340,6 +1340,10 @@ const PROPOSALS_IN_FLIGHT: usize = 2;
 /// Messages (or settled ids) merged into one Raft entry at most.
 const MAX_MSGS_PER_ENTRY: usize = 4096;
 
+/// Message bytes merged into one entry at most: sled stores items over
+/// about 128 KiB as separate blob files, which cost an extra file sync each.
+const MAX_BYTES_PER_ENTRY: usize = 96 * 1024;
+
 /// A place in the proposal window. Not waited for longer than a few
 /// seconds: a proposal stuck without a majority must not stall the actor
 /// (stats, deletes) for good.
@@ -1447,13 +1451,15 @@ impl Actor {
                 QueueCmd::Publish { msgs, confirm } => {
                     let permit = in_window(&window).await;
                     let mut n = msgs.len();
+                    let mut bytes: usize = msgs.iter().map(|(m, _)| m.body.len() + 64).sum();
                     let mut parts = vec![(msgs, confirm)];
-                    while n < MAX_MSGS_PER_ENTRY {
+                    while n < MAX_MSGS_PER_ENTRY && bytes < MAX_BYTES_PER_ENTRY {
                         let Ok(next) = rx.try_recv() else { break };
                         self.dequeued(&next);
                         match next {
                             QueueCmd::Publish { msgs, confirm } => {
                                 n += msgs.len();
+                                bytes += msgs.iter().map(|(m, _)| m.body.len() + 64).sum::<usize>();
                                 parts.push((msgs, confirm));
                             }
                             other => {

@@ -210,15 +210,20 @@ async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
     let nodes = cluster(3, &tmp).await;
     let c1 = nodes[0].connect().await;
     declare_quorum(&c1, "qq.orders").await;
-    // The definition reaches every node.
-    let st = nodes[2].api("/api/cluster").await;
-    let q = st["quorum_queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["name"] == "qq.orders")
-        .cloned()
-        .expect("queue known on node 3");
+    // The definition reaches every node (node 3 applies it once it hears
+    // the commit).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let q = loop {
+        let st = nodes[2].api("/api/cluster").await;
+        let found = st["quorum_queues"]
+            .as_array()
+            .and_then(|a| a.iter().find(|q| q["name"] == "qq.orders").cloned());
+        if let Some(q) = found {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "queue never known on node 3: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(q["members"].as_array().unwrap().len(), 3, "{q}");
     // Publish on node 2 with confirms.
     let c2 = nodes[1].connect().await;
