@@ -559,7 +559,11 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             }
         }
         Cmd::add_member { queue, node } | Cmd::delete_member { queue, node } => {
-            let action = if matches!(cli.cmd, Cmd::add_member { .. }) { "add" } else { "delete" };
+            let action = if matches!(cli.cmd, Cmd::add_member { .. }) {
+                "add"
+            } else {
+                "delete"
+            };
             c.call(
                 "POST",
                 "/api/cluster/members",
@@ -574,13 +578,22 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
             }
         }
         Cmd::grow { node } | Cmd::shrink { node } => {
-            let path = if matches!(cli.cmd, Cmd::grow { .. }) { "/api/cluster/grow" } else { "/api/cluster/shrink" };
+            let path = if matches!(cli.cmd, Cmd::grow { .. }) {
+                "/api/cluster/grow"
+            } else {
+                "/api/cluster/shrink"
+            };
             let v = c.call("POST", path, Some(&json!({ "node": node })), "node")?;
             if f == "json" {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 for r in v.as_array().into_iter().flatten() {
-                    println!("{}\t{}\t{}", cell(&r["vhost"]), cell(&r["name"]), cell(&r["result"]));
+                    println!(
+                        "{}\t{}\t{}",
+                        cell(&r["vhost"]),
+                        cell(&r["name"]),
+                        cell(&r["result"])
+                    );
                 }
             }
         }

@@ -45,8 +45,8 @@ pub async fn declare_queue(
             spec.exclusive_owner.is_some(),
             spec.auto_delete,
         )?;
-        let q =
-            crate::queue::quorum::declare(broker, vhost, &spec.name, &spec.arguments, &args).await?;
+        let q = crate::queue::quorum::declare(broker, vhost, &spec.name, &spec.arguments, &args)
+            .await?;
         return Ok((q, true));
     }
     let id = broker.next_id();

@@ -193,8 +193,10 @@ impl Storage {
     /// Forgets an exchange, its deduplication cache and every binding from
     /// or to it.
     pub async fn delete_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
-        self.defs
-            .replicate(DefChange::DeleteExchange(vhost.to_string(), name.to_string()));
+        self.defs.replicate(DefChange::DeleteExchange(
+            vhost.to_string(),
+            name.to_string(),
+        ));
         self.defs
             .remove_prefix(Table::Dedup, &exchange_dedup_prefix(vhost, name))?;
         self.defs

@@ -21,7 +21,10 @@ use tracing::{debug, warn};
 
 /// Starts the replicator (local changes → metadata group) and returns the
 /// sender for changes other nodes made (metadata apply → this node).
-pub fn start(cluster: &Arc<Cluster>, broker: &Arc<Broker>) -> mpsc::UnboundedSender<(NodeId, DefChange)> {
+pub fn start(
+    cluster: &Arc<Cluster>,
+    broker: &Arc<Broker>,
+) -> mpsc::UnboundedSender<(NodeId, DefChange)> {
     let (local_tx, mut local_rx) = mpsc::unbounded_channel::<DefChange>();
     if let Some(st) = &broker.storage {
         st.defs.set_replicator(local_tx);
@@ -86,7 +89,9 @@ async fn apply(b: &Arc<Broker>, origin: NodeId, change: DefChange) {
                     s("destination_type") == "queue",
                     &s("destination"),
                     &s("routing_key"),
-                    &crate::mgmt::json::json_to_table(v.get("arguments").unwrap_or(&serde_json::Value::Null)),
+                    &crate::mgmt::json::json_to_table(
+                        v.get("arguments").unwrap_or(&serde_json::Value::Null),
+                    ),
                 )
                 .await
                 .map(|_| ())
@@ -115,16 +120,27 @@ async fn apply(b: &Arc<Broker>, origin: NodeId, change: DefChange) {
         DefChange::DeletePolicy(vhost, name) => {
             if let Some(s) = &b.storage {
                 let key = crate::store::defs::Definitions::key(&[vhost, name]);
-                let _ = s.defs.delete(crate::store::defs::Table::Policies, &key).await;
+                let _ = s
+                    .defs
+                    .delete(crate::store::defs::Table::Policies, &key)
+                    .await;
             }
             crate::broker::policy::reload(b, vhost).await;
             Ok(())
         }
     };
     match res {
-        Ok(()) => debug!(origin, ?change, "applied a definition change from another node"),
+        Ok(()) => debug!(
+            origin,
+            ?change,
+            "applied a definition change from another node"
+        ),
         // Typically a binding to a classic queue that lives on its own node.
-        Err(e) => debug!(origin, ?change, "definition change from another node not applied here: {e}"),
+        Err(e) => debug!(
+            origin,
+            ?change,
+            "definition change from another node not applied here: {e}"
+        ),
     }
 }
 

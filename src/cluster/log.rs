@@ -96,7 +96,11 @@ impl Wal {
                     }
                 }
             })?;
-        Ok(Arc::new(Wal { db, meta, flush: tx }))
+        Ok(Arc::new(Wal {
+            db,
+            meta,
+            flush: tx,
+        }))
     }
 
     /// Syncs everything written so far.
@@ -108,10 +112,7 @@ impl Wal {
 
     /// The log of one group.
     pub fn group(self: &Arc<Self>, group: &str) -> Result<LogStore, std::io::Error> {
-        let tree = self
-            .db
-            .open_tree(format!("log/{group}"))
-            .map_err(io_err)?;
+        let tree = self.db.open_tree(format!("log/{group}")).map_err(io_err)?;
         Ok(LogStore {
             wal: self.clone(),
             tree,
@@ -231,7 +232,12 @@ impl LogStore {
         }
     }
 
-    async fn put_meta<T: serde::Serialize>(&self, what: &str, v: &T, sync: bool) -> Result<(), SErr> {
+    async fn put_meta<T: serde::Serialize>(
+        &self,
+        what: &str,
+        v: &T,
+        sync: bool,
+    ) -> Result<(), SErr> {
         let bytes = postcard::to_stdvec(v).map_err(write_err)?;
         self.wal
             .meta
@@ -314,7 +320,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>

@@ -45,7 +45,8 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>>
+    {
         let st = self.state.lock().map_err(|_| no_install())?;
         Ok((st.applied.last, st.applied.membership.clone()))
     }
@@ -124,7 +125,9 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
         NoSnapshot
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -136,7 +139,9 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
         Err(no_install())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         Ok(None)
     }
 }

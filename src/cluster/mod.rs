@@ -27,8 +27,8 @@ use net::{Frame, Me, Peer, PeerHello, Req, RespBody, now_ms, read_frame, write_f
 use openraft::error::{ClientWriteError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{Config as RaftConfig, ServerState, SnapshotPolicy};
 use std::collections::BTreeMap;
@@ -122,7 +122,9 @@ fn raft_config(keep: u64) -> Result<Arc<RaftConfig>, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// The inter-node port could not be bound.
-    #[error("cannot listen for other nodes on {addr}: {source} (change --cluster-port or cluster.port)")]
+    #[error(
+        "cannot listen for other nodes on {addr}: {source} (change --cluster-port or cluster.port)"
+    )]
     Bind {
         /// Address.
         addr: String,
@@ -171,10 +173,7 @@ impl Cluster {
         let id = types::node_id(&name);
         let me = Me {
             id,
-            info: NodeInfo {
-                name,
-                addr,
-            },
+            info: NodeInfo { name, addr },
             incarnation: now_ms(),
             secret: cfg.secret.clone(),
         };
@@ -318,9 +317,15 @@ impl Cluster {
             cluster: Arc::downgrade(self),
             group: group.to_string(),
         };
-        let raft = Raft::new(self.me.id, raft_config(self.cfg.snapshot_min_entries.min(1000))?, net, store, sm)
-            .await
-            .map_err(|e| format!("cannot start Raft group {group}: {e}"))?;
+        let raft = Raft::new(
+            self.me.id,
+            raft_config(self.cfg.snapshot_min_entries.min(1000))?,
+            net,
+            store,
+            sm,
+        )
+        .await
+        .map_err(|e| format!("cannot start Raft group {group}: {e}"))?;
         self.groups.insert(
             group.to_string(),
             Group {
@@ -345,11 +350,7 @@ impl Cluster {
     pub async fn initialize(&self, raft: &Raft, members: &[NodeId]) {
         let mut m = BTreeMap::new();
         for id in members {
-            let info = self
-                .nodes
-                .get(id)
-                .map(|n| n.clone())
-                .unwrap_or_default();
+            let info = self.nodes.get(id).map(|n| n.clone()).unwrap_or_default();
             m.insert(*id, info);
         }
         if let Err(e) = raft.initialize(m).await {
@@ -377,10 +378,7 @@ impl Cluster {
                 return;
             }
             let seeds: Vec<Arc<Peer>> = self.cfg.seeds.iter().map(|s| self.peer(s)).collect();
-            let ids: Vec<NodeId> = seeds
-                .iter()
-                .map(|p| p.id.load(Ordering::Relaxed))
-                .collect();
+            let ids: Vec<NodeId> = seeds.iter().map(|p| p.id.load(Ordering::Relaxed)).collect();
             let all_known = ids.iter().all(|i| *i != 0);
             if all_known {
                 let mut members = ids.clone();
@@ -421,7 +419,12 @@ impl Cluster {
 
     /// Proposes a command to a group, at its leader wherever that is, and
     /// waits (bounded) for it to be applied there.
-    pub async fn propose(self: &Arc<Self>, group: &str, cmd: Cmd, members: &[NodeId]) -> Result<Resp, String> {
+    pub async fn propose(
+        self: &Arc<Self>,
+        group: &str,
+        cmd: Cmd,
+        members: &[NodeId],
+    ) -> Result<Resp, String> {
         let rx = self.start_propose(group, cmd, members).await?;
         rx.await
             .map_err(|_| format!("the proposal to {group} was abandoned"))?
@@ -479,7 +482,9 @@ impl Cluster {
                 if t == self.me.id {
                     continue;
                 }
-                let Some(peer) = self.peer_by_id(t) else { continue };
+                let Some(peer) = self.peer_by_id(t) else {
+                    continue;
+                };
                 let Some(c) = cmd.clone() else {
                     return Err("proposal lost".into());
                 };
@@ -538,7 +543,10 @@ impl Cluster {
             let Some(p) = self.peer_by_id(l) else {
                 return Err("leader unreachable".into());
             };
-            return match p.call(Req::Join { id, info }, Duration::from_secs(20)).await {
+            return match p
+                .call(Req::Join { id, info }, Duration::from_secs(20))
+                .await
+            {
                 Ok(RespBody::Done) => Ok(()),
                 Ok(_) => Err("unexpected answer".into()),
                 Err(e) => Err(e),
@@ -567,7 +575,9 @@ impl Cluster {
     /// join_cluster).
     pub async fn join_via(self: &Arc<Self>, seed: &str) -> Result<(), String> {
         if self.me.info.addr.is_empty() {
-            return Err("clustering is not enabled on this node (start it with --cluster-port)".into());
+            return Err(
+                "clustering is not enabled on this node (start it with --cluster-port)".into(),
+            );
         }
         let p = self.peer(seed);
         for _ in 0..50 {
@@ -609,8 +619,12 @@ impl Cluster {
                 .and_then(|r| r.metrics().borrow().current_leader);
             if let (Some(raft), Some(l)) = (&local, leader) {
                 if l == self.me.id {
-                    let current: std::collections::BTreeSet<NodeId> =
-                        raft.metrics().borrow().membership_config.voter_ids().collect();
+                    let current: std::collections::BTreeSet<NodeId> = raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .voter_ids()
+                        .collect();
                     for v in &voters {
                         if !current.contains(v) {
                             let info = self.nodes.get(v).map(|n| n.clone()).unwrap_or_default();
@@ -632,7 +646,9 @@ impl Cluster {
                 if t == self.me.id {
                     continue;
                 }
-                let Some(p) = self.peer_by_id(t) else { continue };
+                let Some(p) = self.peer_by_id(t) else {
+                    continue;
+                };
                 if let Ok(RespBody::Done) = p
                     .call(
                         Req::SetVoters {
@@ -647,7 +663,9 @@ impl Cluster {
                 }
             }
             if now_ms() > deadline {
-                return Err(format!("no leader of {group} could change its replicas within 60 s"));
+                return Err(format!(
+                    "no leader of {group} could change its replicas within 60 s"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -818,7 +836,10 @@ async fn serve_incoming(mut s: tokio::net::TcpStream, c: Arc<Cluster>) {
                     f = rx.try_recv().ok();
                 }
             }
-            if tokio::io::AsyncWriteExt::write_all(&mut wr, &buf).await.is_err() {
+            if tokio::io::AsyncWriteExt::write_all(&mut wr, &buf)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -928,7 +949,9 @@ async fn handle_req(c: &Arc<Cluster>, req: Req) -> Result<RespBody, String> {
             if !leads {
                 return Err("not the leader".into());
             }
-            c.set_voters(&group, voters, &[]).await.map(|_| RespBody::Done)
+            c.set_voters(&group, voters, &[])
+                .await
+                .map(|_| RespBody::Done)
         }
         Req::Forget { id } => c.forget(id).await.map(|_| RespBody::Done),
         Req::Deliver {
@@ -1037,7 +1060,8 @@ impl RaftNetwork<TypeConfig> for NetClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<openraft::error::InstallSnapshotError>> {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<openraft::error::InstallSnapshotError>>
+    {
         match self
             .call(
                 Req::Snapshot {

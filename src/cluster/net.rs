@@ -11,8 +11,8 @@
 use super::types::{Cmd, NodeId, NodeInfo, Resp, TypeConfig};
 use hmac::{KeyInit, Mac};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -336,7 +336,10 @@ impl Peer {
         match tokio::time::timeout(timeout, rrx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(format!("connection to {} closed", self.addr)),
-            Err(_) => Err(format!("node at {} did not answer within {timeout:?}", self.addr)),
+            Err(_) => Err(format!(
+                "node at {} did not answer within {timeout:?}",
+                self.addr
+            )),
         }
     }
 

@@ -5,9 +5,7 @@
 
 use super::types::{NodeId, NodeInfo, TypeConfig};
 use openraft::storage::{RaftSnapshotBuilder, Snapshot};
-use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StoredMembership,
-};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LogId, StorageError, StoredMembership};
 
 /// Where a state machine is.
 #[derive(Debug, Default, Clone)]
@@ -20,10 +18,7 @@ pub struct Applied {
 
 impl Applied {
     /// Records an entry as applied; returns its command, if it has one.
-    pub fn take(
-        &mut self,
-        e: openraft::Entry<TypeConfig>,
-    ) -> Option<super::types::Cmd> {
+    pub fn take(&mut self, e: openraft::Entry<TypeConfig>) -> Option<super::types::Cmd> {
         self.last = Some(e.log_id);
         match e.payload {
             EntryPayload::Blank => None,

@@ -1890,10 +1890,11 @@ async fn delete_policy(
     {
         return Err(ApiError::not_found());
     }
-    s.defs.replicate(crate::store::defs::DefChange::DeletePolicy(
-        vh.clone(),
-        name.clone(),
-    ));
+    s.defs
+        .replicate(crate::store::defs::DefChange::DeletePolicy(
+            vh.clone(),
+            name.clone(),
+        ));
     crate::broker::policy::reload(&st.broker, &vh).await;
     no_content()
 }

@@ -13,7 +13,11 @@ use serde_json::{Value, json};
 type R = Result<Response, ApiError>;
 
 /// Replica placement of a quorum queue: (leader, members, online members).
-pub fn quorum_replicas(b: &Broker, vhost: &str, name: &str) -> Option<(Option<String>, Vec<String>, Vec<String>)> {
+pub fn quorum_replicas(
+    b: &Broker,
+    vhost: &str,
+    name: &str,
+) -> Option<(Option<String>, Vec<String>, Vec<String>)> {
     let c = b.cluster.get()?;
     let def = c
         .meta
@@ -91,10 +95,14 @@ pub async fn post_join(State(st): State<AppState>, caller: Caller, Json(body): J
         return Err(ApiError::unauthorised("Not administrator user"));
     }
     let Some(seed) = body.get("seed").and_then(Value::as_str) else {
-        return Err(ApiError::bad_request("body must be {\"seed\": \"host:port\"}"));
+        return Err(ApiError::bad_request(
+            "body must be {\"seed\": \"host:port\"}",
+        ));
     };
     let Some(c) = st.broker.cluster.get().cloned() else {
-        return Err(ApiError::bad_request("clustering is not running on this node"));
+        return Err(ApiError::bad_request(
+            "clustering is not running on this node",
+        ));
     };
     c.join_via(seed)
         .await
@@ -108,10 +116,14 @@ pub async fn post_forget(State(st): State<AppState>, caller: Caller, Json(body):
         return Err(ApiError::unauthorised("Not administrator user"));
     }
     let Some(node) = body.get("node").and_then(Value::as_str) else {
-        return Err(ApiError::bad_request("body must be {\"node\": \"warren@host\"}"));
+        return Err(ApiError::bad_request(
+            "body must be {\"node\": \"warren@host\"}",
+        ));
     };
     let Some(c) = st.broker.cluster.get().cloned() else {
-        return Err(ApiError::bad_request("clustering is not running on this node"));
+        return Err(ApiError::bad_request(
+            "clustering is not running on this node",
+        ));
     };
     let id = crate::cluster::types::node_id(node);
     if !c.members().iter().any(|(m, _)| *m == id) {
@@ -126,13 +138,26 @@ pub async fn post_forget(State(st): State<AppState>, caller: Caller, Json(body):
 /// POST /api/cluster/members {"vhost", "queue", "node", "action": "add" |
 /// "delete"}: one quorum queue gains or loses a replica (rabbitmq-queues
 /// add_member / delete_member).
-pub async fn post_members(State(st): State<AppState>, caller: Caller, Json(body): Json<Value>) -> R {
+pub async fn post_members(
+    State(st): State<AppState>,
+    caller: Caller,
+    Json(body): Json<Value>,
+) -> R {
     if !caller.is_admin() {
         return Err(ApiError::unauthorised("Not administrator user"));
     }
-    let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let (vhost, queue, node, action) = (s("vhost"), s("queue"), s("node"), s("action"));
-    let vhost = if vhost.is_empty() { "/".to_string() } else { vhost };
+    let vhost = if vhost.is_empty() {
+        "/".to_string()
+    } else {
+        vhost
+    };
     if queue.is_empty() || node.is_empty() || !(action == "add" || action == "delete") {
         return Err(ApiError::bad_request(
             "body must be {\"vhost\", \"queue\", \"node\", \"action\": \"add\"|\"delete\"}",
@@ -157,15 +182,24 @@ pub async fn post_shrink(st: State<AppState>, caller: Caller, body: Json<Value>)
     grow_or_shrink(st, caller, body, false).await
 }
 
-async fn grow_or_shrink(State(st): State<AppState>, caller: Caller, Json(body): Json<Value>, add: bool) -> R {
+async fn grow_or_shrink(
+    State(st): State<AppState>,
+    caller: Caller,
+    Json(body): Json<Value>,
+    add: bool,
+) -> R {
     if !caller.is_admin() {
         return Err(ApiError::unauthorised("Not administrator user"));
     }
     let Some(node) = body.get("node").and_then(Value::as_str) else {
-        return Err(ApiError::bad_request("body must be {\"node\": \"warren@host\"}"));
+        return Err(ApiError::bad_request(
+            "body must be {\"node\": \"warren@host\"}",
+        ));
     };
     let Some(c) = st.broker.cluster.get().cloned() else {
-        return Err(ApiError::bad_request("clustering is not running on this node"));
+        return Err(ApiError::bad_request(
+            "clustering is not running on this node",
+        ));
     };
     let id = crate::cluster::types::node_id(node);
     let defs: Vec<_> = c

@@ -1283,7 +1283,12 @@ impl QueueCore {
         self.now = img.now;
         self.next_id = img.next_id;
         for env in img.ready {
-            if env.expires != 0 && env.msg.as_ref().is_some_and(|m| m.properties.expiration().is_some()) {
+            if env.expires != 0
+                && env
+                    .msg
+                    .as_ref()
+                    .is_some_and(|m| m.properties.expiration().is_some())
+            {
                 self.expiries.push(Reverse((env.expires, env.id)));
             }
             self.ready.push_back(env);

@@ -23,8 +23,8 @@ use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
 use crate::cluster::Cluster;
 use crate::cluster::sm::{Applied, no_install};
 use crate::cluster::types::{
-    Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig,
-    WireMsg, WireOutcome,
+    Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig, WireMsg,
+    WireOutcome,
 };
 use crate::protocol::error::{AmqpError, code};
 use amq_protocol::types::FieldTable;
@@ -238,7 +238,11 @@ impl Machine {
                 .into_iter()
                 .map(|(e, conn, channel, c, d)| (env(e), Owner { conn, channel }, c, d))
                 .collect(),
-            delayed: s.delayed.into_iter().map(|(e, due)| (env(e), due)).collect(),
+            delayed: s
+                .delayed
+                .into_iter()
+                .map(|(e, due)| (env(e), due))
+                .collect(),
             consumers: s
                 .consumers
                 .into_iter()
@@ -339,7 +343,9 @@ impl SnapFile {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         SnapFile {
-            path: data_dir.join("raft-snapshots").join(format!("{h:016x}.snap")),
+            path: data_dir
+                .join("raft-snapshots")
+                .join(format!("{h:016x}.snap")),
         }
     }
 
@@ -365,7 +371,8 @@ impl SnapFile {
 
     fn read(&self) -> Option<(SnapshotMeta<NodeId, NodeInfo>, Vec<u8>)> {
         let bytes = std::fs::read(&self.path).ok()?;
-        match postcard::from_bytes::<(SnapshotMeta<NodeId, NodeInfo>, serde_bytes::ByteBuf)>(&bytes) {
+        match postcard::from_bytes::<(SnapshotMeta<NodeId, NodeInfo>, serde_bytes::ByteBuf)>(&bytes)
+        {
             Ok((m, d)) => Some((m, d.into_vec())),
             Err(e) => {
                 warn!(file = %self.path.display(), "unreadable quorum queue snapshot ({e}); the replica will catch up from the leader");
@@ -403,11 +410,7 @@ impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
             let meta = SnapshotMeta {
                 last_log_id: last,
                 last_membership: m.applied.membership.clone(),
-                snapshot_id: format!(
-                    "{}-{}",
-                    last.map_or(0, |l| l.index),
-                    now_ms()
-                ),
+                snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), now_ms()),
             };
             (meta, data)
         };
@@ -680,7 +683,11 @@ impl QuorumSm {
                     // forwards.
                     if leader
                         && node != ctx.me
-                        && !ctx.members.lock().map(|m| m.contains(&node)).unwrap_or(true)
+                        && !ctx
+                            .members
+                            .lock()
+                            .map(|m| m.contains(&node))
+                            .unwrap_or(true)
                     {
                         if let Some(msg) = env.msg.as_ref() {
                             let g = GotMsg {
@@ -768,7 +775,9 @@ fn absorb(s: Settled, fx: &mut Effects) {
 /// Sends dead messages to the queue's dead-letter exchange (leader only:
 /// at most once, as RabbitMQ's default for quorum queues).
 async fn dead_letter(ctx: &QCtx, q: &Arc<QueueRef>, dead: Vec<(Envelope, DeadReason)>) {
-    let Some(vhost) = ctx.vhost.upgrade() else { return };
+    let Some(vhost) = ctx.vhost.upgrade() else {
+        return;
+    };
     let eff = crate::broker::policy::effective(&vhost, q);
     let Some(dlx) = eff.dead_letter_exchange.clone() else {
         return;
@@ -805,7 +814,10 @@ async fn dead_letter(ctx: &QCtx, q: &Arc<QueueRef>, dead: Vec<(Envelope, DeadRea
         let out = Arc::new(out);
         let mut gid = 0;
         if out.is_persistent() {
-            if let Some((b, st)) = broker.as_ref().and_then(|b| b.storage.as_ref().map(|s| (b, s))) {
+            if let Some((b, st)) = broker
+                .as_ref()
+                .and_then(|b| b.storage.as_ref().map(|s| (b, s)))
+            {
                 let stored: Vec<u64> = targets
                     .iter()
                     .filter(|t| t.uses_message_store())
@@ -841,7 +853,8 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>>
+    {
         let m = self.m.lock().map_err(|_| no_install())?;
         Ok((m.applied.last, m.applied.membership.clone()))
     }
@@ -874,7 +887,9 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -910,7 +925,9 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let file = self.snap.clone();
         let got = tokio::task::spawn_blocking(move || file.read())
             .await
@@ -1043,7 +1060,9 @@ fn parse_args(def: &QuorumDef) -> (FieldTable, super::args::QueueArgs) {
 /// Creates the queue on this node: a replica when this node is a member,
 /// a forwarding handle otherwise.
 pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
-    let Some(broker) = cluster.broker.upgrade() else { return };
+    let Some(broker) = cluster.broker.upgrade() else {
+        return;
+    };
     let vhost = broker
         .vhosts
         .entry(def.vhost.clone())
@@ -1084,7 +1103,9 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
                 };
                 m.snapped(meta.last_log_id.map_or(0, |l| l.index));
             }
-            Err(e) => warn!(queue = %def.name, "unreadable quorum queue snapshot ({e}); replaying the log"),
+            Err(e) => {
+                warn!(queue = %def.name, "unreadable quorum queue snapshot ({e}); replaying the log")
+            }
         }
     }
     let machine = Arc::new(Mutex::new(m));
@@ -1129,9 +1150,10 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         tx,
     ));
     let _ = ctx.queue.set(Arc::downgrade(&q));
-    cluster
-        .queue_ctxs
-        .insert(def.group(), Arc::downgrade(&ctx) as Weak<dyn std::any::Any + Send + Sync>);
+    cluster.queue_ctxs.insert(
+        def.group(),
+        Arc::downgrade(&ctx) as Weak<dyn std::any::Any + Send + Sync>,
+    );
     if !member {
         let sink_ctx = ctx.clone();
         cluster.sinks.insert(
@@ -1146,7 +1168,8 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
                 let envs: Vec<Envelope> = msgs
                     .into_iter()
                     .filter_map(|g| {
-                        let (id, redelivered, delivery_count) = (g.id, g.redelivered, g.delivery_count);
+                        let (id, redelivered, delivery_count) =
+                            (g.id, g.redelivered, g.delivery_count);
                         from_wire(g.msg).map(|m| Envelope {
                             id,
                             gid: 0,
@@ -1195,9 +1218,8 @@ pub async fn dematerialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
                     v.forget_queue(&q);
                     // Closing the inbox stops the actor, which cancels
                     // its consumers.
-                    let _ = q
-                        .tx
-                        .send(QueueCmd::Delete {
+                    let _ =
+                        q.tx.send(QueueCmd::Delete {
                             if_unused: false,
                             if_empty: false,
                             reply: None,
@@ -1249,9 +1271,8 @@ pub async fn members_changed(cluster: &Arc<Cluster>, def: &QuorumDef) {
         if let Some(v) = b.vhost(&def.vhost) {
             if let Some(q) = v.queue(&def.name).filter(|q| q.id == def.id) {
                 v.queues.remove_if(&def.name, |_, x| x.id == def.id);
-                let _ = q
-                    .tx
-                    .send(QueueCmd::Delete {
+                let _ =
+                    q.tx.send(QueueCmd::Delete {
                         if_unused: false,
                         if_empty: false,
                         reply: None,
@@ -1321,13 +1342,25 @@ pub async fn change_member(
     };
     if add {
         cluster
-            .propose(crate::cluster::types::META_GROUP, set_members(members.clone()), &meta_members)
+            .propose(
+                crate::cluster::types::META_GROUP,
+                set_members(members.clone()),
+                &meta_members,
+            )
             .await?;
-        cluster.set_voters(&def.group(), members, &def.members).await
-    } else {
-        cluster.set_voters(&def.group(), members.clone(), &def.members).await?;
         cluster
-            .propose(crate::cluster::types::META_GROUP, set_members(members), &meta_members)
+            .set_voters(&def.group(), members, &def.members)
+            .await
+    } else {
+        cluster
+            .set_voters(&def.group(), members.clone(), &def.members)
+            .await?;
+        cluster
+            .propose(
+                crate::cluster::types::META_GROUP,
+                set_members(members),
+                &meta_members,
+            )
             .await
             .map(|_| ())
     }
@@ -1392,7 +1425,12 @@ impl Actor {
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Resp, String>>> {
         let c = self.cluster.upgrade()?;
         let cmd = Cmd::Queue { now: now_ms(), op };
-        let members = self.ctx.members.lock().map(|m| m.clone()).unwrap_or_default();
+        let members = self
+            .ctx
+            .members
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         match c.start_propose(&self.group, cmd, &members).await {
             Ok(rx) => Some(rx),
             Err(e) => {
@@ -1404,9 +1442,7 @@ impl Actor {
 
     async fn propose_wait(&self, op: QOp) -> Result<Resp, String> {
         match self.propose(op).await {
-            Some(rx) => rx
-                .await
-                .map_err(|_| "proposal abandoned".to_string())?,
+            Some(rx) => rx.await.map_err(|_| "proposal abandoned".to_string())?,
             None => Err("no leader reachable for this quorum queue".into()),
         }
     }
@@ -1541,7 +1577,9 @@ impl Actor {
             }
             return;
         }
-        let Some(c) = self.cluster.upgrade() else { return };
+        let Some(c) = self.cluster.upgrade() else {
+            return;
+        };
         if !self.was_leader {
             self.was_leader = true;
             if std::mem::take(&mut self.follower_saw_leader) {
@@ -1551,10 +1589,14 @@ impl Actor {
         let now = now_ms();
         let (due, stale) = {
             let Ok(m) = self.machine.lock() else { return };
-            let due = [m.core.next_expiry(), m.core.next_timeout(), m.core.next_retry()]
-                .into_iter()
-                .flatten()
-                .any(|t| t <= now);
+            let due = [
+                m.core.next_expiry(),
+                m.core.next_timeout(),
+                m.core.next_retry(),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|t| t <= now);
             let mut stale: Vec<(NodeId, u64)> = Vec::new();
             for o in m.owners.keys() {
                 let inc = c.incarnation(o.node);
@@ -1783,9 +1825,9 @@ impl Actor {
                 *self.pending_credit.entry(consumer).or_insert(0) += n;
             }
             QueueCmd::ChannelClosed { owner } => {
-                self.ctx.links.retain(|_, l| {
-                    !(l.conn_id == owner.conn && l.channel == owner.channel)
-                });
+                self.ctx
+                    .links
+                    .retain(|_, l| !(l.conn_id == owner.conn && l.channel == owner.channel));
                 let _ = self.propose(QOp::ChannelClosed(self.remote(owner))).await;
             }
             QueueCmd::Purge { reply } => {
@@ -1806,7 +1848,10 @@ impl Actor {
                         let _ = r.send(Err(AmqpError::precondition(format!(
                             "queue '{}' in vhost '{}' in use",
                             self.q.upgrade().map(|q| q.name.clone()).unwrap_or_default(),
-                            self.q.upgrade().map(|q| q.vhost.clone()).unwrap_or_default()
+                            self.q
+                                .upgrade()
+                                .map(|q| q.vhost.clone())
+                                .unwrap_or_default()
                         ))));
                     }
                     return true;
@@ -1816,7 +1861,10 @@ impl Actor {
                         let _ = r.send(Err(AmqpError::precondition(format!(
                             "queue '{}' in vhost '{}' is not empty",
                             self.q.upgrade().map(|q| q.name.clone()).unwrap_or_default(),
-                            self.q.upgrade().map(|q| q.vhost.clone()).unwrap_or_default()
+                            self.q
+                                .upgrade()
+                                .map(|q| q.vhost.clone())
+                                .unwrap_or_default()
                         ))));
                     }
                     return true;
@@ -1877,16 +1925,25 @@ impl Actor {
     /// hold unacked: the previous leader's forwards may not have arrived
     /// (at-least-once: a consumer may see such a message twice).
     fn reforward(&self, c: &Arc<Cluster>) {
-        let members = self.ctx.members.lock().map(|m| m.clone()).unwrap_or_default();
+        let members = self
+            .ctx
+            .members
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         let mut out: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
         if let Ok(m) = self.machine.lock() {
             for (env, _owner, consumer, _) in m.core.image().unacked {
                 let Some(cid) = consumer else { continue };
-                let Some(key) = m.consumer_keys.get(&cid).copied() else { continue };
+                let Some(key) = m.consumer_keys.get(&cid).copied() else {
+                    continue;
+                };
                 if key.0 == self.ctx.me || members.contains(&key.0) {
                     continue;
                 }
-                let Some(msg) = env.msg.as_deref() else { continue };
+                let Some(msg) = env.msg.as_deref() else {
+                    continue;
+                };
                 let g = GotMsg {
                     id: env.id,
                     redelivered: true,
@@ -1916,7 +1973,9 @@ impl Actor {
     /// compared with what a snapshot holds (so the cost per command stays
     /// constant); openraft then purges the log before it.
     fn maybe_snapshot(&self) {
-        let Some(c) = self.cluster.upgrade() else { return };
+        let Some(c) = self.cluster.upgrade() else {
+            return;
+        };
         let Some(raft) = c.groups.get(&self.group).map(|g| g.raft.clone()) else {
             return;
         };

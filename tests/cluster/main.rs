@@ -138,7 +138,10 @@ async fn cluster_with(n: usize, tmp: &tempfile::TempDir, extra: &[&str]) -> Vec<
 
 fn quorum_args() -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     t
 }
 
@@ -221,7 +224,10 @@ async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
         if let Some(q) = found {
             break q;
         }
-        assert!(Instant::now() < deadline, "queue never known on node 3: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "queue never known on node 3: {st}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(q["members"].as_array().unwrap().len(), 3, "{q}");
@@ -285,7 +291,11 @@ async fn three_nodes_replicate_a_quorum_queue_and_serve_it_from_any_node() {
     }
     // warrenctl cluster_status shows members and the queue's leader.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
-        .args(["--url", &format!("http://{}", nodes[0].mgmt()), "cluster_status"])
+        .args([
+            "--url",
+            &format!("http://{}", nodes[0].mgmt()),
+            "cluster_status",
+        ])
         .output()
         .await
         .unwrap();
@@ -312,7 +322,9 @@ async fn killing_the_leader_loses_no_confirmed_message() {
     // Consumer on one survivor, publisher on the other.
     let cc = nodes[ci].connect().await;
     let cch = cc.create_channel().await.unwrap();
-    cch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    cch.basic_qos(100, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut consumer = cch
         .basic_consume(
             "qq.failover".into(),
@@ -554,7 +566,10 @@ async fn a_node_without_a_replica_forwards_publishes_and_deliveries() {
     let mc = member.connect().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while passive_count(&mc, "qq.two").await != 0 {
-        assert!(Instant::now() < deadline, "acks from the outside node did not apply");
+        assert!(
+            Instant::now() < deadline,
+            "acks from the outside node did not apply"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -627,7 +642,10 @@ async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_th
     nodes[lagging].kill();
     publish_each(&nodes[li], 400, 900).await;
     let got = consume_n(&nodes[other], 400).await;
-    assert_eq!(got, (300..700).map(|i| format!("s-{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (300..700).map(|i| format!("s-{i}")).collect::<Vec<_>>()
+    );
     nodes[lagging].start();
     let lc = nodes[lagging].connect().await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -656,7 +674,10 @@ async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_th
     }
     drop(c);
     let got = consume_n(&nodes[lagging], 200).await;
-    assert_eq!(got, (700..900).map(|i| format!("s-{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (700..900).map(|i| format!("s-{i}")).collect::<Vec<_>>()
+    );
 }
 
 /// Jepsen-style: random SIGKILLs and restarts of nodes while a publisher
@@ -710,8 +731,14 @@ async fn random_kills_and_restarts_lose_no_confirmed_message() {
             while !stop.load(Ordering::Relaxed) {
                 let conn = connect_any(&urls, k).await;
                 k += 1;
-                let Ok(ch) = conn.create_channel().await else { continue };
-                if ch.confirm_select(ConfirmSelectOptions::default()).await.is_err() {
+                let Ok(ch) = conn.create_channel().await else {
+                    continue;
+                };
+                if ch
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .is_err()
+                {
                     continue;
                 }
                 'session: while !stop.load(Ordering::Relaxed) {
@@ -755,7 +782,8 @@ async fn random_kills_and_restarts_lose_no_confirmed_message() {
                         break 'session;
                     }
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into()))
+                    .await;
             }
         })
     };
@@ -768,7 +796,9 @@ async fn random_kills_and_restarts_lose_no_confirmed_message() {
             loop {
                 let conn = connect_any(&urls, k).await;
                 k += 1;
-                let Ok(ch) = conn.create_channel().await else { continue };
+                let Ok(ch) = conn.create_channel().await else {
+                    continue;
+                };
                 let _ = ch.basic_qos(50, BasicQosOptions::default()).await;
                 let Ok(mut consumer) = ch
                     .basic_consume(
@@ -838,12 +868,20 @@ async fn random_kills_and_restarts_lose_no_confirmed_message() {
     let _ = tokio::time::timeout(Duration::from_secs(60), pub_task).await;
     // Drain: every confirmed id must arrive.
     let confirmed = confirmed.lock().unwrap().clone();
-    assert!(confirmed.len() > 100, "too little got through: {}", confirmed.len());
+    assert!(
+        confirmed.len() > 100,
+        "too little got through: {}",
+        confirmed.len()
+    );
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let missing: Vec<u32> = {
             let r = received.lock().unwrap();
-            confirmed.iter().filter(|n| !r.contains_key(n)).copied().collect()
+            confirmed
+                .iter()
+                .filter(|n| !r.contains_key(n))
+                .copied()
+                .collect()
         };
         if missing.is_empty() {
             break;
@@ -879,7 +917,9 @@ async fn proxy(target: u16) -> Proxy {
     let (cut, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         loop {
-            let Ok((mut inbound, _)) = l.accept().await else { return };
+            let Ok((mut inbound, _)) = l.accept().await else {
+                return;
+            };
             if *rx.borrow() {
                 continue; // dropped: refused while cut
             }
@@ -1022,7 +1062,9 @@ async fn a_partitioned_leader_is_replaced_and_catches_up_after_healing() {
     }
     // And serves them, in order, from its own replica.
     let cch = lc.create_channel().await.unwrap();
-    cch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    cch.basic_qos(100, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut consumer = cch
         .basic_consume(
             "qq.part".into(),
@@ -1082,10 +1124,13 @@ async fn definitions_made_on_one_node_reach_every_node() {
         .await
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let out = ctl(&nodes[1], &["set_permissions", "-p", "/", "carol", ".*", ".*", ".*"])
-        .output()
-        .await
-        .unwrap();
+    let out = ctl(
+        &nodes[1],
+        &["set_permissions", "-p", "/", "carol", ".*", ".*", ".*"],
+    )
+    .output()
+    .await
+    .unwrap();
     assert!(out.status.success(), "{out:?}");
     // Node 3: carol can log in, publishes through the replicated exchange
     // and binding, and the message lands in the quorum queue.
@@ -1095,7 +1140,10 @@ async fn definitions_made_on_one_node_reach_every_node() {
         match Connection::connect(&url3, ConnectionProperties::default()).await {
             Ok(c) => break c,
             Err(e) => {
-                assert!(Instant::now() < deadline, "carol cannot log in on node 3: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "carol cannot log in on node 3: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -1199,7 +1247,10 @@ async fn add_member_and_delete_member_move_replicas() {
     };
     let before = members(&nodes[0].api("/api/cluster").await);
     assert_eq!(before.len(), 2);
-    let outside = nodes.iter().position(|n| !before.contains(&n.name)).unwrap();
+    let outside = nodes
+        .iter()
+        .position(|n| !before.contains(&n.name))
+        .unwrap();
     let ctl = |node: &Node, args: &[&str]| {
         let url = format!("http://{}", node.mgmt());
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"));
@@ -1222,10 +1273,7 @@ async fn add_member_and_delete_member_move_replicas() {
     }
     drop(oc);
     // With three replicas, losing one original keeps the queue serving.
-    let victim = nodes
-        .iter()
-        .position(|n| n.name == before[0])
-        .unwrap();
+    let victim = nodes.iter().position(|n| n.name == before[0]).unwrap();
     nodes[victim].kill();
     let alive = (0..3).find(|i| *i != victim && *i != outside).unwrap();
     let conn = nodes[alive].connect().await;
@@ -1246,10 +1294,13 @@ async fn add_member_and_delete_member_move_replicas() {
     assert!(within(30, conf).await.unwrap().is_ack());
     nodes[victim].start();
     // Shrink back: remove the replica on the node we added.
-    let out = ctl(&nodes[alive], &["delete_member", "qq.grow", &nodes[outside].name])
-        .output()
-        .await
-        .unwrap();
+    let out = ctl(
+        &nodes[alive],
+        &["delete_member", "qq.grow", &nodes[outside].name],
+    )
+    .output()
+    .await
+    .unwrap();
     assert!(out.status.success(), "{out:?}");
     let last = members(&nodes[alive].api("/api/cluster").await);
     assert_eq!(last.len(), 2, "{last:?}");

@@ -196,7 +196,11 @@ async fn delayed_retry_keeps_its_due_time_and_count_across_restart() {
     );
     assert_eq!(&d.data[..], b"m");
     assert!(d.redelivered);
-    assert_eq!(delivery_count(&d), Some(2), "the count survived the restart");
+    assert_eq!(
+        delivery_count(&d),
+        Some(2),
+        "the count survived the restart"
+    );
     d.ack(BasicAckOptions::default()).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(300), c.next())

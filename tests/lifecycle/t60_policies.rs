@@ -495,7 +495,15 @@ async fn lowering_max_length_by_policy_trims_the_existing_backlog() {
     publish_n(&ch, "backlog", 10).await;
     settle().await;
     // Oldest messages go first (drop-head), at once, as in RabbitMQ.
-    set_policy(&b, "trim", "^backlog$", "queues", 0, json!({"max-length": 3})).await;
+    set_policy(
+        &b,
+        "trim",
+        "^backlog$",
+        "queues",
+        0,
+        json!({"max-length": 3}),
+    )
+    .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while message_count(&conn, "backlog").await != 3 {
         assert!(std::time::Instant::now() < deadline, "backlog not trimmed");
