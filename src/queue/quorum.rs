@@ -21,6 +21,7 @@ use super::message::Message;
 use super::{ConfirmTo, QueueCmd, QueueRef};
 use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
 use crate::cluster::Cluster;
+use crate::cluster::log::LogStore;
 use crate::cluster::sm::{Applied, no_install};
 use crate::cluster::types::{
     Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig, WireMsg,
@@ -36,7 +37,7 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 fn now_ms() -> u64 {
     crate::cluster::net::now_ms()
@@ -71,6 +72,9 @@ pub struct QCtx {
     /// Parsed and raw arguments (to rebuild the core from a snapshot).
     args: super::args::QueueArgs,
     table: FieldTable,
+    /// Ready bodies kept in memory per replica (the rest are read back
+    /// from the Raft log when their turn comes).
+    window: usize,
 }
 
 impl QCtx {
@@ -111,8 +115,8 @@ struct Machine {
 }
 
 impl Machine {
-    fn new(q: &super::args::QueueArgs, arguments: &FieldTable) -> Machine {
-        let mut core = QueueCore::new(usize::MAX);
+    fn new(q: &super::args::QueueArgs, arguments: &FieldTable, window: usize) -> Machine {
+        let mut core = QueueCore::new(window.max(1));
         core.set_max_priority(q.max_priority.unwrap_or(0));
         core.set_single_active(q.single_active_consumer);
         core.set_dedup(q.dedup);
@@ -167,15 +171,32 @@ impl Machine {
 
     fn to_snap(&self) -> QSnap {
         let img = self.core.image();
+        // A message whose body is in this replica's log is referenced, not
+        // copied: the log keeps that entry (see `retain`).
         let env = |e: &Envelope| SnapEnv {
             id: e.id,
+            gid: e.gid,
+            size: e.size,
             delivery_count: e.delivery_count,
             redelivered: e.redelivered,
             expires: e.expires,
             priority: e.priority,
-            msg: e.msg.as_deref().map(to_wire),
+            msg: if e.gid != 0 {
+                None
+            } else {
+                e.msg.as_deref().map(to_wire)
+            },
         };
+        let retain = img
+            .ready
+            .iter()
+            .chain(img.unacked.iter().map(|(e, ..)| e))
+            .chain(img.delayed.iter().map(|(e, _)| e))
+            .filter(|e| e.gid != 0)
+            .map(|e| gid_index(e.gid))
+            .min();
         QSnap {
+            retain,
             now: img.now,
             next_id: img.next_id,
             ready: img.ready.iter().map(env).collect(),
@@ -220,8 +241,8 @@ impl Machine {
             let msg = e.msg.and_then(from_wire).map(Arc::new);
             Envelope {
                 id: e.id,
-                gid: 0,
-                size: msg.as_ref().map_or(0, |m| m.body.len() as u32),
+                gid: if msg.is_some() { 0 } else { e.gid },
+                size: msg.as_ref().map_or(e.size, |m| m.body.len() as u32),
                 msg,
                 delivery_count: e.delivery_count,
                 redelivered: e.redelivered,
@@ -288,6 +309,9 @@ impl Machine {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct SnapEnv {
     id: u64,
+    /// Where the body is in the log ([`gid`]), 0 when `msg` carries it.
+    gid: u64,
+    size: u32,
     delivery_count: u16,
     redelivered: bool,
     expires: u64,
@@ -315,6 +339,9 @@ struct SnapConsumer {
 /// A quorum queue replica's state as a snapshot stores it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct QSnap {
+    /// Lowest log index holding a body the snapshot refers to (None: the
+    /// snapshot carries every body it needs).
+    retain: Option<u64>,
     now: u64,
     next_id: u64,
     ready: Vec<SnapEnv>,
@@ -398,13 +425,15 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 pub struct QSnapBuilder {
     m: Arc<Mutex<Machine>>,
     file: Arc<SnapFile>,
+    log: LogStore,
 }
 
 impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (meta, data) = {
+        let (meta, data, retain) = {
             let mut m = self.m.lock().map_err(snap_err)?;
-            let data = postcard::to_stdvec(&m.to_snap()).map_err(snap_err)?;
+            let snap = m.to_snap();
+            let data = postcard::to_stdvec(&snap).map_err(snap_err)?;
             let last = m.applied.last;
             m.snapped(last.map_or(0, |l| l.index));
             let meta = SnapshotMeta {
@@ -412,7 +441,10 @@ impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
                 last_membership: m.applied.membership.clone(),
                 snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), now_ms()),
             };
-            (meta, data)
+            let retain = snap
+                .retain
+                .unwrap_or_else(|| last.map_or(0, |l| l.index).saturating_add(1));
+            (meta, data, retain)
         };
         let file = self.file.clone();
         let (meta2, data2) = (meta.clone(), data.clone());
@@ -420,6 +452,9 @@ impl openraft::RaftSnapshotBuilder<TypeConfig> for QSnapBuilder {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
+        // Only now (the snapshot is on disk) may the log let go of the
+        // entries before the oldest body it refers to.
+        self.log.set_retain(retain);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -507,6 +542,70 @@ pub struct QuorumSm {
     m: Arc<Mutex<Machine>>,
     ctx: Arc<QCtx>,
     snap: Arc<SnapFile>,
+    /// This replica's log (message bodies are read back from it).
+    log: LogStore,
+}
+
+/// A message's place in the Raft log: the index of the entry that carried
+/// it and its position in that entry's batch.
+fn gid_of(index: u64, pos: usize) -> u64 {
+    (index << 20) | (pos as u64 & 0xf_ffff)
+}
+
+fn gid_index(gid: u64) -> u64 {
+    gid >> 20
+}
+
+/// Reads bodies back from the log entries that carried them (a body is
+/// dropped from memory while its message waits behind the in-memory
+/// window); remembers the last entry read, since neighbours are read
+/// together.
+struct Bodies<'a> {
+    log: &'a LogStore,
+    cached: Option<(u64, Vec<WireMsg>)>,
+}
+
+impl<'a> Bodies<'a> {
+    fn new(log: &'a LogStore) -> Bodies<'a> {
+        Bodies { log, cached: None }
+    }
+
+    fn get(&mut self, gid: u64) -> Option<Arc<Message>> {
+        let (index, pos) = (gid_index(gid), (gid & 0xf_ffff) as usize);
+        if self.cached.as_ref().map(|c| c.0) != Some(index) {
+            let e = self.log.entry_at(index)?;
+            match e.payload {
+                openraft::EntryPayload::Normal(Cmd::Queue {
+                    op: QOp::Enqueue(msgs),
+                    ..
+                }) => self.cached = Some((index, msgs)),
+                _ => return None,
+            }
+        }
+        let w = self.cached.as_ref()?.1.get(pos)?.clone();
+        from_wire(w).map(Arc::new)
+    }
+
+    /// Puts the body back into a paged-out envelope; false if it cannot be
+    /// read (logged: the log was damaged).
+    fn fill(&mut self, group: &str, env: &mut Envelope) -> bool {
+        if env.msg.is_some() {
+            return true;
+        }
+        env.msg = if env.gid != 0 {
+            self.get(env.gid)
+        } else {
+            None
+        };
+        if env.msg.is_none() {
+            error!(
+                group,
+                gid = env.gid,
+                "a quorum queue message body could not be read back from the Raft log; check the data directory for damage"
+            );
+        }
+        env.msg.is_some()
+    }
 }
 
 /// Effects gathered while applying, carried out after the lock is gone.
@@ -518,7 +617,15 @@ struct Effects {
 }
 
 impl QuorumSm {
-    fn apply_one(&self, m: &mut Machine, now: u64, op: QOp, fx: &mut Effects) -> Resp {
+    fn apply_one(
+        &self,
+        m: &mut Machine,
+        index: u64,
+        now: u64,
+        op: QOp,
+        fx: &mut Effects,
+        bodies: &mut Bodies<'_>,
+    ) -> Resp {
         m.core.set_time(now);
         let resp = match op {
             QOp::Enqueue(msgs) => {
@@ -530,7 +637,7 @@ impl QuorumSm {
                         rejected.push(i as u32);
                         continue;
                     };
-                    let (adm, mut gone) = m.core.publish(Arc::new(msg), 0, now);
+                    let (adm, mut gone) = m.core.publish(Arc::new(msg), gid_of(index, i), now);
                     if adm == super::core::Admission::Rejected {
                         rejected.push(i as u32);
                     }
@@ -607,6 +714,7 @@ impl QuorumSm {
             QOp::Get { owner, no_ack } => {
                 let o = m.owner(owner);
                 let got = m.core.get(o, no_ack).map(|(mut env, remaining)| {
+                    bodies.fill(&self.ctx.group, &mut env);
                     stamp(&mut env);
                     (env, remaining)
                 });
@@ -676,7 +784,9 @@ impl QuorumSm {
             let mut batch: Vec<(u64, Vec<Envelope>)> = Vec::new();
             let mut remote: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
             let leader = ctx.is_leader();
+            let mut bodies = Bodies::new(&self.log);
             for (_, mut env, (node, inc, local)) in fx.deliveries {
+                bodies.fill(&ctx.group, &mut env);
                 stamp(&mut env);
                 if node != ctx.me || inc != ctx.incarnation {
                     // A consumer on a node without a replica: the leader
@@ -748,7 +858,12 @@ impl QuorumSm {
         }
         if !fx.dead.is_empty() && ctx.is_leader() {
             if let Some(q) = &queue {
-                dead_letter(ctx, q, fx.dead).await;
+                let mut dead = fx.dead;
+                let mut bodies = Bodies::new(&self.log);
+                for (env, _) in dead.iter_mut() {
+                    bodies.fill(&ctx.group, env);
+                }
+                dead_letter(ctx, q, dead).await;
             }
         }
     }
@@ -868,12 +983,27 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         let mut fx = Effects::default();
         {
             let mut m = self.m.lock().map_err(|_| no_install())?;
+            let mut bodies = Bodies::new(&self.log);
             for e in entries {
+                let index = e.log_id.index;
                 let resp = match m.applied.take(e) {
-                    Some(Cmd::Queue { now, op }) => self.apply_one(&mut m, now, op, &mut fx),
+                    Some(Cmd::Queue { now, op }) => {
+                        self.apply_one(&mut m, index, now, op, &mut fx, &mut bodies)
+                    }
                     _ => Resp::Ok,
                 };
                 out.push(resp);
+            }
+            // Bodies beyond the in-memory window wait in the log.
+            let ready = m.core.ready_mut();
+            ready.page_out(|gid| gid != 0);
+            let lost = ready.page_in(|gid| bodies.get(gid));
+            for e in lost {
+                error!(
+                    group = %self.ctx.group,
+                    gid = e.gid,
+                    "a quorum queue message body could not be read back from the Raft log and is dropped; check the data directory for damage"
+                );
             }
         }
         self.effects(fx).await;
@@ -884,6 +1014,7 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         QSnapBuilder {
             m: self.m.clone(),
             file: self.snap.clone(),
+            log: self.log.clone(),
         }
     }
 
@@ -902,7 +1033,7 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         let snap: QSnap = postcard::from_bytes(&data).map_err(snap_err)?;
         {
             let mut m = self.m.lock().map_err(snap_err)?;
-            let mut fresh = Machine::new(&self.ctx.args, &self.ctx.table);
+            let mut fresh = Machine::new(&self.ctx.args, &self.ctx.table, self.ctx.window);
             fresh.restore(snap);
             fresh.applied = Applied {
                 last: meta.last_log_id,
@@ -922,6 +1053,9 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
+        // The leader's snapshot carries every body (see get_current_snapshot).
+        self.log
+            .set_retain(meta.last_log_id.map_or(0, |l| l.index).saturating_add(1));
         Ok(())
     }
 
@@ -932,7 +1066,39 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
         let got = tokio::task::spawn_blocking(move || file.read())
             .await
             .map_err(snap_err)?;
-        Ok(got.map(|(meta, data)| Snapshot {
+        let Some((meta, data)) = got else {
+            return Ok(None);
+        };
+        // Sent to a replica that lacks the log before it: put the bodies
+        // the snapshot only refers to into it.
+        let mut snap: QSnap = postcard::from_bytes(&data).map_err(snap_err)?;
+        if snap.retain.is_some() {
+            let mut bodies = Bodies::new(&self.log);
+            let envs = snap
+                .ready
+                .iter_mut()
+                .chain(snap.unacked.iter_mut().map(|(e, ..)| e))
+                .chain(snap.delayed.iter_mut().map(|(e, _)| e));
+            for e in envs {
+                if e.msg.is_none() && e.gid != 0 {
+                    match bodies.get(e.gid) {
+                        Some(m) => {
+                            e.msg = Some(to_wire(&m));
+                            e.gid = 0;
+                        }
+                        None => {
+                            return Err(snap_err(format!(
+                                "the body of message {} is missing from the Raft log",
+                                e.id
+                            )));
+                        }
+                    }
+                }
+            }
+            snap.retain = None;
+        }
+        let data = postcard::to_stdvec(&snap).map_err(snap_err)?;
+        Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
@@ -1089,13 +1255,23 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         cluster: Arc::downgrade(cluster),
         args: args.clone(),
         table: table.clone(),
+        window: broker.config.queue.max_in_memory,
     });
-    let mut m = Machine::new(&args, &table);
+    let mut m = Machine::new(&args, &table, broker.config.queue.max_in_memory);
+    let log = match cluster.wal.group(&def.group()) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(queue = %def.name, vhost = %def.vhost, "cannot open the quorum queue's Raft log: {e}");
+            return;
+        }
+    };
     let snap = Arc::new(SnapFile::new(&broker.config.storage.data_dir, &def.group()));
     // A replica restarts from its last snapshot, then replays the log after it.
     if let Some((meta, data)) = snap.read() {
         match postcard::from_bytes::<QSnap>(&data) {
             Ok(s) => {
+                let idx = meta.last_log_id.map_or(0, |l| l.index);
+                log.set_retain(s.retain.unwrap_or(idx.saturating_add(1)));
                 m.restore(s);
                 m.applied = Applied {
                     last: meta.last_log_id,
@@ -1116,6 +1292,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
             m: machine.clone(),
             ctx: ctx.clone(),
             snap: snap.clone(),
+            log: log.clone(),
         };
         match cluster.open_group(&group, sm).await {
             Ok(raft) => {
@@ -1194,6 +1371,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
     }
     vhost.queues.insert(def.name.clone(), q.clone());
     let actor = Actor {
+        log,
         cluster: Arc::downgrade(cluster),
         ctx,
         machine,
@@ -1396,6 +1574,8 @@ type PublishPart = (Vec<(Arc<Message>, u64)>, Option<ConfirmTo>);
 
 /// The local handle: turns queue commands into proposals.
 struct Actor {
+    /// This node's log of the group (paged-out bodies are read from it).
+    log: LogStore,
     cluster: Weak<Cluster>,
     ctx: Arc<QCtx>,
     machine: Arc<Mutex<Machine>>,
@@ -1898,7 +2078,13 @@ impl Actor {
                         .ready_mut()
                         .iter()
                         .take(count)
-                        .filter_map(|e| e.msg.clone().map(|msg| (msg, e.redelivered)))
+                        .filter_map(|e| {
+                            let mut e = e.clone();
+                            Bodies::new(&self.log)
+                                .fill(&self.ctx.group, &mut e)
+                                .then_some(())?;
+                            e.msg.map(|msg| (msg, e.redelivered))
+                        })
                         .collect(),
                     Err(_) => Vec::new(),
                 };
@@ -1933,12 +2119,16 @@ impl Actor {
             .unwrap_or_default();
         let mut out: Vec<((NodeId, u64, u64), Vec<GotMsg>)> = Vec::new();
         if let Ok(m) = self.machine.lock() {
-            for (env, _owner, consumer, _) in m.core.image().unacked {
+            let mut bodies = Bodies::new(&self.log);
+            for (mut env, _owner, consumer, _) in m.core.image().unacked {
                 let Some(cid) = consumer else { continue };
                 let Some(key) = m.consumer_keys.get(&cid).copied() else {
                     continue;
                 };
                 if key.0 == self.ctx.me || members.contains(&key.0) {
+                    continue;
+                }
+                if !bodies.fill(&self.ctx.group, &mut env) {
                     continue;
                 }
                 let Some(msg) = env.msg.as_deref() else {
