@@ -3,7 +3,7 @@
 # RabbitMQ cluster on this machine (loopback only), and both at one node;
 # then the cost of idle quorum queues on the 3-node clusters.
 #
-#   benches/quorum.sh [--only cluster,single,idle] [--broker warren|rabbitmq|both]
+#   benches/quorum.sh [--only cluster,single,idle,backlog] [--broker warren|rabbitmq|both]
 #                     [--rounds R] [--seconds S]
 #   benches/quorum.sh --report RECORDS.jsonl   (only rewrite OUT from saved records)
 #
@@ -16,11 +16,15 @@
 # (/proc utime+stime during the load); peak RSS is each node's VmHWM.
 # Idle: IDLE_QUEUES quorum queues on a fresh 3-node cluster; CPU and RSS of
 # each node over IDLE_SECONDS before and after declaring them.
+# Backlog (not in the default parts): BACKLOG_MESSAGES persistent 100 B
+# messages published with confirms into a quorum queue on a fresh 3-node
+# cluster with no consumer, then drained; publish and drain rates and each
+# node's resident memory with the backlog queued (and its peak).
 #
 # Environment: ROUNDS (3), SECONDS_PER_RUN (15), SIZES ("1024 100"), CONNECT
 # (leader: the generator connects to the queue's leader; follower: to the next
 # node, so every publish and ack is forwarded to the leader),
-# IDLE_QUEUES (1000), IDLE_SECONDS (30), OUT (benches/results/QUORUM.md; "-" =
+# IDLE_QUEUES (1000), IDLE_SECONDS (30), BACKLOG_MESSAGES (1000000), OUT (benches/results/QUORUM.md; "-" =
 # do not write), WARREN_BIN / PERF_BIN / WARRENCTL_BIN (prebuilt binaries;
 # otherwise release builds, copied so a rebuild during the run does not
 # change them), WARREN_LOG_LEVEL (warn), KEEP_WORKDIR=1 keeps the nodes' logs.
@@ -33,6 +37,7 @@ SIZES=${SIZES:-1024 100}
 CONNECT=${CONNECT:-leader}
 IDLE_QUEUES=${IDLE_QUEUES:-1000}
 IDLE_SECONDS=${IDLE_SECONDS:-30}
+BACKLOG_MESSAGES=${BACKLOG_MESSAGES:-1000000}
 OUT=${OUT:-$ROOT/benches/results/QUORUM.md}
 ONLY="cluster,single,idle"
 REPORT_ONLY=""
@@ -62,7 +67,7 @@ case "$BROKER" in
 esac
 IFS=',' read -r -a PARTS <<< "$ONLY"
 for p in "${PARTS[@]}"; do
-  case "$p" in cluster|single|idle) ;; *) echo "quorum.sh: --only takes cluster, single, idle; got '$p'" >&2; exit 2 ;; esac
+  case "$p" in cluster|single|idle|backlog) ;; *) echo "quorum.sh: --only takes cluster, single, idle, backlog; got '$p'" >&2; exit 2 ;; esac
 done
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "quorum.sh: --rounds takes a positive number" >&2; exit 2; }
 [[ "$SECS" =~ ^[1-9][0-9]*$ ]] || { echo "quorum.sh: --seconds takes a positive number" >&2; exit 2; }
@@ -176,6 +181,26 @@ if idle:
         p(f"| {r['broker']} | {n} | {r['declare_s']} | {r['leaders'] or '—'} | {cpu_pct or '—'} | {rss or '—'} | "
           f"{f(per_q_cpu, 1)} | {f(per_q_rss, 1)} | {r['error'][:200]} |")
     p("")
+backlog = [r for r in recs if r["scenario"] == "backlog"]
+if backlog:
+    p("## Backlog on the 3-node cluster")
+    p("")
+    p(f"{backlog[0]['messages']:,} persistent 100 B messages published with confirms (`-c 256`) into a quorum queue")
+    p("with no consumer, then drained by one consumer (prefetch 1000, multi-ack every 100). RSS per node is")
+    p("measured with the whole backlog queued; per million = (RSS with backlog − RSS before publishing) of the")
+    p("leader, scaled to 10^6 messages.")
+    p("")
+    p("| broker | publish msg/s | drain msg/s | RSS MiB per node, before → queued | peak RSS MiB per node | leader RSS MiB per million queued | errors |")
+    p("|---|---|---|---|---|---|---|")
+    for r in backlog:
+        n = r["messages"]
+        b4, q, hw = r["rss_before_kb"], r["rss_queued_kb"], r["node_hwm_kb"]
+        lead = r["leader"]
+        per_m = (q[lead] - b4[lead]) / 1024 * 1e6 / n if q and b4 else None
+        p(f"| {r['broker']} | {f(r.get('publish_rate'))} | {f(r.get('drain_rate'))} | "
+          f"{' / '.join(f'{x / 1024:.0f} → {y / 1024:.0f}' for x, y in zip(b4, q)) or '—'} | "
+          f"{' / '.join(f'{x / 1024:.0f}' for x in hw) or '—'} | {f(per_m)} | {r['error'][:200]} |")
+    p("")
 p("## Notes")
 p("")
 busy = {}
@@ -193,10 +218,10 @@ if busy:
       + ", ".join(f"{b} {med(v):.2f}" for b, v in sorted(busy.items(), key=lambda kv: kv[0] != "warren"))
       + f" of the {os.cpu_count()}")
     p("  (the generator needs some too): throughput here is bounded by CPU, not disk.")
-p("- Durability is not identical: RabbitMQ's Ra WAL fdatasyncs before confirming (`wal_sync_method`")
-p("  `datasync`, Ra's default); Warren's Raft WAL (sled) makes a batch durable with sync_file_range")
-p("  (data written and waited for, but no fdatasync: no device cache flush, no metadata sync) before")
-p("  the append is reported to openraft.")
+p("- Durability is the same kind on both: RabbitMQ's Ra WAL fdatasyncs before confirming (`wal_sync_method`")
+p("  `datasync`, Ra's default); Warren's Raft WAL writes each batch of appends (all groups together) with one")
+p("  write and one fdatasync before openraft hears the entries are durable; a confirm needs a majority of")
+p("  nodes to have done so.")
 p("- Leader placement: Warren spreads quorum queue leaders over the nodes; RabbitMQ 3.10 puts each")
 p("  leader on the node the client declared it on (all on node 1 here), which is why its idle CPU is")
 p("  lopsided.")
@@ -519,6 +544,48 @@ PY
   log "idle $b: $(tail -n 1 "$RECORDS" | cut -c1-400)"
 }
 
+# ---------------------------------------------------------------- backlog
+run_backlog() { # BROKER
+  local b=$1 q="qq-backlog" out leader=0 i fail="" rss0="" rss1="" hwm="" prate="" drate=""
+  RUN_ID=$((RUN_ID + 1)); out="$WORK/run$RUN_ID-backlog"
+  if ! start_nodes "$b" 3; then
+    fail="$b did not start"
+  elif ! timeout 120 "$PERF" --uri "$(uri "${NODE_PORTS[0]}")" --json --quiet --quorum-queue \
+        --queue-args x-quorum-initial-group-size=3 -x 0 -y 0 -z 1 -u "$q" > "$out.declare" 2>&1; then
+    fail="declaring the quorum queue failed: $(tail -c 300 "$out.declare")"
+  else
+    leader=""
+    for ((i = 0; i < 60; i++)); do leader=$(leader_of "$b" "$q"); [ -n "$leader" ] && break; sleep 0.5; done
+    [ -n "$leader" ] || { fail="no leader for $q"; leader=0; }
+  fi
+  if [ -z "$fail" ]; then
+    sleep 2
+    rss0=$(kb_list VmRSS)
+    timeout 1800 "$PERF" --uri "$(uri "${NODE_PORTS[$leader]}")" --json --quiet --predeclared -u "$q" \
+      -x 1 -y 0 -s 100 -f -c 256 -C "$BACKLOG_MESSAGES" -z 1700 > "$out.pub" 2> "$out.pub.err" ||
+      fail="publishing failed: $(tail -n 2 "$out.pub.err" | tr '\n' ' ')"
+    sleep 5
+    rss1=$(kb_list VmRSS)
+    timeout 1800 "$PERF" --uri "$(uri "${NODE_PORTS[$leader]}")" --json --quiet --predeclared -u "$q" \
+      -x 0 -y 1 -s 100 -q 1000 -A 100 -D "$BACKLOG_MESSAGES" -z 1700 > "$out.drain" 2> "$out.drain.err" ||
+      fail="${fail:+$fail; }draining failed: $(tail -n 2 "$out.drain.err" | tr '\n' ' ')"
+    hwm=$(kb_list VmHWM)
+    prate=$(tail -n 1 "$out.pub" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read()).get("confirm_rate") or "")' 2>/dev/null || true)
+    drate=$(tail -n 1 "$out.drain" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read()).get("consume_rate") or "")' 2>/dev/null || true)
+  fi
+  stop_nodes
+  python3 - "$b" "$BACKLOG_MESSAGES" "$leader" "$rss0" "$rss1" "$hwm" "$prate" "$drate" "$fail" >> "$RECORDS" <<'PY'
+import json, sys
+b, n, leader, rss0, rss1, hwm, prate, drate, fail = sys.argv[1:]
+ints = lambda s: [int(x) for x in s.split()]
+num = lambda s: float(s) if s else None
+print(json.dumps({"scenario": "backlog", "broker": b, "messages": int(n), "leader": int(leader),
+                  "rss_before_kb": ints(rss0), "rss_queued_kb": ints(rss1), "node_hwm_kb": ints(hwm),
+                  "publish_rate": num(prate), "drain_rate": num(drate), "error": fail}))
+PY
+  log "backlog $b: $(tail -n 1 "$RECORDS" | cut -c1-400)"
+}
+
 # ---------------------------------------------------------------- main
 RUN_ID=0
 log "work dir $WORK; parts $ONLY; brokers ${BROKERS[*]}; $ROUNDS rounds x ${SECS}s; sizes $SIZES"
@@ -532,6 +599,9 @@ for sc in cluster single; do
 done
 if want idle; then
   for b in "${BROKERS[@]}"; do run_idle "$b"; done
+fi
+if want backlog; then
+  for b in "${BROKERS[@]}"; do run_backlog "$b"; done
 fi
 
 [ "$OUT" = "-" ] || cp "$RECORDS" "${OUT%.md}.jsonl"

@@ -61,6 +61,17 @@ pub struct ClusterConfig {
     /// is `real` by connecting to `dial` instead (a NAT, or the
     /// fault-injecting proxies of the partition tests).
     pub dial_overrides: Vec<String>,
+    /// This node's certificate chain (PEM) for TLS between nodes; set it
+    /// (with tls_key_file and tls_ca_file) to make every inter-node
+    /// connection mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key of tls_cert_file (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) every node's certificate must chain to.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name checked against the other node's certificate ("" = the host
+    /// part of the address dialled).
+    pub tls_server_name: String,
 }
 
 impl Default for ClusterConfig {
@@ -75,6 +86,10 @@ impl Default for ClusterConfig {
             failure_timeout_ms: 2000,
             snapshot_min_entries: 20_000,
             dial_overrides: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_server_name: String::new(),
         }
     }
 }

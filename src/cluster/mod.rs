@@ -18,6 +18,7 @@ pub mod log;
 pub mod meta;
 pub mod net;
 pub mod sm;
+pub mod tls;
 pub mod types;
 
 use crate::broker::Broker;
@@ -134,6 +135,9 @@ pub enum ClusterError {
     /// The Raft log or a group could not be opened.
     #[error("cannot open the Raft log: {0}")]
     Storage(String),
+    /// The inter-node TLS settings are unusable.
+    #[error("cannot set up TLS between nodes: {0}")]
+    Tls(String),
 }
 
 impl Cluster {
@@ -176,7 +180,11 @@ impl Cluster {
             info: NodeInfo { name, addr },
             incarnation: now_ms(),
             secret: cfg.secret.clone(),
+            tls: tls::load(&cfg).map_err(ClusterError::Tls)?,
         };
+        if me.tls.is_some() {
+            info!("inter-node connections use TLS (cluster.tls_cert_file)");
+        }
         if cfg.enabled && cfg.secret.is_empty() {
             warn!(
                 "clustering is enabled without a cluster secret: any process that can reach the cluster port can join. Set cluster.secret / --cluster-secret"
@@ -806,8 +814,29 @@ async fn accept_loop(l: TcpListener, cluster: Weak<Cluster>, mut stop: watch::Re
 }
 
 /// Serves requests from one peer's outgoing connection.
-async fn serve_incoming(mut s: tokio::net::TcpStream, c: Arc<Cluster>) {
-    let _ = s.set_nodelay(true);
+async fn serve_incoming(tcp: tokio::net::TcpStream, c: Arc<Cluster>) {
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut s: tls::BoxIo = match &c.me.tls {
+        Some(t) => {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), t.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(
+                        "refused an inter-node connection from {peer}: TLS failed ({e}); its certificate must chain to cluster.tls_ca_file"
+                    );
+                    return;
+                }
+                Err(_) => {
+                    warn!(
+                        "refused an inter-node connection from {peer}: no TLS handshake within 10 s"
+                    );
+                    return;
+                }
+            }
+        }
+        None => Box::new(tcp),
+    };
     let hello = match net::handshake(&mut s, &c.me).await {
         Ok(h) => h,
         Err(e) => {
@@ -819,7 +848,7 @@ async fn serve_incoming(mut s: tokio::net::TcpStream, c: Arc<Cluster>) {
     if !hello.info.addr.is_empty() {
         c.peer(&hello.info.addr);
     }
-    let (mut rd, mut wr) = s.into_split();
+    let (mut rd, mut wr) = tokio::io::split(s);
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     let writer = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(64 * 1024);

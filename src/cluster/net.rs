@@ -212,6 +212,8 @@ pub struct Me {
     pub incarnation: u64,
     /// Cluster secret.
     pub secret: String,
+    /// TLS for inter-node connections, when configured.
+    pub tls: Option<Arc<super::tls::NodeTls>>,
 }
 
 /// What the other side said in its hello.
@@ -226,7 +228,10 @@ pub struct PeerHello {
 }
 
 /// Runs the mutual handshake on a fresh connection.
-pub async fn handshake(s: &mut TcpStream, me: &Me) -> std::io::Result<PeerHello> {
+pub async fn handshake<S>(s: &mut S, me: &Me) -> std::io::Result<PeerHello>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let nonce: [u8; 32] = rand::random();
     write_frame(
         s,
@@ -370,8 +375,22 @@ impl Peer {
                 return;
             }
             match TcpStream::connect(&self.addr).await {
-                Ok(mut s) => {
-                    let _ = s.set_nodelay(true);
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    let mut s: super::tls::BoxIo = match &me.tls {
+                        Some(t) => match t.connect(&self.addr, tcp).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(peer = %self.addr, "TLS with the node failed: {e}; check cluster.tls_* on both nodes");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                                    _ = stop.changed() => {}
+                                }
+                                continue;
+                            }
+                        },
+                        None => Box::new(tcp),
+                    };
                     match handshake(&mut s, &me).await {
                         Ok(h) => {
                             self.id.store(h.id, Ordering::Relaxed);
@@ -400,8 +419,8 @@ impl Peer {
         }
     }
 
-    async fn serve(&self, s: TcpStream, stop: &mut tokio::sync::watch::Receiver<bool>) {
-        let (mut rd, mut wr) = s.into_split();
+    async fn serve(&self, s: super::tls::BoxIo, stop: &mut tokio::sync::watch::Receiver<bool>) {
+        let (mut rd, mut wr) = tokio::io::split(s);
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         if let Ok(mut g) = self.tx.lock() {
             *g = Some(tx.clone());

@@ -579,7 +579,13 @@ async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_th
     let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("small-snapshots.toml");
-    std::fs::write(&conf, "[cluster]\nsnapshot_min_entries = 100\n").unwrap();
+    // A small in-memory window: most of the backlog waits in the Raft
+    // log (bodies read back from it after snapshots, installs, restarts).
+    std::fs::write(
+        &conf,
+        "[cluster]\nsnapshot_min_entries = 100\n[queue]\nmax_in_memory = 20\n",
+    )
+    .unwrap();
     let mut nodes = cluster_with(3, &tmp, &["--config", conf.to_str().unwrap()]).await;
     let c = nodes[0].connect().await;
     declare_quorum(&c, "qq.snap").await;
@@ -678,6 +684,14 @@ async fn snapshots_bound_the_log_a_lagging_node_installs_one_and_restarts_use_th
         got,
         (700..900).map(|i| format!("s-{i}")).collect::<Vec<_>>()
     );
+    for n in &nodes {
+        let log = n.p().log_text();
+        assert!(
+            !log.contains("could not be read back"),
+            "{}: a paged-out body was not found in the log:\n{log}",
+            n.name
+        );
+    }
 }
 
 /// Jepsen-style: random SIGKILLs and restarts of nodes while a publisher
@@ -1321,4 +1335,139 @@ async fn add_member_and_delete_member_move_replicas() {
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// A test CA and a node certificate it signed (for 127.0.0.1/localhost, good
+/// for both ends of a connection), written as PEM files under `dir` with
+/// the given prefix; returns the config file naming them.
+fn node_pki(dir: &std::path::Path, prefix: &str) -> PathBuf {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{prefix} cluster CA"));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "warren node");
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, &ca).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let f = |n: &str| dir.join(format!("{prefix}-{n}"));
+    std::fs::write(f("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(f("node.pem"), cert.pem()).unwrap();
+    std::fs::write(f("node.key"), key.serialize_pem()).unwrap();
+    let conf = f("cluster-tls.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[cluster]\ntls_cert_file = {:?}\ntls_key_file = {:?}\ntls_ca_file = {:?}\n",
+            f("node.pem"),
+            f("node.key"),
+            f("ca.pem")
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// With cluster.tls_* set, nodes talk mutual TLS: the cluster forms and a
+/// quorum queue replicates over it; a node whose certificate comes from
+/// another CA is refused (the cluster secret alone does not let it in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_mutual_tls_and_refuse_a_certificate_from_another_ca() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let good = node_pki(&tmp.path().join("pki"), "good");
+    let rogue = node_pki(&tmp.path().join("pki"), "rogue");
+    let nodes = cluster_with(3, &tmp, &["--config", good.to_str().unwrap()]).await;
+    for n in &nodes {
+        assert!(
+            n.p().log_text().contains("inter-node connections use TLS"),
+            "{} did not enable TLS",
+            n.name
+        );
+    }
+    let c1 = nodes[0].connect().await;
+    declare_quorum(&c1, "qq.tls").await;
+    let c2 = nodes[1].connect().await;
+    let ch = c2.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..50u32 {
+        let conf = ch
+            .basic_publish(
+                "".into(),
+                "qq.tls".into(),
+                BasicPublishOptions::default(),
+                format!("t-{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        assert!(within(10, conf).await.unwrap().is_ack());
+    }
+    let c3 = nodes[2].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive_count(&c3, "qq.tls").await != 50 {
+        assert!(Instant::now() < deadline, "replica on node 3 not caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A node with the right secret but a certificate from another CA.
+    let seed = nodes[0]
+        .args
+        .iter()
+        .position(|a| a == "--cluster-port")
+        .map(|i| nodes[0].args[i + 1].clone())
+        .unwrap();
+    let mut stranger = Node {
+        name: "warren@rogue".into(),
+        dir: tmp.path().join("rogue"),
+        args: vec![
+            "--node-name".into(),
+            "warren@rogue".into(),
+            "--cluster-port".into(),
+            free_port().to_string(),
+            "--cluster-secret".into(),
+            "test-cookie".into(),
+            "--seed".into(),
+            format!("127.0.0.1:{seed}"),
+            "--config".into(),
+            rogue.to_str().unwrap().into(),
+        ],
+        proc: None,
+    };
+    stranger.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !nodes[0].p().log_text().contains("TLS failed") {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never refused the rogue node's TLS:\n{}",
+            nodes[0].p().log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = nodes[0].api("/api/cluster").await;
+    let names: Vec<&str> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"warren@rogue"), "{st}");
+    stranger.kill();
 }
