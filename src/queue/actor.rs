@@ -73,6 +73,9 @@ pub struct QueueActor {
     forget: Vec<u64>,
     delivered: Vec<u64>,
     flow_threshold: u64,
+    /// This queue's part of the broker-wide draining backlog (see
+    /// [`super::FlowShare`]).
+    flow_share: super::FlowShare,
     /// Last consumer activity, basic.get or redeclare (ms), for x-expires.
     last_used: u64,
     /// Source of store ids for dead-lettered persistent messages.
@@ -190,6 +193,7 @@ pub fn spawn(
         forget: Vec::new(),
         delivered: Vec::new(),
         flow_threshold: init.flow_threshold,
+        flow_share: super::FlowShare::default(),
         last_used: now_ms(),
         gids: init.gids,
         eff: crate::broker::policy::effective(&init.vhost, &q),
@@ -399,12 +403,11 @@ impl QueueActor {
     /// memory alarm and paging bound it instead.
     fn update_flow(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.q
-            .ready_gauge
-            .store(self.core.ready_len() as u64, Relaxed);
-        self.q
-            .consumers_gauge
-            .store(self.core.consumer_count() as u64, Relaxed);
+        let ready = self.core.ready_len() as u64;
+        let consumers = self.core.consumer_count() as u64;
+        self.q.ready_gauge.store(ready, Relaxed);
+        self.q.consumers_gauge.store(consumers, Relaxed);
+        self.flow_share.set(if consumers > 0 { ready } else { 0 });
         self.q.flow_threshold.store(self.flow_threshold, Relaxed);
     }
 

@@ -196,6 +196,41 @@ pub struct QueueRef {
     pub metrics: QueueMetrics,
 }
 
+/// Ready messages in all queues (of this process) that have consumers: the
+/// sum of every classic queue actor's [`FlowShare`].
+static DRAINING_BACKLOG: AtomicU64 = AtomicU64::new(0);
+
+/// See [`QueueRef::is_overloaded`].
+pub const DRAINING_BACKLOG_LIMIT_FACTOR: u64 = 2;
+/// See [`QueueRef::is_overloaded`].
+pub const SHARED_DIVISOR: u64 = 25;
+
+/// A queue's contribution to the broker-wide draining backlog, kept by its
+/// actor (one atomic add per change, none per message) and taken back
+/// when the actor ends.
+#[derive(Debug, Default)]
+pub struct FlowShare(u64);
+
+impl FlowShare {
+    /// Sets this queue's share.
+    pub fn set(&mut self, n: u64) {
+        if n != self.0 {
+            if n > self.0 {
+                DRAINING_BACKLOG.fetch_add(n - self.0, Ordering::Relaxed);
+            } else {
+                DRAINING_BACKLOG.fetch_sub(self.0 - n, Ordering::Relaxed);
+            }
+            self.0 = n;
+        }
+    }
+}
+
+impl Drop for FlowShare {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 impl QueueRef {
     /// Builds a registry entry.
     #[allow(clippy::too_many_arguments)]
@@ -238,11 +273,24 @@ impl QueueRef {
     /// Publishers should slow down: the queue has consumers (so it is
     /// draining, just not fast enough) and its backlog, counting what is
     /// still in its inbox, is over the flow-control threshold.
+    ///
+    /// While the broker as a whole holds more than
+    /// [`DRAINING_BACKLOG_LIMIT_FACTOR`] × threshold ready messages in
+    /// queues that have consumers (many queues, each under its own
+    /// threshold), every such queue's threshold drops to 1/[`SHARED_DIVISOR`]:
+    /// their publishers slow down before the backlogs together outgrow the
+    /// caches and memory, which leaves the CPU to the consumers.
     pub fn is_overloaded(&self) -> bool {
         let t = self.flow_threshold.load(Ordering::Relaxed);
-        t > 0
-            && self.consumers_gauge.load(Ordering::Relaxed) > 0
-            && self.ready_gauge.load(Ordering::Relaxed) + self.inflight.load(Ordering::Relaxed) > t
+        if t == 0 || self.consumers_gauge.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let backlog =
+            self.ready_gauge.load(Ordering::Relaxed) + self.inflight.load(Ordering::Relaxed);
+        backlog > t
+            || (backlog > t / SHARED_DIVISOR
+                && DRAINING_BACKLOG.load(Ordering::Relaxed)
+                    > t.saturating_mul(DRAINING_BACKLOG_LIMIT_FACTOR))
     }
 
     /// A stream queue (x-queue-type=stream): its actor is `stream::actor`,
