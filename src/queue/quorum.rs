@@ -1546,14 +1546,14 @@ pub async fn change_member(
 
 /// Publish/settle proposals of one queue in the Raft pipeline at once (see
 /// `Actor::run`).
-const PROPOSALS_IN_FLIGHT: usize = 2;
+const PROPOSALS_IN_FLIGHT: usize = 3;
 
 /// Messages (or settled ids) merged into one Raft entry at most.
 const MAX_MSGS_PER_ENTRY: usize = 4096;
 
-/// Message bytes merged into one entry at most: sled stores items over
-/// about 128 KiB as separate blob files, which cost an extra file sync each.
-const MAX_BYTES_PER_ENTRY: usize = 96 * 1024;
+/// Message bytes merged into one entry at most (bounds the size of one
+/// replication frame and of one entry read back for a paged-out body).
+const MAX_BYTES_PER_ENTRY: usize = 512 * 1024;
 
 /// A place in the proposal window. Not waited for longer than a few
 /// seconds: a proposal stuck without a majority must not stall the actor
