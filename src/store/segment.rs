@@ -373,24 +373,29 @@ impl Segment {
             detail: detail.to_string(),
         };
         // One read usually gets the whole record; a second one fetches the
-        // rest of a large message.
-        let mut buf = vec![0u8; 4096];
-        let n = read_some_at(&self.file, &mut buf, u64::from(offset)).map_err(io_err)?;
-        let header: [u8; HEADER_LEN] = buf
+        // rest of a large message. The record is then copied into a buffer
+        // of its own size: the message's body points into it for as long as
+        // the message is held, so a 4 KiB read buffer per 100-byte message
+        // would multiply the memory of a backlog being drained.
+        let mut first = [0u8; 4096];
+        let n = read_some_at(&self.file, &mut first, u64::from(offset)).map_err(io_err)?;
+        let header: [u8; HEADER_LEN] = first
             .get(..HEADER_LEN)
             .filter(|_| n >= HEADER_LEN)
             .and_then(|h| h.try_into().ok())
             .ok_or_else(|| corrupt("record header cut short"))?;
         let (len, crc) = parse_header(&header).ok_or_else(|| corrupt("bad record length"))?;
         let total = HEADER_LEN + len;
-        if n < total {
-            buf.resize(total, 0);
+        let buf = if n < total {
+            let mut buf = vec![0u8; total];
+            buf[..n].copy_from_slice(&first[..n]);
             self.file
                 .read_exact_at(&mut buf[n..], u64::from(offset) + n as u64)
                 .map_err(io_err)?;
+            buf
         } else {
-            buf.truncate(total);
-        }
+            first[..total].to_vec()
+        };
         let payload = Bytes::from(buf).slice(HEADER_LEN..);
         if crc32fast::hash(&payload) != crc {
             return Err(corrupt("record checksum mismatch"));
