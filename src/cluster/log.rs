@@ -48,6 +48,12 @@ const K_CHECKPOINT: u8 = 3;
 /// Record header: payload length (u32 LE) + CRC-32 of the payload.
 const HEADER: usize = 8;
 
+/// At each rotation, closed files still referenced by at most this many
+/// entries have those entries copied into the new file, so a few
+/// long-lived entries (the metadata group's, a quorum queue's oldest
+/// message) do not keep whole files on disk.
+const RELOCATE_MAX: i64 = 4096;
+
 /// Where an entry is.
 #[derive(Debug, Clone)]
 enum Loc {
@@ -311,6 +317,11 @@ impl Writer {
                         "cannot start a new Raft write-ahead log file in {} ({e}); writing on in the current one",
                         self.dir.display()
                     );
+                } else if let Err(e) = self.relocate() {
+                    warn!(
+                        "cannot copy live Raft log entries out of old files in {} ({e}); those files stay until their entries are released",
+                        self.dir.display()
+                    );
                 }
                 released = true;
             }
@@ -352,6 +363,75 @@ impl Writer {
         self.file = f;
         self.current = next;
         self.pos = buf.len() as u64;
+        Ok(())
+    }
+
+    /// Copies the live entries of sparsely used closed files into the
+    /// current one (see [`RELOCATE_MAX`]); those files can then go.
+    fn relocate(&mut self) -> std::io::Result<()> {
+        let sparse: Vec<u32> = lock(&self.files.refs)
+            .iter()
+            .filter(|(n, r)| **n < self.current && **r > 0 && **r <= RELOCATE_MAX)
+            .map(|(n, _)| *n)
+            .collect();
+        if sparse.is_empty() {
+            return Ok(());
+        }
+        type Move = (String, Arc<Mutex<GroupLog>>, u64, u32, u64, u32);
+        let mut moves: Vec<Move> = Vec::new();
+        for kv in self.groups.iter() {
+            let g = lock(kv.value());
+            for (index, loc) in &g.entries {
+                if let Loc::Disk { file, off, len } = loc
+                    && sparse.contains(file)
+                {
+                    moves.push((
+                        kv.key().clone(),
+                        kv.value().clone(),
+                        *index,
+                        *file,
+                        *off,
+                        *len,
+                    ));
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        let mut placed = Vec::with_capacity(moves.len());
+        for (group, log, index, file, off, len) in moves {
+            let Some(f) = self.files.file(file) else {
+                continue;
+            };
+            let mut data = vec![0u8; len as usize];
+            f.read_exact_at(&mut data, off)?;
+            let at = frame_entry(&mut buf, &group, index, &data);
+            placed.push((log, index, file, off, at, len));
+        }
+        let base = self.pos;
+        self.write(&buf)?;
+        // Only entries still where they were move (one may have been
+        // purged or truncated meanwhile: its copy is then never used).
+        let mut moved: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut added = 0;
+        for (log, index, file, off, at, len) in placed {
+            let mut g = lock(&log);
+            if let Some(l) = g.entries.get_mut(&index)
+                && matches!(l, Loc::Disk { file: f, off: o, .. } if *f == file && *o == off)
+            {
+                *l = Loc::Disk {
+                    file: self.current,
+                    off: base + at as u64,
+                    len,
+                };
+                *moved.entry(file).or_insert(0) += 1;
+                added += 1;
+            }
+        }
+        let mut refs = lock(&self.files.refs);
+        *refs.entry(self.current).or_insert(0) += added;
+        for (f, n) in moved {
+            *refs.entry(f).or_insert(0) -= n;
+        }
         Ok(())
     }
 
@@ -956,6 +1036,57 @@ mod tests {
             .map(|e| (e.log_id.index, e.log_id.leader_id.term))
             .collect();
         assert_eq!(got, vec![(4, 1), (5, 1), (6, 1), (7, 1), (8, 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_few_live_entries_do_not_keep_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let wdir = dir.path().join("raft-wal");
+        {
+            let wal = Wal::open(dir.path()).unwrap();
+            wal.sync();
+            let mut buf = Vec::new();
+            for i in 1..=3u64 {
+                let b = postcard::to_stdvec(&entry(i, 1)).unwrap();
+                frame_entry(&mut buf, "meta", i, &b);
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(file_name(&wdir, 1))
+                .unwrap();
+            f.write_all(&buf).unwrap();
+        }
+        {
+            // The entries are in file 1; a busy other group rotates files.
+            let wal = Wal::open_with(dir.path(), 300).unwrap();
+            let mut busy = wal.group("busy").unwrap();
+            for t in 1..=40 {
+                busy.save_vote(&Vote::new(t, 1)).await.unwrap();
+            }
+            wal.sync();
+            assert!(!file_name(&wdir, 1).exists(), "file 1 was reclaimed");
+            let mut m = wal.group("meta").unwrap();
+            let got: Vec<u64> = m
+                .try_get_log_entries(0..10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect();
+            assert_eq!(got, vec![1, 2, 3]);
+        }
+        let files = std::fs::read_dir(&wdir).unwrap().count();
+        assert!(files <= 3, "{files} files left");
+        let wal = Wal::open(dir.path()).unwrap();
+        let mut m = wal.group("meta").unwrap();
+        let got: Vec<u64> = m
+            .try_get_log_entries(0..10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3], "relocated entries survive a restart");
     }
 
     #[tokio::test]
