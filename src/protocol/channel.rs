@@ -492,7 +492,8 @@ impl Connection {
     fn publish_exchange(&mut self, ch: u16, name: &str) -> Result<Arc<Exchange>, AmqpError> {
         let chan = self.chan(ch)?;
         if let Some(e) = &chan.exchange_cache {
-            if e.name == name && !e.is_deleted() {
+            if e.name.len() == name.len() && (name.is_empty() || e.name == name) && !e.is_deleted()
+            {
                 return Ok(e.clone());
             }
         }

@@ -21,6 +21,31 @@ use amq_protocol::protocol::{AMQPClass, connection as conn_m};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::BytesMut;
 use std::collections::HashMap;
+
+/// Hashes a channel number as itself, spread by a multiply: several channel
+/// lookups happen per published message, and SipHash for a u16 showed in
+/// profiles.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChannelHasher(u64);
+
+impl std::hash::Hasher for ChannelHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.0 = u64::from(n);
+    }
+}
+
+/// A connection's channels by number.
+pub type ChannelMap = HashMap<u16, Channel, std::hash::BuildHasherDefault<ChannelHasher>>;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +124,7 @@ pub(crate) struct Connection {
     heartbeat: u16,
     pub vhost: Arc<VHost>,
     pub user: String,
-    pub channels: HashMap<u16, Channel>,
+    pub channels: ChannelMap,
     pub tx: ConnTx,
     rx: mpsc::UnboundedReceiver<ConnCmd>,
     pub caps: ClientCaps,
@@ -206,7 +231,7 @@ pub async fn serve(
         heartbeat: hs.heartbeat,
         vhost: hs.vhost,
         user: hs.user,
-        channels: HashMap::new(),
+        channels: ChannelMap::default(),
         tx,
         rx,
         caps: hs.caps,
