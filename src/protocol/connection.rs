@@ -45,7 +45,7 @@ impl std::hash::Hasher for ChannelHasher {
 }
 
 /// A connection's channels by number.
-pub type ChannelMap = HashMap<u16, Channel, std::hash::BuildHasherDefault<ChannelHasher>>;
+pub(crate) type ChannelMap = HashMap<u16, Channel, std::hash::BuildHasherDefault<ChannelHasher>>;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

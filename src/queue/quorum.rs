@@ -1639,8 +1639,13 @@ impl Actor {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Housekeeping every 200 ms while the queue has anything that needs
+        // it (consumers or channels holding deliveries, timers, credit);
+        // an idle queue wakes every 5 s only, and any command brings the
+        // short period back.
+        let busy_every = std::time::Duration::from_millis(200);
+        let idle_every = std::time::Duration::from_secs(5);
+        let mut next = tokio::time::Instant::now() + busy_every;
         // At most PROPOSALS_IN_FLIGHT publish/settle proposals are in the
         // Raft pipeline at once; whatever arrives meanwhile waits in the
         // inbox and goes into the next proposal as one entry. Under load
@@ -1654,11 +1659,14 @@ impl Actor {
                 None => {
                     let c = tokio::select! {
                         c = rx.recv() => match c { Some(c) => c, None => break },
-                        _ = tick.tick() => {
+                        _ = tokio::time::sleep_until(next) => {
                             self.housekeeping().await;
+                            let every = if self.idle() { idle_every } else { busy_every };
+                            next = tokio::time::Instant::now() + every;
                             continue;
                         }
                     };
+                    next = next.min(tokio::time::Instant::now() + busy_every);
                     self.dequeued(&c);
                     c
                 }
@@ -1730,6 +1738,21 @@ impl Actor {
 
     /// Leader duties: expiry and consumer timeouts, and cleaning up after
     /// nodes that restarted or went away. Followers flush credit.
+    /// Nothing for housekeeping to watch: no consumer or channel holds
+    /// anything, no timer is set, no credit waits.
+    fn idle(&self) -> bool {
+        if !self.pending_credit.is_empty() {
+            return false;
+        }
+        let Ok(m) = self.machine.lock() else {
+            return false;
+        };
+        m.owners.is_empty()
+            && m.core.next_expiry().is_none()
+            && m.core.next_timeout().is_none()
+            && m.core.next_retry().is_none()
+    }
+
     async fn housekeeping(&mut self) {
         if !self.pending_credit.is_empty() {
             let credits: Vec<(u64, u32)> = self.pending_credit.drain().collect();
