@@ -3,7 +3,8 @@
 #
 #   benches/compare.sh [--only N[,M...]] [--broker warren|rabbitmq|both] [--rounds R]
 #
-# Environment: ROUNDS (3), SECONDS_PER_RUN (10), BACKLOG_MESSAGES (1000000),
+# Environment: WARREN_BIN + PERF_BIN (prebuilt binaries instead of a release
+# build of this tree), ROUNDS (3), SECONDS_PER_RUN (10), BACKLOG_MESSAGES (1000000),
 # IDLE_CONNECTIONS (1000), KEEP_WORKDIR=1 to keep logs of the brokers.
 # Each run gets a freshly started broker (fresh data dir), so per-run broker CPU
 # and peak RSS (VmHWM) belong to that run alone. Runs alternate A B A B.
@@ -62,12 +63,20 @@ if [ $need_rabbit = 1 ]; then
 fi
 command -v python3 >/dev/null || die "python3 is needed for the report"
 
-log "building release binaries"
-bins=(--bin warren-perf)
-[ $need_warren = 1 ] && bins+=(--bin warren)
-(cd "$ROOT" && cargo build --release "${bins[@]}" 2>&1 | tail -n 3) >&2
-PERF="$ROOT/target/release/warren-perf"
-WARREN="$ROOT/target/release/warren"
+if [ -n "${WARREN_BIN:-}" ] && [ -n "${PERF_BIN:-}" ]; then
+  # Prebuilt binaries (copied, so a rebuild during the run cannot swap them).
+  mkdir -p "${TMPDIR:-/tmp}/warren-compare-bin.$$"
+  cp "$WARREN_BIN" "$PERF_BIN" "${TMPDIR:-/tmp}/warren-compare-bin.$$/"
+  WARREN="${TMPDIR:-/tmp}/warren-compare-bin.$$/$(basename "$WARREN_BIN")"
+  PERF="${TMPDIR:-/tmp}/warren-compare-bin.$$/$(basename "$PERF_BIN")"
+else
+  log "building release binaries"
+  bins=(--bin warren-perf)
+  [ $need_warren = 1 ] && bins+=(--bin warren)
+  (cd "$ROOT" && cargo build --release "${bins[@]}" 2>&1 | tail -n 3) >&2
+  PERF="$ROOT/target/release/warren-perf"
+  WARREN="$ROOT/target/release/warren"
+fi
 [ -x "$PERF" ] || die "build failed: $PERF missing"
 [ $need_warren = 0 ] || [ -x "$WARREN" ] || die "build failed: $WARREN missing"
 

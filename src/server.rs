@@ -153,6 +153,7 @@ async fn open_broker(
                 data_dir: config.storage.data_dir.clone(),
                 storage: Some(storage.clone()),
                 fresh: false,
+                repl: None,
             };
             let make = |tx| {
                 QueueRef::new(
@@ -205,6 +206,7 @@ async fn open_broker(
                     let b = broker.clone();
                     Arc::new(move || b.next_gid())
                 }),
+                on_delete: crate::cluster::classic::delete_hook(&broker),
             },
         );
         vhost.queues.insert(qd.name.clone(), q);

@@ -534,6 +534,28 @@ fn run(cli: &Cli, c: &Client) -> Res<()> {
                         list(&qq["online"])
                     );
                 }
+                println!("Streams");
+                for st in v["streams"].as_array().into_iter().flatten() {
+                    let leader = cell(&st["leader"]);
+                    let names = |x: &Value, skip: &str| {
+                        x.as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(cell)
+                            .filter(|n| n != skip)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    println!(
+                        "{}\t{}\tleader={}\tfollowers={}\tonline={}\tepoch={}",
+                        cell(&st["vhost"]),
+                        cell(&st["name"]),
+                        leader,
+                        names(&st["members"], &leader),
+                        names(&st["online"], ""),
+                        cell(&st["epoch"])
+                    );
+                }
             }
         }
         Cmd::join_cluster { seed } => {

@@ -49,7 +49,27 @@ pub async fn declare_queue(
             .await?;
         return Ok((q, true));
     }
+    if args.queue_type == "stream" && crate::queue::stream::replica::clustered(broker) {
+        crate::queue::stream::check_declare(
+            &spec.name,
+            &vhost.name,
+            spec.durable,
+            spec.exclusive_owner.is_some(),
+            spec.auto_delete,
+        )?;
+        let q = crate::queue::stream::replica::declare(broker, vhost, &spec.name, &spec.arguments)
+            .await?;
+        return Ok((q, true));
+    }
     let id = broker.next_id();
+    if args.queue_type != "stream" {
+        // Clustered: the name is registered cluster-wide first; a queue
+        // another node registered first is used through its proxy.
+        match crate::cluster::classic::register(broker, vhost, &spec, id).await? {
+            crate::cluster::classic::Registered::Here => {}
+            crate::cluster::classic::Registered::Elsewhere(q) => return Ok((q, false)),
+        }
+    }
     let vname = vhost.name.clone();
     let make = |tx| {
         QueueRef::new(
@@ -78,6 +98,7 @@ pub async fn declare_queue(
             data_dir: broker.config.storage.data_dir.clone(),
             storage: broker.storage.clone(),
             fresh: true,
+            repl: None,
         };
         crate::queue::stream::spawn(make, init)?
     } else {
@@ -92,6 +113,7 @@ pub async fn declare_queue(
                 recovered: Vec::new(),
                 gids: Some(Arc::new(move || b.next_gid())),
                 flow_threshold: broker.config.queue.flow_control_threshold,
+                on_delete: crate::cluster::classic::delete_hook(broker),
             },
         )
     };
@@ -102,7 +124,11 @@ pub async fn declare_queue(
         .value()
         .clone();
     if winner.id != created.id {
-        // Lost a race with another declare: stop ours, use theirs.
+        // Lost a race with another declare: stop ours, use theirs (and
+        // make sure the cluster registry names theirs).
+        if created.home.is_none() && !created.is_stream() {
+            crate::cluster::classic::reregister(broker, &winner);
+        }
         let _ = created
             .send(QueueCmd::Delete {
                 if_unused: false,

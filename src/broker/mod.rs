@@ -193,14 +193,15 @@ impl VHost {
         visited.push(ptr);
         let before = out.len();
         if ex.name.is_empty() {
-            if let Some(q) = self.queue(routing_key) {
+            if let Some(q) = self.queue(routing_key).filter(|q| q.is_routable()) {
                 out.push(q);
             }
         } else {
             let mut downstream: Vec<Arc<Exchange>> = Vec::new();
             ex.route(routing_key, headers, |d| match d {
                 Destination::Queue(q) => {
-                    if !q.is_deleted() {
+                    // Not deleted, and not a proxy whose home node is down.
+                    if q.is_routable() {
                         out.push(q.clone())
                     }
                 }

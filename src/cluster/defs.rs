@@ -3,9 +3,12 @@
 //! is proposed to the metadata group (in the order it was made there) and
 //! applied on every node (the origin included, so all converge on the log's
 //! order) in log order, through the same code paths a
-//! definitions import or a management API call uses. Classic queues stay
-//! local to their node (as RabbitMQ's classic queues live on one node);
-//! quorum queues have their own entry in the metadata group.
+//! definitions import or a management API call uses. Queues are not
+//! definition changes: quorum queues, streams and classic queues have their
+//! own entries in the metadata group (a classic queue lives on its home
+//! node and every other node gets a proxy that forwards to it, see
+//! `classic.rs`), so a replicated binding to a classic queue of another
+//! node binds that node's proxy.
 //!
 //! A node joining later replays the metadata log and so receives every
 //! change made before it joined.
@@ -135,7 +138,8 @@ async fn apply(b: &Arc<Broker>, origin: NodeId, change: DefChange) {
             ?change,
             "applied a definition change from another node"
         ),
-        // Typically a binding to a classic queue that lives on its own node.
+        // E.g. a binding to an exclusive queue of another node, or to a
+        // queue deleted meanwhile.
         Err(e) => debug!(
             origin,
             ?change,

@@ -2,10 +2,12 @@
 //! a definition creates the queue on this node (its Raft replica when this
 //! node is a member, a forwarding handle otherwise); applying a delete
 //! removes it. Replaying the log at start re-creates every quorum queue.
+//! Replicated streams (`StreamDef`) are kept here too: declare, delete
+//! and leader changes (see `queue/stream/replica.rs`).
 
 use super::Cluster;
 use super::sm::{Applied, NoSnapshot, no_install};
-use super::types::{Cmd, MetaCmd, NodeId, NodeInfo, QuorumDef, Resp, TypeConfig};
+use super::types::{Cmd, MetaCmd, NodeId, NodeInfo, QuorumDef, Resp, StreamDef, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{LogId, SnapshotMeta, StorageError, StoredMembership};
 use std::collections::BTreeMap;
@@ -17,7 +19,34 @@ use std::sync::{Arc, Mutex, Weak};
 pub struct MetaState {
     /// Definitions.
     pub queues: BTreeMap<(String, String), QuorumDef>,
+    /// Replicated streams.
+    pub streams: BTreeMap<(String, String), StreamDef>,
+    /// Classic queues and their home nodes (`cluster::classic`).
+    pub classic: BTreeMap<(String, String), super::types::ClassicDef>,
     applied: Applied,
+}
+
+impl MetaState {
+    /// The type of the queue registered under this name, if any.
+    fn type_of(&self, key: &(String, String)) -> Option<&'static str> {
+        if self.queues.contains_key(key) {
+            Some("quorum")
+        } else if self.streams.contains_key(key) {
+            Some("stream")
+        } else if self.classic.contains_key(key) {
+            Some("classic")
+        } else {
+            None
+        }
+    }
+}
+
+/// RabbitMQ's refusal of a declare whose x-queue-type differs from the
+/// existing queue's.
+fn inequivalent_type(vhost: &str, name: &str, received: &str, current: &str) -> String {
+    format!(
+        "inequivalent arg 'x-queue-type' for queue '{name}' in vhost '{vhost}': received '{received}' but current is '{current}'"
+    )
 }
 
 /// The metadata state machine.
@@ -38,6 +67,10 @@ enum Effect {
     Create(QuorumDef),
     Delete(QuorumDef),
     Members(QuorumDef),
+    StreamCreate(StreamDef),
+    StreamDelete(StreamDef),
+    StreamLeader(StreamDef),
+    Classic(super::classic::Effect),
 }
 
 impl RaftStateMachine<TypeConfig> for MetaSm {
@@ -66,6 +99,11 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
                         let key = (def.vhost.clone(), def.name.clone());
                         if let Some(existing) = st.queues.get(&key) {
                             Resp::Count(existing.id)
+                        } else if let Some(other) = st.type_of(&key) {
+                            Resp::Refused(
+                                406,
+                                inequivalent_type(&def.vhost, &def.name, "quorum", other),
+                            )
                         } else {
                             st.queues.insert(key, def.clone());
                             let id = def.id;
@@ -98,6 +136,74 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
                         }
                         None => Resp::Refused(404, "no such quorum queue".into()),
                     },
+                    Some(Cmd::Meta(MetaCmd::DeclareStream(def))) => {
+                        let key = (def.vhost.clone(), def.name.clone());
+                        if let Some(existing) = st.streams.get(&key) {
+                            Resp::Count(existing.id)
+                        } else if let Some(other) = st.type_of(&key) {
+                            Resp::Refused(
+                                406,
+                                inequivalent_type(&def.vhost, &def.name, "stream", other),
+                            )
+                        } else {
+                            st.streams.insert(key, def.clone());
+                            let id = def.id;
+                            effect = Some(Effect::StreamCreate(def));
+                            Resp::Count(id)
+                        }
+                    }
+                    Some(Cmd::Meta(MetaCmd::DeleteStream { vhost, name })) => {
+                        if let Some(def) = st.streams.remove(&(vhost, name)) {
+                            effect = Some(Effect::StreamDelete(def));
+                        }
+                        Resp::Ok
+                    }
+                    Some(Cmd::Meta(MetaCmd::StreamLeader {
+                        vhost,
+                        name,
+                        id,
+                        leader,
+                        epoch,
+                    })) => match st.streams.get_mut(&(vhost, name)) {
+                        Some(def) if def.id == id && def.epoch + 1 == epoch => {
+                            def.leader = leader;
+                            def.epoch = epoch;
+                            effect = Some(Effect::StreamLeader(def.clone()));
+                            Resp::Ok
+                        }
+                        _ => Resp::Refused(409, "stale stream leader change".into()),
+                    },
+                    Some(Cmd::Meta(MetaCmd::DeclareClassic(def))) => {
+                        let st = &mut *st;
+                        let taken = st
+                            .queues
+                            .contains_key(&(def.vhost.clone(), def.name.clone()))
+                            || st
+                                .streams
+                                .contains_key(&(def.vhost.clone(), def.name.clone()));
+                        let (resp, eff) =
+                            super::classic::apply_declare(&mut st.classic, taken, def);
+                        effect = eff.map(Effect::Classic);
+                        resp
+                    }
+                    Some(Cmd::Meta(MetaCmd::DeleteClassic {
+                        vhost,
+                        name,
+                        home,
+                        id,
+                        incarnation,
+                    })) => {
+                        let eff = super::classic::apply_delete(
+                            &mut st.classic,
+                            vhost,
+                            name,
+                            home,
+                            id,
+                            incarnation,
+                        );
+                        effect = eff.map(Effect::Classic);
+                        Resp::Ok
+                    }
                     _ => Resp::Ok,
                 }
             };
@@ -114,6 +220,16 @@ impl RaftStateMachine<TypeConfig> for MetaSm {
                     Effect::Create(def) => crate::queue::quorum::materialize(&c, &def).await,
                     Effect::Delete(def) => crate::queue::quorum::dematerialize(&c, &def).await,
                     Effect::Members(def) => crate::queue::quorum::members_changed(&c, &def).await,
+                    Effect::StreamCreate(def) => {
+                        crate::queue::stream::replica::materialize(&c, &def).await
+                    }
+                    Effect::StreamDelete(def) => {
+                        crate::queue::stream::replica::dematerialize(&c, &def).await
+                    }
+                    Effect::StreamLeader(def) => {
+                        crate::queue::stream::replica::leader_changed(&c, &def).await
+                    }
+                    Effect::Classic(eff) => super::classic::apply_effect(&c, eff),
                 }
             }
             out.push(resp);

@@ -13,6 +13,7 @@
 //! restart) the first live voter of that group, in id order, triggers an
 //! election, and the others follow if it does not succeed in time.
 
+pub mod classic;
 pub mod defs;
 pub mod log;
 pub mod meta;
@@ -83,6 +84,9 @@ pub struct Cluster {
     pub broker: Weak<Broker>,
     /// Inter-node listener address, when clustering is enabled.
     pub listen: Option<SocketAddr>,
+    /// Classic queues across nodes: proxies here, remote users of the
+    /// queues living here (`classic.rs`).
+    pub classic: classic::Registry,
     stop: watch::Receiver<bool>,
     stop_tx: watch::Sender<bool>,
     election_at: DashMap<GroupId, u64>,
@@ -203,6 +207,7 @@ impl Cluster {
             meta: Arc::new(Mutex::new(meta::MetaState::default())),
             broker: Arc::downgrade(broker),
             listen,
+            classic: classic::Registry::default(),
             stop: stop.clone(),
             stop_tx,
             election_at: DashMap::new(),
@@ -233,6 +238,11 @@ impl Cluster {
             tokio::spawn(async move { c.form_cluster().await });
         }
         tokio::spawn(drive(Arc::downgrade(&cluster), stop));
+        if cfg.enabled {
+            tokio::spawn(crate::queue::stream::replica::failover_loop(
+                Arc::downgrade(&cluster),
+            ));
+        }
         Ok(cluster)
     }
 
@@ -705,6 +715,8 @@ impl Cluster {
         meta.change_membership(voters, false)
             .await
             .map_err(|e| e.to_string())?;
+        // Its classic queues go with it (as RabbitMQ's forget_cluster_node).
+        classic::forget_node(self, id).await;
         Ok(())
     }
 }
@@ -933,6 +945,49 @@ async fn serve_incoming(tcp: tokio::net::TcpStream, c: Arc<Cluster>) {
                     }
                 }
             }
+            // In arrival order (a proxy's publishes, settles and
+            // consumer changes; a home's deliveries): never spawned.
+            Req::Classic {
+                vhost,
+                name,
+                id,
+                incarnation,
+                op,
+            } => {
+                let to = classic::Origin {
+                    node: hello.id,
+                    incarnation,
+                };
+                classic::serve(&c, to, (vhost, name, id), op, rid, reply);
+            }
+            Req::ClassicEvent {
+                vhost,
+                name,
+                id,
+                incarnation,
+                ev,
+            } => {
+                let resp = classic::event(&c, (vhost, name, id), incarnation, ev);
+                let _ = reply.send(Frame::Resp {
+                    rid,
+                    resp: Ok(resp),
+                });
+            }
+            // Replicated streams: chunks and forwarded publishes reach
+            // the stream's actor in arrival order; the answer is awaited
+            // elsewhere.
+            r @ (Req::StreamAppend { .. }
+            | Req::StreamPublish { .. }
+            | Req::StreamTail { .. }
+            | Req::StreamRead { .. }) => {
+                let rx = crate::queue::stream::replica::handle(&c, r);
+                tokio::spawn(async move {
+                    let resp = rx
+                        .await
+                        .unwrap_or_else(|_| Err("stream replica stopped".into()));
+                    let _ = reply.send(Frame::Resp { rid, resp });
+                });
+            }
             other => {
                 let c = c.clone();
                 tokio::spawn(async move {
@@ -996,7 +1051,13 @@ async fn handle_req(c: &Arc<Cluster>, req: Req) -> Result<RespBody, String> {
             }
             Ok(RespBody::Done)
         }
-        Req::Ping | Req::Propose { .. } => Err("handled elsewhere".into()),
+        Req::Ping | Req::Propose { .. } | Req::Classic { .. } | Req::ClassicEvent { .. } => {
+            Err("handled elsewhere".into())
+        }
+        Req::StreamAppend { .. }
+        | Req::StreamPublish { .. }
+        | Req::StreamTail { .. }
+        | Req::StreamRead { .. } => Err("handled elsewhere".into()),
     }
 }
 

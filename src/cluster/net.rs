@@ -126,6 +126,103 @@ pub enum Req {
         /// The node.
         id: NodeId,
     },
+    /// Chunks from a stream's leader to a follower: encoded chunk bytes,
+    /// in offset order, the first starting at `from` (none: only the
+    /// commit offset moves). `reset` asks the follower to drop its log and
+    /// restart it at `from` (retention removed what it lacked).
+    StreamAppend {
+        /// Stream (`StreamDef::group`).
+        group: String,
+        /// The leader's epoch.
+        epoch: u32,
+        /// Offset of the first chunk.
+        from: u64,
+        /// Epoch of the leader's chunk ending at `from` (None: the
+        /// leader's log starts at `from`); the follower checks its own.
+        prev_epoch: Option<u32>,
+        /// Drop the local log and start at `from`.
+        reset: bool,
+        /// Encoded chunks, each header + filter + records.
+        #[serde(with = "serde_bytes")]
+        chunks: Vec<u8>,
+        /// The leader's committed offset (majority-written).
+        commit: u64,
+    },
+    /// Publishes forwarded to a stream's leader; answered once committed.
+    StreamPublish {
+        /// Stream.
+        group: String,
+        /// Messages, in publish order.
+        msgs: Vec<super::types::WireMsg>,
+    },
+    /// A node without a replica reads committed chunks from the stream's
+    /// leader for its consumers. The leader waits up to `wait_ms` for new
+    /// chunks when there are none yet.
+    StreamRead {
+        /// Stream.
+        group: String,
+        /// Where to start: resolved at the leader.
+        at: StreamOffset,
+        /// Bytes of chunks wanted, about.
+        max_bytes: u32,
+        /// How long the leader may hold the request when at the end.
+        wait_ms: u32,
+    },
+    /// A failover coordinator asks a replica for its written tail and
+    /// fences it: it refuses chunks of epochs below `fence` afterwards.
+    StreamTail {
+        /// Stream.
+        group: String,
+        /// The epoch being elected.
+        fence: u32,
+    },
+    /// A command for a classic queue, from a proxy on the sending node to
+    /// the queue's home (this node). Served in arrival order per queue.
+    Classic {
+        /// Vhost.
+        vhost: String,
+        /// Queue name.
+        name: String,
+        /// Queue id on its home node.
+        id: u64,
+        /// Boot id of the sending node (names its consumers and channels).
+        incarnation: u64,
+        /// What.
+        op: super::classic::ClassicOp,
+    },
+    /// From a classic queue's home to a node with consumers of it:
+    /// deliveries or a consumer cancellation.
+    ClassicEvent {
+        /// Vhost.
+        vhost: String,
+        /// Queue name.
+        name: String,
+        /// Queue id on its home node.
+        id: u64,
+        /// Boot id of the receiving node the home knows (a restarted
+        /// node ignores events meant for its previous life).
+        incarnation: u64,
+        /// What.
+        ev: super::classic::ClassicEvent,
+    },
+}
+
+/// A stream read position as sent to the leader (`x-stream-offset`
+/// resolved there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamOffset {
+    /// The first message still in the stream.
+    First,
+    /// The start of the last chunk.
+    Last,
+    /// Only messages published from now on.
+    Next,
+    /// This offset.
+    Offset(u64),
+    /// N messages before the end.
+    FromEnd(u64),
+    /// The first chunk written at or after this time (ms).
+    Timestamp(i64),
 }
 
 /// Responses.
@@ -148,6 +245,37 @@ pub enum RespBody {
     },
     /// Done.
     Done,
+    /// A stream follower's answer to `StreamAppend`: its written (synced)
+    /// tail; `mismatch` when the chunks did not start at its tail (the
+    /// leader resends from `tail`).
+    StreamAck {
+        /// Offset after its last written chunk.
+        tail: u64,
+        /// The chunks were not appended: they did not start at `tail`.
+        mismatch: bool,
+    },
+    /// A forwarded stream publish: committed (true) or refused.
+    StreamPublished(bool),
+    /// Committed chunks for a reader on a node without a replica.
+    StreamChunks {
+        /// The first offset the reader wants (chunks may start before it).
+        from: u64,
+        /// Encoded chunks, back to back.
+        #[serde(with = "serde_bytes")]
+        chunks: Vec<u8>,
+        /// Where to read next.
+        next: u64,
+    },
+    /// A replica's tail for a failover: the epoch of its last chunk and
+    /// the offset after it.
+    StreamTail {
+        /// Epoch stamped in its last chunk (0: empty log).
+        last_epoch: u32,
+        /// Offset after its last chunk.
+        tail: u64,
+    },
+    /// A classic queue's home answers a proxy.
+    Classic(super::classic::ClassicReply),
 }
 
 /// Writes one frame.

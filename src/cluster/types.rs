@@ -129,6 +129,104 @@ pub enum MetaCmd {
         /// New replica set.
         members: Vec<NodeId>,
     },
+    /// Create a replicated stream (no-op if a queue of that name exists).
+    DeclareStream(StreamDef),
+    /// Delete a replicated stream everywhere.
+    DeleteStream {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+    },
+    /// A stream's new leader after its old one's node went down: applied
+    /// only if the stream still has id `id` and epoch `epoch - 1`.
+    StreamLeader {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+        /// Stream id.
+        id: u64,
+        /// New leader.
+        leader: NodeId,
+        /// New epoch.
+        epoch: u32,
+    },
+    /// Register a classic queue living on `home` (see `cluster::classic`).
+    /// A name registered with another home keeps that one; the same home
+    /// re-registering replaces its entry. Answers `Resp::Count(home)` of
+    /// the registered entry.
+    DeclareClassic(ClassicDef),
+    /// Unregister a classic queue (deleted on its home node): applied only
+    /// if the registered entry has this home and id (and, when given, was
+    /// registered in that incarnation of its home).
+    DeleteClassic {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+        /// Home node.
+        home: NodeId,
+        /// Queue id on the home node.
+        id: u64,
+        /// Only if registered by this boot of the home node.
+        incarnation: Option<u64>,
+    },
+}
+
+/// A classic queue as the metadata group keeps it: it lives on `home`;
+/// every other node has a proxy forwarding to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassicDef {
+    /// Queue id on the home node.
+    pub id: u64,
+    /// Vhost.
+    pub vhost: String,
+    /// Name.
+    pub name: String,
+    /// The node it lives on.
+    pub home: NodeId,
+    /// Boot id of the home node when it registered the queue (a transient
+    /// queue does not survive that boot).
+    pub incarnation: u64,
+    /// Survives a restart of its home node.
+    pub durable: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Exclusive to a connection on its home node (registered only so the
+    /// name is taken cluster-wide).
+    pub exclusive: bool,
+    /// Declare arguments (JSON of the AMQP field table).
+    pub arguments: Vec<u8>,
+}
+
+/// A replicated stream queue's definition, as the metadata group keeps it.
+/// Every member keeps a copy of the log; `leader` appends and ships chunks
+/// to the others. `epoch` grows with every leader change (the leader
+/// stamps it into the chunks it writes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamDef {
+    /// Broker-wide queue id (chosen by the declaring node).
+    pub id: u64,
+    /// Vhost.
+    pub vhost: String,
+    /// Name.
+    pub name: String,
+    /// Declare arguments (JSON of the AMQP field table).
+    pub arguments: Vec<u8>,
+    /// Replica nodes.
+    pub members: Vec<NodeId>,
+    /// The member that appends.
+    pub leader: NodeId,
+    /// Leader epoch (1 at declare).
+    pub epoch: u32,
+}
+
+impl StreamDef {
+    /// Its name in inter-node requests (`s/<vhost>/<name>#<id>`).
+    pub fn group(&self) -> GroupId {
+        format!("s/{}/{}#{}", self.vhost, self.name, self.id)
+    }
 }
 
 /// Where a quorum queue consumer or channel lives: node, its incarnation

@@ -1156,6 +1156,8 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
     let c = q.stats().await.unwrap_or_default();
     let quorum = if q.is_quorum() {
         super::cluster::quorum_replicas(b, &q.vhost, &q.name)
+    } else if q.is_stream() {
+        super::cluster::stream_replicas(b, &q.vhost, &q.name)
     } else {
         None
     };
@@ -1173,11 +1175,14 @@ pub async fn queue_json(b: &Broker, q: &QueueRef) -> Value {
         "owner_pid_details": owner.map(|n| json!({"name": n})),
         "arguments": table_to_json(&q.arguments),
         "type": q.args.queue_type,
-        "node": node_name(),
+        "node": if q.home.is_some() { crate::cluster::classic::home_name(b, q) } else { node_name() },
         "leader": quorum.as_ref().and_then(|r| r.0.clone()),
         "members": quorum.as_ref().map(|r| r.1.clone()),
         "online": quorum.as_ref().map(|r| r.2.clone()),
-        "state": "running",
+        // A classic queue of another node whose home is down: "down", and
+        // the counts are the last ones its home reported.
+        "state": if q.is_absent() { "down" } else { "running" },
+        "counts_stale": q.is_absent(),
         "policy": policy,
         "messages": c.ready + c.unacked,
         "messages_details": rate(0.0),

@@ -43,6 +43,31 @@ pub fn quorum_replicas(
     Some((leader, members, online))
 }
 
+/// Replica placement of a replicated stream: (leader, members, online
+/// members). None for a stream that is not replicated.
+pub fn stream_replicas(
+    b: &Broker,
+    vhost: &str,
+    name: &str,
+) -> Option<(Option<String>, Vec<String>, Vec<String>)> {
+    let c = b.cluster.get()?;
+    let def = crate::queue::stream::replica::def_of(c, vhost, name)?;
+    let name_of = |id: u64| {
+        c.nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| format!("node-{id}"))
+    };
+    let members: Vec<String> = def.members.iter().map(|m| name_of(*m)).collect();
+    let online: Vec<String> = def
+        .members
+        .iter()
+        .filter(|m| c.alive(**m))
+        .map(|m| name_of(*m))
+        .collect();
+    Some((Some(name_of(def.leader)), members, online))
+}
+
 /// The cluster as this node sees it.
 pub fn status_json(b: &Broker) -> Value {
     let Some(c) = b.cluster.get() else {
@@ -75,11 +100,25 @@ pub fn status_json(b: &Broker) -> Value {
             json!({"vhost": d.vhost, "name": d.name, "leader": leader, "members": members, "online": online})
         })
         .collect();
+    let sdefs: Vec<crate::cluster::types::StreamDef> = c
+        .meta
+        .lock()
+        .map(|m| m.streams.values().cloned().collect())
+        .unwrap_or_default();
+    let streams: Vec<Value> = sdefs
+        .iter()
+        .map(|d| {
+            let (leader, members, online) =
+                stream_replicas(b, &d.vhost, &d.name).unwrap_or((None, Vec::new(), Vec::new()));
+            json!({"vhost": d.vhost, "name": d.name, "leader": leader, "members": members, "online": online, "epoch": d.epoch})
+        })
+        .collect();
     json!({
         "cluster_name": "warren",
         "this_node": c.me.info.name,
         "nodes": nodes,
         "quorum_queues": queues,
+        "streams": streams,
     })
 }
 

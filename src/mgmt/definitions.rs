@@ -125,7 +125,8 @@ pub fn export(b: &Broker) -> Result<Value, ApiError> {
             .queues
             .iter()
             .map(|q| q.value().clone())
-            .filter(|q| q.is_stored())
+            // Durable and not exclusive, here or (a proxy) on another node.
+            .filter(|q| q.durable && q.exclusive_owner.is_none())
             .collect();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         for q in qs {

@@ -246,6 +246,10 @@ impl Connection {
             .queue(&name)
             .ok_or_else(|| AmqpError::queue_not_found(self.vname(), &name))?;
         self.check_exclusive(&q)?;
+        if q.home.is_some() {
+            // A classic queue of another node: 404 while that node is down.
+            crate::cluster::classic::check_home(&self.broker, &q)?;
+        }
         Ok(q)
     }
 
@@ -1411,6 +1415,9 @@ impl Connection {
                 let mut count = 0;
                 if let Some(q) = self.vhost.queue(&name) {
                     self.check_exclusive(&q)?;
+                    if q.home.is_some() {
+                        crate::cluster::classic::check_home(&self.broker, &q)?;
+                    }
                     let (tx, rx) = oneshot::channel();
                     if q.send(QueueCmd::Delete {
                         if_unused: d.if_unused,
@@ -1476,6 +1483,9 @@ impl Connection {
         };
         let (q, created) =
             crate::broker::declare::declare_queue(&self.broker, &self.vhost, spec).await?;
+        if q.home.is_some() {
+            crate::cluster::classic::check_home(&self.broker, &q)?;
+        }
         if created && d.exclusive {
             self.exclusive_queues.push(q.clone());
         }

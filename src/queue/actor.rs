@@ -58,7 +58,14 @@ pub struct QueueInit {
     /// Hands out store ids (the broker's counter), for dead-lettered
     /// persistent messages.
     pub gids: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Called once when the queue deletes itself (client delete,
+    /// auto-delete, x-expires, exclusive owner gone): unregisters it from
+    /// the cluster (`cluster::classic::delete_hook`).
+    pub on_delete: Option<DeleteHook>,
 }
+
+/// See [`QueueInit::on_delete`].
+pub type DeleteHook = Arc<dyn Fn(&QueueRef) + Send + Sync>;
 
 /// Owns one queue's state. Built and started by [`spawn`].
 pub struct QueueActor {
@@ -93,6 +100,8 @@ pub struct QueueActor {
     dedup_saved_max_gid: u64,
     /// When the deduplication cache was last saved (ms).
     dedup_saved_at: u64,
+    /// See [`QueueInit::on_delete`].
+    on_delete: Option<DeleteHook>,
 }
 
 /// A durable queue saves its deduplication cache at most this often (ms);
@@ -202,6 +211,7 @@ pub fn spawn(
         dedup_max_gid,
         dedup_saved_max_gid: snap.dedup_max_gid,
         dedup_saved_at: 0,
+        on_delete: init.on_delete,
     };
     actor.core.set_limits(actor.eff.limits.clone());
     actor.core.arm_recovered_ttl(recovered_at);
@@ -772,8 +782,14 @@ impl QueueActor {
     async fn delete(&mut self) {
         self.q.mark_deleted();
         let mut dropped_exchanges = Vec::new();
+        let mut registered = false;
         if let Some(vhost) = self.vhost.upgrade() {
+            registered = vhost.queue(&self.q.name).is_some_and(|q| q.id == self.q.id);
             dropped_exchanges = vhost.forget_queue(&self.q);
+        }
+        // Not for a queue that lost a declare race (never registered).
+        if let (true, Some(hook)) = (registered, self.on_delete.take()) {
+            hook(&self.q);
         }
         for (id, link) in self.links.drain() {
             let _ = link.conn.send(ConnCmd::ConsumerCancelled {

@@ -16,7 +16,7 @@ use amq_protocol::types::FieldTable;
 use core::{ConsumerId, ConsumerSpec, Counts, Envelope, MsgId, Outcome, Owner};
 use message::Message;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a queue sends publisher confirms for a batch.
@@ -159,6 +159,25 @@ pub struct QueueMetrics {
     pub acked: std::sync::atomic::AtomicU64,
 }
 
+/// Where the queue a proxy stands for lives.
+#[derive(Debug, Clone)]
+pub struct QueueHome {
+    /// The home node's id.
+    pub node: u64,
+    /// The home node's name (warren@host), for errors and management.
+    pub node_name: String,
+    /// The queue's id on its home node.
+    pub id: u64,
+}
+
+/// Queue state: usable.
+const LIVE: u8 = 0;
+/// Queue state: deleted.
+const DELETED: u8 = 1;
+/// Queue state: a proxy whose home node is down; messages are not routed
+/// to it (as RabbitMQ drops a queue on a down node from routing).
+const ABSENT: u8 = 2;
+
 /// The registry entry for a queue: its static properties and its inbox.
 #[derive(Debug)]
 pub struct QueueRef {
@@ -180,7 +199,13 @@ pub struct QueueRef {
     pub args: args::QueueArgs,
     /// The actor's inbox (bounded: a full inbox is backpressure).
     pub tx: mpsc::Sender<QueueCmd>,
-    deleted: AtomicBool,
+    /// Set on a classic queue whose home is another cluster node: this
+    /// entry is a proxy that forwards every command there
+    /// (`cluster::classic`).
+    pub home: Option<QueueHome>,
+    /// [`LIVE`], [`DELETED`] or [`ABSENT`]: one load decides both "gone"
+    /// and "routable" on the publish path.
+    state: AtomicU8,
     /// Flow-control gauges: ready messages and consumers (written by the
     /// actor after each batch), messages sent but not yet taken from the
     /// inbox (added by publishers, subtracted by the actor), and the
@@ -255,7 +280,8 @@ impl QueueRef {
             arguments,
             args,
             tx,
-            deleted: AtomicBool::new(false),
+            home: None,
+            state: AtomicU8::new(LIVE),
             ready_gauge: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             consumers_gauge: AtomicU64::new(0),
@@ -264,10 +290,17 @@ impl QueueRef {
         }
     }
 
+    /// Makes this entry a proxy for a queue living on another node.
+    pub fn with_home(mut self, home: QueueHome) -> Self {
+        self.home = Some(home);
+        self
+    }
+
     /// Whether its persistent messages and definition go to the store
-    /// (durable and not exclusive: exclusive queues never survive a restart).
+    /// (durable and not exclusive: exclusive queues never survive a restart;
+    /// a proxy's messages are stored on its home node).
     pub fn is_stored(&self) -> bool {
-        self.durable && self.exclusive_owner.is_none()
+        self.durable && self.exclusive_owner.is_none() && self.home.is_none()
     }
 
     /// Publishers should slow down: the queue has consumers (so it is
@@ -314,12 +347,36 @@ impl QueueRef {
 
     /// True once deleted.
     pub fn is_deleted(&self) -> bool {
-        self.deleted.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) == DELETED
+    }
+
+    /// Messages may be routed here: not deleted, and (for a proxy) its
+    /// home node is up.
+    pub fn is_routable(&self) -> bool {
+        self.state.load(Ordering::Acquire) == LIVE
     }
 
     /// Marks deleted.
     pub fn mark_deleted(&self) {
-        self.deleted.store(true, Ordering::Release);
+        self.state.store(DELETED, Ordering::Release);
+    }
+
+    /// A proxy's home node went down (`true`) or came back (`false`).
+    /// Never undoes a delete.
+    pub fn set_absent(&self, absent: bool) {
+        let (from, to) = if absent {
+            (LIVE, ABSENT)
+        } else {
+            (ABSENT, LIVE)
+        };
+        let _ = self
+            .state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// A proxy whose home node is down.
+    pub fn is_absent(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ABSENT
     }
 
     /// Sends a command; false if the queue is gone.

@@ -1165,7 +1165,7 @@ pub async fn declare(
         members,
     };
     let meta_members: Vec<NodeId> = cluster.members().into_iter().map(|(id, _)| id).collect();
-    cluster
+    let r = cluster
         .propose(
             crate::cluster::types::META_GROUP,
             Cmd::Meta(MetaCmd::DeclareQuorum(def)),
@@ -1178,6 +1178,9 @@ pub async fn declare(
                 format!("cannot declare quorum queue '{name}': {e}"),
             )
         })?;
+    if let Resp::Refused(c, text) = r {
+        return Err(AmqpError::new(c, text));
+    }
     // The definition is applied on this node shortly (at once when this
     // node leads the metadata group).
     for _ in 0..500 {

@@ -6,6 +6,8 @@ mod common;
 #[path = "../common/process.rs"]
 mod process;
 
+mod classic;
+
 use common::within;
 use futures_lite::StreamExt;
 use lapin::options::*;
@@ -22,12 +24,36 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// a 2-core machine is not asked to run a dozen nodes at once.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A free port for a node to listen on, below Linux's ephemeral range
+/// (32768-60999): a port the kernel hands out for port 0 can be taken by
+/// another node's outgoing connection before the node that should listen
+/// on it has started.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let seed = (std::process::id() as u64)
+            .wrapping_mul(2654435761)
+            .wrapping_add(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() as u64)
+                    .unwrap_or(0),
+            );
+        let _ = NEXT.compare_exchange(
+            0,
+            20000 + (seed % 10000) as u16,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = 20000 + p.wrapping_sub(20000) % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 struct Node {
@@ -1337,6 +1363,457 @@ async fn add_member_and_delete_member_move_replicas() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Replicated streams
+
+fn stream_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    t
+}
+
+async fn declare_stream(conn: &Connection, name: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        stream_args(),
+    )
+    .await
+    .unwrap();
+}
+
+/// The stream's entry in `/api/cluster` on `via`, once it is there.
+async fn stream_status(via: &Node, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = via.api("/api/cluster").await;
+        if let Some(s) = st["streams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {name} unknown on {}: {st}",
+            via.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a stream from offset "first" on `node` until `want` messages or
+/// `quiet` without a delivery (bounded by `limit`): (offset, body).
+async fn read_stream(
+    node: &Node,
+    name: &str,
+    want: usize,
+    quiet: Duration,
+    limit: Duration,
+) -> Vec<(i64, String)> {
+    let deadline = Instant::now() + limit;
+    let conn = node.connect().await;
+    // The stream reaches a restarted node when it replays the metadata log.
+    let mut consumer = loop {
+        let ch = conn.create_channel().await.unwrap();
+        ch.basic_qos(500, BasicQosOptions::default()).await.unwrap();
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
+        match ch
+            .basic_consume(name.into(), "".into(), BasicConsumeOptions::default(), args)
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot consume {name} on {}: {e}",
+                    node.name
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        let d = match tokio::time::timeout(quiet, consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            _ => break,
+        };
+        let off = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-stream-offset").cloned());
+        let off = match off {
+            Some(AMQPValue::LongLongInt(o)) => o,
+            other => panic!("delivery without x-stream-offset: {other:?}"),
+        };
+        out.push((off, String::from_utf8_lossy(&d.data).to_string()));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+/// Publishes `ids` with confirms in windows of `window`: returns the ids
+/// confirmed and the number of nacks (or unanswered publishes).
+async fn publish_confirmed(
+    ch: &lapin::Channel,
+    queue: &str,
+    ids: impl Iterator<Item = u32>,
+    window: usize,
+) -> (Vec<u32>, u32) {
+    let mut ok = Vec::new();
+    let mut nacked = 0;
+    let ids: Vec<u32> = ids.collect();
+    for w in ids.chunks(window) {
+        let mut pending = Vec::new();
+        for i in w {
+            let conf = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    format!("s-{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            pending.push((*i, conf));
+        }
+        for (i, conf) in pending {
+            match tokio::time::timeout(Duration::from_secs(20), conf).await {
+                Ok(Ok(c)) if c.is_ack() => ok.push(i),
+                _ => nacked += 1,
+            }
+        }
+    }
+    (ok, nacked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replicated_declare_publish_and_consume_from_any_node() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    declare_stream(&c1, "st.orders").await;
+    let st = stream_status(&nodes[2], "st.orders").await;
+    assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
+    assert!(st["leader"].is_string(), "{st}");
+    // Redeclare on another node: idempotent; a different type is refused.
+    let c3 = nodes[2].connect().await;
+    declare_stream(&c3, "st.orders").await;
+    let ch = c3.create_channel().await.unwrap();
+    let err = ch
+        .queue_declare(
+            "st.orders".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum_args(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("inequivalent arg"), "{err}");
+    // Publish on node 2 with confirms.
+    let c2 = nodes[1].connect().await;
+    let pch = c2.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, nacked) = publish_confirmed(&pch, "st.orders", 0..1000, 100).await;
+    assert_eq!((ok.len(), nacked), (1000, 0));
+    // Same messages at the same offsets on node 3 and node 1.
+    let want: Vec<(i64, String)> = (0..1000).map(|i| (i, format!("s-{i}"))).collect();
+    for n in [&nodes[2], &nodes[0]] {
+        let got = read_stream(
+            n,
+            "st.orders",
+            1000,
+            Duration::from_secs(5),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(got.len(), 1000, "on {}", n.name);
+        assert!(got == want, "different log on {}", n.name);
+    }
+    // The queue object shows the replicas; warrenctl lists the stream.
+    let q = nodes[0].api("/api/queues/%2F/st.orders").await;
+    assert_eq!(q["type"], "stream", "{q}");
+    assert_eq!(q["members"].as_array().map(Vec::len), Some(3), "{q}");
+    assert_eq!(q["online"].as_array().map(Vec::len), Some(3), "{q}");
+    assert_eq!(q["leader"], st["leader"], "{q}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+        .args([
+            "--url",
+            &format!("http://{}", nodes[1].mgmt()),
+            "cluster_status",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "st.orders\tleader={}",
+            st["leader"].as_str().unwrap()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("followers=warren@n"), "{text}");
+    // Delete on node 2: gone everywhere.
+    let dch = c2.create_channel().await.unwrap();
+    dch.queue_delete("st.orders".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = n.connect().await;
+            let ch = c.create_channel().await.unwrap();
+            let gone = ch
+                .queue_declare(
+                    "st.orders".into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_err();
+            if gone {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stream still on {}", n.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_leader_killed_under_confirmed_load_loses_nothing_confirmed() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    declare_stream(&c, "st.failover").await;
+    drop(c);
+    let st = stream_status(&nodes[0], "st.failover").await;
+    let leader = st["leader"].as_str().unwrap().to_string();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let pc = nodes[survivors[0]].connect().await;
+    let pch = pc.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // Publish on a survivor (forwarded to the leader); kill the leader
+    // once 1,500 are confirmed; republish whatever was not confirmed.
+    let mut confirmed: BTreeSet<u32> = BTreeSet::new();
+    let mut nacked = 0u32;
+    let mut republished = 0u32;
+    let mut killed_at = None;
+    let mut resumed_after = None;
+    let mut next = 0u32;
+    let mut retry: Vec<u32> = Vec::new();
+    while confirmed.len() < 4000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "publishing stalled: {} confirmed",
+            confirmed.len()
+        );
+        let mut ids: Vec<u32> = std::mem::take(&mut retry);
+        republished += ids.len() as u32;
+        while ids.len() < 100 {
+            ids.push(next);
+            next += 1;
+        }
+        let mut pending = Vec::new();
+        for i in &ids {
+            let conf = pch
+                .basic_publish(
+                    "".into(),
+                    "st.failover".into(),
+                    BasicPublishOptions::default(),
+                    format!("s-{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            pending.push((*i, conf));
+        }
+        let mut window_nacks = 0;
+        for (i, conf) in pending {
+            match tokio::time::timeout(Duration::from_secs(20), conf).await {
+                Ok(Ok(c)) if c.is_ack() => {
+                    confirmed.insert(i);
+                }
+                _ => {
+                    window_nacks += 1;
+                    retry.push(i);
+                }
+            }
+        }
+        nacked += window_nacks;
+        if window_nacks > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else if killed_at.is_some() && resumed_after.is_none() {
+            resumed_after = killed_at.map(|k: Instant| k.elapsed());
+        }
+        if killed_at.is_none() && confirmed.len() >= 1500 {
+            nodes[li].kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let st = stream_status(&nodes[survivors[0]], "st.failover").await;
+    let new_leader = st["leader"].as_str().unwrap().to_string();
+    assert_ne!(new_leader, leader, "{st}");
+    // Every survivor serves the same log: every confirmed message, offsets
+    // contiguous from 0.
+    let mut logs = Vec::new();
+    for &i in &survivors {
+        let got = read_stream(
+            &nodes[i],
+            "st.failover",
+            usize::MAX,
+            Duration::from_secs(3),
+            Duration::from_secs(20),
+        )
+        .await;
+        for (k, (off, _)) in got.iter().enumerate() {
+            assert_eq!(
+                *off, k as i64,
+                "offsets not contiguous on {}",
+                nodes[i].name
+            );
+        }
+        let ids: Vec<u32> = got
+            .iter()
+            .map(|(_, b)| {
+                b.strip_prefix("s-")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("corrupt body {b:?} on {}", nodes[i].name))
+            })
+            .collect();
+        let distinct: BTreeSet<u32> = ids.iter().copied().collect();
+        let missing = confirmed.difference(&distinct).count();
+        assert_eq!(
+            missing, 0,
+            "{missing} confirmed messages missing on {}",
+            nodes[i].name
+        );
+        logs.push((
+            nodes[i].name.clone(),
+            got.len(),
+            ids.len() - distinct.len(),
+            ids,
+        ));
+    }
+    assert!(logs[0].3 == logs[1].3, "the survivors' logs differ");
+    // The old leader comes back as a follower: its unconfirmed tail is
+    // cut and it copies the new leader's log.
+    nodes[li].start();
+    let back = read_stream(
+        &nodes[li],
+        "st.failover",
+        logs[0].1,
+        Duration::from_secs(5),
+        Duration::from_secs(25),
+    )
+    .await;
+    let back_ids: Vec<u32> = back
+        .iter()
+        .map(|(_, b)| {
+            b.strip_prefix("s-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(u32::MAX)
+        })
+        .collect();
+    assert_eq!(
+        back.len(),
+        logs[0].1,
+        "the old leader serves {} messages",
+        back.len()
+    );
+    assert!(
+        back_ids == logs[0].3,
+        "the old leader's log differs from the survivors'"
+    );
+    let st = stream_status(&nodes[li], "st.failover").await;
+    assert_eq!(st["leader"].as_str(), Some(new_leader.as_str()), "{st}");
+    let cut = nodes[li]
+        .p()
+        .log_text()
+        .matches("cut back to where its log matches the leader's")
+        .count();
+    println!("old leader {leader}: its log was cut back {cut} time(s) after the restart");
+    println!(
+        "stream leader {leader} killed after 1500 confirms; new leader {new_leader}; confirmed {}, nacked/unanswered {nacked}, republished {republished}; log {} messages on each survivor and on the restarted old leader, {} duplicates; confirms resumed {:?} after the kill; test took {:?}",
+        confirmed.len(),
+        logs[0].1,
+        logs[0].2,
+        resumed_after,
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_follower_restarted_catches_up_and_serves_the_full_log() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    declare_stream(&c, "st.catchup").await;
+    let st = stream_status(&nodes[0], "st.catchup").await;
+    let leader = st["leader"].as_str().unwrap().to_string();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let fi = (0..3).find(|i| *i != li).unwrap();
+    let pi = (0..3).find(|i| *i != li && *i != fi).unwrap();
+    let pc = nodes[pi].connect().await;
+    let pch = pc.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, _) = publish_confirmed(&pch, "st.catchup", 0..300, 100).await;
+    assert_eq!(ok.len(), 300);
+    nodes[fi].kill();
+    // A majority (leader + one follower) still confirms.
+    let (ok, nacked) = publish_confirmed(&pch, "st.catchup", 300..2000, 100).await;
+    assert_eq!((ok.len(), nacked), (1700, 0));
+    nodes[fi].start();
+    let got = read_stream(
+        &nodes[fi],
+        "st.catchup",
+        2000,
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+    )
+    .await;
+    let want: Vec<(i64, String)> = (0..2000).map(|i| (i, format!("s-{i}"))).collect();
+    assert_eq!(
+        got.len(),
+        2000,
+        "restarted follower serves {} messages",
+        got.len()
+    );
+    assert!(got == want, "the restarted follower's log differs");
+}
+
 /// A test CA and a node certificate it signed (for 127.0.0.1/localhost, good
 /// for both ends of a connection), written as PEM files under `dir` with
 /// the given prefix; returns the config file naming them.
@@ -1470,4 +1947,260 @@ async fn nodes_talk_mutual_tls_and_refuse_a_certificate_from_another_ca() {
         .collect();
     assert!(!names.contains(&"warren@rogue"), "{st}");
     stranger.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_on_a_node_without_a_replica_is_read_from_the_leader() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    let ch = c1.create_channel().await.unwrap();
+    let mut args = stream_args();
+    args.insert("x-initial-cluster-size".into(), AMQPValue::LongInt(2));
+    ch.queue_declare(
+        "st.remote".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let st = stream_status(&nodes[0], "st.remote").await;
+    let members: Vec<String> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(members.len(), 2, "{st}");
+    let oi = nodes
+        .iter()
+        .position(|n| !members.contains(&n.name))
+        .unwrap();
+    // Publish on the node without a replica (forwarded), with confirms.
+    let oc = nodes[oi].connect().await;
+    let pch = oc.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, nacked) = publish_confirmed(&pch, "st.remote", 0..500, 100).await;
+    assert_eq!((ok.len(), nacked), (500, 0));
+    // Read it there: chunks come from the leader.
+    let got = read_stream(
+        &nodes[oi],
+        "st.remote",
+        500,
+        Duration::from_secs(5),
+        Duration::from_secs(20),
+    )
+    .await;
+    let want: Vec<(i64, String)> = (0..500).map(|i| (i, format!("s-{i}"))).collect();
+    assert!(got == want, "remote read differs: {} messages", got.len());
+    // A live consumer there gets new messages as they are committed.
+    let cch = oc.create_channel().await.unwrap();
+    cch.basic_qos(100, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut cargs = FieldTable::default();
+    cargs.insert("x-stream-offset".into(), AMQPValue::LongLongInt(490));
+    let mut consumer = cch
+        .basic_consume(
+            "st.remote".into(),
+            "live".into(),
+            BasicConsumeOptions::default(),
+            cargs,
+        )
+        .await
+        .unwrap();
+    let (ok, _) = publish_confirmed(&pch, "st.remote", 500..520, 20).await;
+    assert_eq!(ok.len(), 20);
+    let mut seen = Vec::new();
+    while seen.len() < 30 {
+        let d = within(10, consumer.next()).await.unwrap().unwrap();
+        seen.push(String::from_utf8_lossy(&d.data).to_string());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let want: Vec<String> = (490..520).map(|i| format!("s-{i}")).collect();
+    assert_eq!(seen, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_survives_a_whole_cluster_crash_and_restart() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    declare_stream(&c, "st.restart").await;
+    stream_status(&nodes[2], "st.restart").await;
+    let pch = c.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, _) = publish_confirmed(&pch, "st.restart", 0..1000, 100).await;
+    assert_eq!(ok.len(), 1000);
+    drop(pch);
+    drop(c);
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    // Every confirmed message, on every node, without publishing more.
+    let want: Vec<(i64, String)> = (0..1000).map(|i| (i, format!("s-{i}"))).collect();
+    for n in &nodes {
+        let got = read_stream(
+            n,
+            "st.restart",
+            1000,
+            Duration::from_secs(8),
+            Duration::from_secs(30),
+        )
+        .await;
+        if got.len() != 1000 {
+            for m in &nodes {
+                for line in m.p().log_text().lines().filter(|l| l.contains("stream")) {
+                    eprintln!("{}: {line}", m.name);
+                }
+            }
+        }
+        assert_eq!(
+            got.len(),
+            1000,
+            "{} serves {} after the restart",
+            n.name,
+            got.len()
+        );
+        assert!(got == want, "{} serves a different log", n.name);
+    }
+    // And it takes new messages after the old ones.
+    let c = nodes[1].connect().await;
+    let pch = c.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, _) = publish_confirmed(&pch, "st.restart", 1000..1100, 100).await;
+    assert_eq!(ok.len(), 100);
+    let got = read_stream(
+        &nodes[2],
+        "st.restart",
+        1100,
+        Duration::from_secs(5),
+        Duration::from_secs(20),
+    )
+    .await;
+    let want: Vec<(i64, String)> = (0..1100).map(|i| (i, format!("s-{i}"))).collect();
+    assert!(got == want, "after the restart: {} messages", got.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_follower_behind_retention_restarts_at_the_leaders_first_offset() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(3, &tmp).await;
+    let c = nodes[0].connect().await;
+    let ch = c.create_channel().await.unwrap();
+    let mut args = stream_args();
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongInt(20_000),
+    );
+    args.insert("x-max-length-bytes".into(), AMQPValue::LongInt(60_000));
+    ch.queue_declare(
+        "st.retention".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let st = stream_status(&nodes[0], "st.retention").await;
+    let leader = st["leader"].as_str().unwrap().to_string();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let fi = (0..3).find(|i| *i != li).unwrap();
+    let pch = nodes[li].connect().await.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (ok, _) = publish_confirmed(&pch, "st.retention", 0..100, 100).await;
+    assert_eq!(ok.len(), 100);
+    nodes[fi].kill();
+    // ~1 KB messages: far more than the 60 kB kept, in many segments.
+    let pad = "x".repeat(1000);
+    let mut confirmed = 0;
+    for w in 0..10u32 {
+        let mut pending = Vec::new();
+        for i in 0..100u32 {
+            let n = 100 + w * 100 + i;
+            let conf = pch
+                .basic_publish(
+                    "".into(),
+                    "st.retention".into(),
+                    BasicPublishOptions::default(),
+                    format!("s-{n}-{pad}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .unwrap();
+            pending.push(conf);
+        }
+        for conf in pending {
+            if within(20, conf).await.unwrap().is_ack() {
+                confirmed += 1;
+            }
+        }
+    }
+    assert_eq!(confirmed, 1000);
+    // Let retention run on the leader (it deletes whole old segments).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_leader = read_stream(
+        &nodes[li],
+        "st.retention",
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(15),
+    )
+    .await;
+    let first = on_leader.first().map(|(o, _)| *o).unwrap();
+    assert!(
+        first > 100,
+        "retention removed nothing on the leader (first {first})"
+    );
+    nodes[fi].start();
+    // The follower restarts its log at the leader's first offset and
+    // serves what the leader has, at the same offsets.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = read_stream(
+            &nodes[fi],
+            "st.retention",
+            on_leader.len(),
+            Duration::from_secs(3),
+            Duration::from_secs(15),
+        )
+        .await;
+        if got == on_leader {
+            assert!(
+                nodes[fi]
+                    .p()
+                    .log_text()
+                    .contains("restarted at the leader's first offset"),
+                "the follower caught up without a reset"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follower serves {} messages from {:?}; the leader {} from {first}",
+            got.len(),
+            got.first().map(|g| g.0),
+            on_leader.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

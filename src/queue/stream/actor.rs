@@ -20,17 +20,33 @@
 //!
 //! It never blocks in fsync; it reads chunks with positioned reads (page
 //! cache, like the classic queue's paging reads).
+//!
+//! Replication (cluster mode, see `replica.rs`): the actor keeps two views,
+//! `written` (every chunk its writer synced) and `view` (committed: on a
+//! majority of the replicas), and consumers read `view` only. As leader it
+//! ships chunks from `written` to each follower (pipelined, many chunks per
+//! frame), counts the followers' acknowledged tails and sends publisher
+//! confirms once a majority wrote a chunk (a new leader commits nothing
+//! before a chunk of its own epoch reached a majority, as Raft). As
+//! follower it hands the leader's chunks to its writer, forwards
+//! publishes to the leader; its writer checks each frame against its log
+//! (the epoch of the chunk before it) and cuts back unconfirmed chunks
+//! that differ from the leader's.
 
 use super::chunk::{self, ChunkHeader};
 use super::filter::FilterSpec;
 use super::group::{self, GroupEvent, GroupKey, GroupTx};
 use super::reader::{Cursor, LogView, OffsetSpec, Read, parse_offset_arg, resolve};
+use super::replica::{ReplEvent, ReplInit, StreamLink};
 use super::settings::StreamSettings;
 use super::tracking::{self, Offsets};
-use super::writer::{self, CommitItem, WriteReq};
+use super::writer::{self, CommitItem, ReplAck, Waiter, WriteReq};
 use super::{log, retention, stream_dir};
 use crate::broker::persist::Storage;
 use crate::broker::{ConnCmd, ConnTx, VHost};
+use crate::cluster::Cluster;
+use crate::cluster::net::{RespBody, StreamOffset};
+use crate::cluster::types::{NodeId, StreamDef};
 use crate::protocol::error::{AmqpError, code};
 use crate::queue::core::{ConsumerId, ConsumerSpec, Counts, Envelope, MsgId, Owner};
 use crate::queue::message::Message;
@@ -42,7 +58,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often retention and offset saving run when nothing else happens.
 const TICK: Duration = Duration::from_millis(500);
@@ -68,6 +84,8 @@ pub struct StreamInit {
     /// A new declare: discard any leftover files of an older stream with
     /// the same name. False when recovering at start.
     pub fresh: bool,
+    /// Cluster mode: this node's replica of a replicated stream.
+    pub repl: Option<ReplInit>,
 }
 
 /// Stream directories open in this process: two actors must never write
@@ -134,8 +152,69 @@ pub fn spawn(
     }
     let (active, view) = log::open(&dir).map_err(fail)?;
     let offsets = tracking::load(&dir);
-    let (writer, events) =
-        writer::start(&q.name, dir.clone(), active, settings.clone(), 256).map_err(fail)?;
+    let (writer, events) = writer::start(
+        &q.name,
+        dir.clone(),
+        active,
+        settings.clone(),
+        256,
+        init.repl.is_some(),
+    )
+    .map_err(fail)?;
+    let (repl_tx, repl_rx) = mpsc::unbounded_channel();
+    let mut written = LogView::default();
+    let mut view = view;
+    let mut pending = VecDeque::new();
+    let repl = match init.repl {
+        None => None,
+        Some(ri) => {
+            // Consumers see what is committed; after a restart that is
+            // what the replica last knew (the leader's frames move it on).
+            let commit = log::read_commit(&dir).min(view.next_offset());
+            written = view;
+            view = written.limited(commit).map_err(fail)?;
+            pending = pending_after(&written, &view).map_err(fail)?;
+            let link = Arc::new(StreamLink {
+                tx: repl_tx.clone(),
+            });
+            let me = ri.cluster.upgrade().map_or(0, |c| c.me.id);
+            if let Some(c) = ri.cluster.upgrade() {
+                super::replica::register(&c, &ri.def.group(), &link);
+            }
+            let mut st = Box::new(ReplState {
+                cluster: ri.cluster,
+                group: ri.def.group(),
+                def: ri.def,
+                me,
+                _link: link,
+                leading: false,
+                epoch_start: 0,
+                followers: HashMap::new(),
+                waiters: VecDeque::new(),
+                commit: view.next_offset(),
+                saved_commit: view.next_offset(),
+                leader_commit: 0,
+                following: 0,
+                fence: 0,
+                fence_until: 0,
+                discard: 0,
+                parked: Vec::new(),
+            });
+            // The role is taken before any command is handled: a publish
+            // must not be forwarded to this node itself.
+            if st.def.leader == st.me {
+                st.lead(written.next_offset(), last_epoch_of(&written));
+                if writer.try_send(WriteReq::SetEpoch(st.def.epoch)).is_err() {
+                    return Err(AmqpError::internal(format!(
+                        "the writer of stream '{}' stopped at start",
+                        q.name
+                    )));
+                }
+                debug!(stream = %q.name, epoch = st.def.epoch, "this node leads the stream");
+            }
+            Some(st)
+        }
+    };
     let (group_tx, group_rx) = mpsc::unbounded_channel();
     debug!(stream = %q.name, first = view.first_offset(), next = view.next_offset(), "stream opened");
     let actor = StreamActor {
@@ -158,17 +237,21 @@ pub fn spawn(
         groups: HashMap::new(),
         group_tx,
         _lock: lock,
+        repl,
+        written,
+        pending,
+        repl_tx,
     };
     let span = tracing::debug_span!("stream", name = %q.name, vhost = %q.vhost);
     tokio::spawn(tracing::Instrument::instrument(
-        actor.run(rx, events, group_rx),
+        actor.run(rx, events, group_rx, repl_rx),
         span,
     ));
     Ok(q)
 }
 
 /// One decoded message: offset, filter value, the message as delivered.
-type Decoded = (u64, Option<Bytes>, Arc<Message>);
+pub(super) type Decoded = (u64, Option<Bytes>, Arc<Message>);
 
 struct Consumer {
     id: ConsumerId,
@@ -231,6 +314,93 @@ struct StreamActor {
     /// The group inbox, given to the coordinator.
     group_tx: GroupTx,
     _lock: DirLock,
+    /// Replication state (cluster mode only).
+    repl: Option<Box<ReplState>>,
+    /// Replicated: every synced chunk (`view` holds the committed ones).
+    written: LogView,
+    /// Replicated: synced, not yet committed, in order.
+    pending: VecDeque<CommitItem>,
+    /// Replicated: the actor's own cluster inbox (answers from followers).
+    repl_tx: mpsc::UnboundedSender<ReplEvent>,
+}
+
+/// How long a failover's fence holds without the election completing.
+const FENCE_MS: u64 = 10_000;
+/// Frames in flight to one follower, at most.
+const MAX_INFLIGHT: usize = 4;
+/// Bytes of chunks per frame to a follower, about.
+const FRAME_BYTES: usize = 1 << 20;
+
+/// The replication role and state of a replicated stream's actor.
+struct ReplState {
+    cluster: Weak<Cluster>,
+    group: String,
+    def: StreamDef,
+    me: NodeId,
+    /// Keeps the registration in `Cluster::queue_ctxs` alive.
+    _link: Arc<StreamLink>,
+    /// This node appends (def.leader == me).
+    leading: bool,
+    /// Leader: the tail when it took over; nothing is committed by
+    /// counting until a chunk after it (of its own epoch) is on a majority.
+    epoch_start: u64,
+    /// Leader: shipping state per follower.
+    followers: HashMap<NodeId, Follower>,
+    /// Leader: publishers waiting for a commit, by the offset after their
+    /// last message.
+    waiters: VecDeque<(u64, Waiter)>,
+    /// Committed offset as known here (`view` ends there).
+    commit: u64,
+    /// Last commit handed to the writer to store.
+    saved_commit: u64,
+    /// Follower: the leader's commit offset from its last frame.
+    leader_commit: u64,
+    /// Follower: epoch of the leader followed (0: none yet since start).
+    following: u32,
+    /// Refuse frames from leaders of epochs below this (a failover began)
+    /// until `fence_until`: if the election does not complete, the old
+    /// leader is followed again.
+    fence: u32,
+    /// When the fence lapses (ms since the epoch).
+    fence_until: u64,
+    /// Follower: Truncate/Reset requests the writer has not reported yet;
+    /// its other events are stale until then.
+    discard: u32,
+    /// Leader: reads from nodes without a replica waiting for new chunks.
+    parked: Vec<ParkedRead>,
+}
+
+/// A remote reader's request held until chunks are committed after `from`.
+struct ParkedRead {
+    from: u64,
+    max_bytes: u32,
+    until: u64,
+    reply: oneshot::Sender<Result<RespBody, String>>,
+}
+
+/// What the leader knows about one follower.
+#[derive(Debug, Default)]
+struct Follower {
+    /// Next offset to ship.
+    next: u64,
+    /// Its acknowledged (synced) tail.
+    acked: u64,
+    /// Frames awaiting an answer.
+    inflight: usize,
+    /// Bumped when shipping restarts; older answers are ignored.
+    generation: u64,
+    /// Commit offset last sent.
+    sent_commit: u64,
+    /// Do not retry before (ms since the epoch).
+    retry_at: u64,
+    /// It answered since this node took the lead (until then, a frame is
+    /// sent even with nothing to ship: its answer says where it is).
+    probed: bool,
+    /// Its last mismatch answer's tail and how often in a row.
+    mismatch: (u64, u32),
+    /// It cannot cut its log back to match (below its commit): restart it
+    /// at this node's first offset.
+    force_reset: bool,
 }
 
 fn now_ms() -> i64 {
@@ -332,7 +502,7 @@ fn with_offset_header(raw: &[u8], offset: u64) -> Option<Bytes> {
 /// properties (`raw_properties`, which carry the header; all of a chunk's
 /// in one buffer); `properties` is the message's stored property list,
 /// decoded, without it.
-fn decode(h: &ChunkHeader, data: Bytes) -> Option<Vec<Decoded>> {
+pub(super) fn decode(h: &ChunkHeader, data: Bytes) -> Option<Vec<Decoded>> {
     let recs = chunk::records(data, h.count)?;
     let mut buf = Vec::with_capacity(
         recs.iter()
@@ -439,6 +609,7 @@ impl StreamActor {
         mut rx: mpsc::Receiver<QueueCmd>,
         mut events: mpsc::UnboundedReceiver<Vec<CommitItem>>,
         mut group_rx: mpsc::UnboundedReceiver<GroupEvent>,
+        mut repl_rx: mpsc::UnboundedReceiver<ReplEvent>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -472,18 +643,37 @@ impl StreamActor {
                         self.on_group_event(ev);
                     }
                 }
+                Some(ev) = repl_rx.recv() => {
+                    self.on_repl(ev).await;
+                    while let Ok(ev) = repl_rx.try_recv() {
+                        self.on_repl(ev).await;
+                    }
+                    self.advance_commit();
+                    self.pump();
+                }
                 _ = tick.tick() => {
                     self.retention();
                     self.save_offsets(true);
+                    if self.repl.is_some() {
+                        self.save_commit();
+                        self.pump();
+                        self.serve_parked(true);
+                    }
                 }
             }
             self.dispatch();
             self.save_offsets(false);
+            if self.repl.is_some() {
+                self.pump();
+            }
         }
     }
 
     /// Applies a commit to the view; true if a segment was sealed.
     fn apply(&mut self, items: Vec<CommitItem>) -> bool {
+        if self.repl.is_some() {
+            return self.apply_replicated(items);
+        }
         let mut rolled = false;
         for it in items {
             match it {
@@ -492,6 +682,13 @@ impl StreamActor {
                     rolled = true;
                 }
                 CommitItem::Chunk { seg, header, pos } => self.view.add_chunk(seg, &header, pos),
+                // Only replicated writers send these.
+                CommitItem::Durable { waiters, .. } => {
+                    for w in waiters {
+                        w.finish(true);
+                    }
+                }
+                CommitItem::Truncated { .. } | CommitItem::Reset { .. } => {}
             }
         }
         rolled
@@ -508,6 +705,11 @@ impl StreamActor {
             .drain(..k)
             .map(|s| s.summary.base)
             .collect();
+        if self.repl.is_some() {
+            self.written
+                .segments
+                .retain(|s| !gone.contains(&s.summary.base));
+        }
         debug!(segments = ?gone, first = self.view.first_offset(), "retention deletes old segments");
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || retention::remove_segments(&dir, &gone));
@@ -530,7 +732,24 @@ impl StreamActor {
     async fn handle(&mut self, cmd: QueueCmd) -> Flow {
         match cmd {
             QueueCmd::Publish { msgs, confirm } => {
-                let msgs = msgs.into_iter().map(|(m, _)| m).collect();
+                let msgs: Vec<Arc<Message>> = msgs.into_iter().map(|(m, _)| m).collect();
+                if let Some(r) = self.repl.as_ref().filter(|r| !r.leading) {
+                    match r.cluster.upgrade() {
+                        Some(c) => super::replica::forward_publish(
+                            &c,
+                            &r.group,
+                            r.def.leader,
+                            &msgs,
+                            confirm,
+                        ),
+                        None => {
+                            if let Some(c) = confirm {
+                                Waiter::Conn(c).finish(false);
+                            }
+                        }
+                    }
+                    return Flow::Continue;
+                }
                 if let Err(e) = self.writer.send(WriteReq::Append { msgs, confirm }).await {
                     // The writer is gone (it only stops on delete).
                     if let WriteReq::Append {
@@ -624,6 +843,29 @@ impl StreamActor {
                             "queue '{}' in vhost '{}' in use",
                             self.q.name, self.q.vhost
                         ))));
+                    }
+                    return Flow::Continue;
+                }
+                if self.repl.is_some() && reply.is_some() {
+                    // From a client or the API: delete everywhere; this
+                    // replica goes when the metadata command applies.
+                    if let (Some(r), Some(reply)) = (self.repl.as_ref(), reply) {
+                        let (c, vh, name) =
+                            (r.cluster.clone(), self.q.vhost.clone(), self.q.name.clone());
+                        tokio::spawn(async move {
+                            let res = match c.upgrade() {
+                                Some(c) => super::replica::delete(&c, &vh, &name)
+                                    .await
+                                    .map(|_| 0)
+                                    .map_err(|e| {
+                                        AmqpError::internal(format!(
+                                            "cannot delete stream '{name}' in vhost '{vh}': {e}"
+                                        ))
+                                    }),
+                                None => Err(AmqpError::internal("the node is shutting down")),
+                            };
+                            let _ = reply.send(res);
+                        });
                     }
                     return Flow::Continue;
                 }
@@ -989,6 +1231,695 @@ impl StreamActor {
             }
             for x in dropped_exchanges {
                 let _ = st.delete_exchange(&self.q.vhost, &x).await;
+            }
+        }
+    }
+}
+
+/// Applies one writer item to a view; true if it started a segment.
+fn apply_item(view: &mut LogView, it: &CommitItem) -> bool {
+    match it {
+        CommitItem::Segment { base, file } => {
+            view.push_segment(*base, file.clone());
+            true
+        }
+        CommitItem::Chunk { seg, header, pos } => {
+            view.add_chunk(*seg, header, *pos);
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Whether a pending item lies at or before offset `to`.
+fn item_within(it: &CommitItem, to: u64) -> bool {
+    match it {
+        CommitItem::Segment { base, .. } => *base <= to,
+        CommitItem::Chunk { header, .. } => header.next_offset() <= to,
+        _ => false,
+    }
+}
+
+fn now_ms_u() -> u64 {
+    crate::cluster::net::now_ms()
+}
+
+/// The chunks (and segment starts) of `written` after the end of `view`,
+/// a prefix of it, as writer items: what a restarted replica holds but
+/// has not seen committed yet.
+fn pending_after(written: &LogView, view: &LogView) -> std::io::Result<VecDeque<CommitItem>> {
+    let mut out = VecDeque::new();
+    let (last_base, mut pos) = view
+        .segments
+        .back()
+        .map_or((0, 0), |s| (s.summary.base, s.summary.size));
+    for s in &written.segments {
+        if s.summary.base < last_base {
+            continue;
+        }
+        if s.summary.base > last_base || view.segments.is_empty() {
+            out.push_back(CommitItem::Segment {
+                base: s.summary.base,
+                file: s.file.clone(),
+            });
+            pos = 0;
+        }
+        while pos < s.summary.size {
+            let Some(h) = super::segment::read_header(&s.file, pos)? else {
+                break;
+            };
+            out.push_back(CommitItem::Chunk {
+                seg: s.summary.base,
+                header: h,
+                pos,
+            });
+            pos += h.total_len();
+        }
+    }
+    Ok(out)
+}
+
+/// The epoch stamped in the last chunk of `view` (0: empty log).
+fn last_epoch_of(view: &LogView) -> u32 {
+    for s in view.segments.iter().rev() {
+        if let Some((_, pos)) = s.summary.last_chunk {
+            let mut b = [0u8; chunk::HEADER_LEN];
+            use std::os::unix::fs::FileExt;
+            if s.file.read_exact_at(&mut b, pos).is_ok() {
+                return chunk::epoch_of(&b);
+            }
+            return 0;
+        }
+    }
+    0
+}
+
+impl ReplState {
+    /// Takes the leader's role with the log ending at `tail`, whose last
+    /// chunk has epoch `last`.
+    fn lead(&mut self, tail: u64, last: u32) {
+        // A restarted leader of the same epoch wrote everything after its
+        // stored commit itself; a new epoch commits nothing older by
+        // counting (Raft's rule).
+        self.epoch_start = if last == self.def.epoch {
+            self.commit.min(tail)
+        } else {
+            tail
+        };
+        self.leading = true;
+        self.followers = self
+            .def
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .map(|m| {
+                (
+                    *m,
+                    Follower {
+                        next: tail,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+    }
+}
+
+/// Replication (cluster mode): see the module header.
+impl StreamActor {
+    /// Writer items of a replicated stream: into `written` at once, into
+    /// `view` once committed. True if a segment was started.
+    fn apply_replicated(&mut self, items: Vec<CommitItem>) -> bool {
+        let mut rolled = false;
+        for it in items {
+            let discard = self.repl.as_ref().is_some_and(|r| r.discard > 0);
+            match it {
+                CommitItem::Truncated { to, active } => {
+                    if let Some(r) = self.repl.as_mut() {
+                        r.discard = r.discard.saturating_sub(1);
+                    }
+                    self.rebuild_written(to);
+                    // The writer's active segment may have been started
+                    // while its items were being discarded.
+                    if let Some((base, file)) = active
+                        && !self.written.segments.iter().any(|s| s.summary.base == base)
+                    {
+                        let it = CommitItem::Segment { base, file };
+                        rolled |= apply_item(&mut self.written, &it);
+                        self.pending.push_back(it);
+                    }
+                }
+                CommitItem::Reset { base, file } => {
+                    let mut v = LogView::default();
+                    v.push_segment(base, file);
+                    self.view = v.clone();
+                    self.written = v;
+                    self.pending.clear();
+                    self.cache.clear();
+                    if let Some(r) = self.repl.as_mut() {
+                        r.discard = r.discard.saturating_sub(1);
+                        r.commit = base;
+                        r.saved_commit = 0;
+                    }
+                    rolled = true;
+                }
+                CommitItem::Durable { upto, waiters } => {
+                    match self.repl.as_mut().filter(|r| r.leading && !discard) {
+                        Some(r) => r.waiters.extend(waiters.into_iter().map(|w| (upto, w))),
+                        // No longer leading: the publisher republishes.
+                        None => waiters.into_iter().for_each(|w| w.finish(false)),
+                    }
+                }
+                it if discard => drop(it),
+                it => {
+                    rolled |= apply_item(&mut self.written, &it);
+                    self.pending.push_back(it);
+                }
+            }
+        }
+        self.advance_commit();
+        rolled
+    }
+
+    /// `written` rebuilt as `view` plus the pending items up to `to` (the
+    /// writer cut its log there).
+    fn rebuild_written(&mut self, to: u64) {
+        let mut w = self.view.clone();
+        let keep: VecDeque<CommitItem> = self
+            .pending
+            .drain(..)
+            .filter(|it| item_within(it, to))
+            .collect();
+        for it in &keep {
+            apply_item(&mut w, it);
+        }
+        self.written = w;
+        self.pending = keep;
+    }
+
+    /// Moves the commit offset (leader: the majority's acknowledged tail;
+    /// follower: the leader's commit, as far as written here), makes the
+    /// newly committed chunks readable and answers their publishers.
+    fn advance_commit(&mut self) {
+        let tail = self.written.next_offset();
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        let candidate = if r.leading {
+            let mut tails: Vec<u64> = vec![tail];
+            for m in &r.def.members {
+                if *m != r.me {
+                    tails.push(r.followers.get(m).map_or(0, |f| f.acked.min(tail)));
+                }
+            }
+            tails.sort_unstable_by(|a, b| b.cmp(a));
+            let majority = tails
+                .get(r.def.members.len().max(1) / 2)
+                .copied()
+                .unwrap_or(0);
+            if majority > r.epoch_start {
+                majority
+            } else {
+                0
+            }
+        } else {
+            r.leader_commit.min(tail)
+        };
+        if candidate <= r.commit {
+            return;
+        }
+        r.commit = candidate;
+        let commit = candidate;
+        let mut rolled = false;
+        while let Some(it) = self.pending.front() {
+            if !item_within(it, commit) {
+                break;
+            }
+            if let Some(it) = self.pending.pop_front() {
+                rolled |= apply_item(&mut self.view, &it);
+            }
+        }
+        if let Some(r) = self.repl.as_mut() {
+            while r.waiters.front().is_some_and(|(upto, _)| *upto <= commit) {
+                if let Some((_, w)) = r.waiters.pop_front() {
+                    w.finish(true);
+                }
+            }
+        }
+        if rolled {
+            self.retention();
+        }
+        self.serve_parked(false);
+    }
+
+    /// Hands the committed offset to the writer to store (lazily).
+    fn save_commit(&mut self) {
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        if r.commit != r.saved_commit
+            && self.writer.try_send(WriteReq::SaveCommit(r.commit)).is_ok()
+        {
+            r.saved_commit = r.commit;
+        }
+    }
+
+    /// The epoch stamped in the last written chunk (0: empty log).
+    fn last_epoch(&self) -> u32 {
+        last_epoch_of(&self.written)
+    }
+
+    async fn on_repl(&mut self, ev: ReplEvent) {
+        if self.repl.is_none() {
+            return;
+        }
+        match ev {
+            ReplEvent::Role(def) => self.take_role(def).await,
+            ReplEvent::Tail { fence, reply } => {
+                let last = self.last_epoch();
+                // fence 0: a probe (declare waiting for the replicas).
+                if let Some(r) = self.repl.as_mut().filter(|_| fence > 0) {
+                    r.fence = r.fence.max(fence);
+                    r.fence_until = now_ms_u() + FENCE_MS;
+                }
+                let _ = reply.send((last, self.written.next_offset()));
+            }
+            ReplEvent::Publish { msgs, reply } => {
+                if !self.repl.as_ref().is_some_and(|r| r.leading) {
+                    let _ = reply.send(false);
+                    return;
+                }
+                let msgs: Vec<Arc<Message>> = msgs
+                    .into_iter()
+                    .filter_map(super::replica::from_wire)
+                    .map(Arc::new)
+                    .collect();
+                if let Err(e) = self
+                    .writer
+                    .send(WriteReq::AppendRemote { msgs, reply })
+                    .await
+                    && let WriteReq::AppendRemote { reply, .. } = e.0
+                {
+                    let _ = reply.send(false);
+                }
+            }
+            ReplEvent::Append {
+                epoch,
+                from,
+                prev_epoch,
+                reset,
+                chunks,
+                commit,
+                reply,
+            } => {
+                self.on_append(epoch, from, prev_epoch, reset, chunks, commit, reply)
+                    .await
+            }
+            ReplEvent::Acked {
+                node,
+                generation,
+                res,
+            } => self.on_acked(node, generation, res),
+            ReplEvent::Read {
+                at,
+                max_bytes,
+                wait_ms,
+                reply,
+            } => {
+                if !self.repl.as_ref().is_some_and(|r| r.leading) {
+                    let _ = reply.send(Err("not the stream's leader".into()));
+                    return;
+                }
+                match self.read_committed(at, max_bytes) {
+                    Ok((from, chunks, _)) if chunks.is_empty() && wait_ms > 0 => {
+                        if let Some(r) = self.repl.as_mut() {
+                            r.parked.push(ParkedRead {
+                                from,
+                                max_bytes,
+                                until: now_ms_u() + u64::from(wait_ms.min(30_000)),
+                                reply,
+                            });
+                        }
+                    }
+                    Ok((from, chunks, next)) => {
+                        let _ = reply.send(Ok(RespBody::StreamChunks { from, chunks, next }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("cannot read the stream: {e}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Committed chunks for a reader without a replica: (first offset it
+    /// wants, chunks from the one holding it, offset after them).
+    fn read_committed(
+        &self,
+        at: StreamOffset,
+        max_bytes: u32,
+    ) -> std::io::Result<(u64, Vec<u8>, u64)> {
+        let spec = match at {
+            StreamOffset::First => OffsetSpec::First,
+            StreamOffset::Last => OffsetSpec::Last,
+            StreamOffset::Next => OffsetSpec::Next,
+            StreamOffset::Offset(n) => OffsetSpec::Offset(n),
+            StreamOffset::FromEnd(n) => OffsetSpec::FromEnd(n),
+            StreamOffset::Timestamp(t) => OffsetSpec::Timestamp(t),
+        };
+        let mut cur = resolve(&self.view, spec)?;
+        let from = match at {
+            StreamOffset::Offset(n) => cur.from.max(n),
+            _ => cur.from,
+        };
+        let mut bytes = Vec::new();
+        let mut next = from;
+        while bytes.len() < max_bytes as usize {
+            match self.view.read_raw(&mut cur)? {
+                Some((h, raw)) => {
+                    if h.next_offset() <= from {
+                        continue;
+                    }
+                    next = h.next_offset();
+                    bytes.extend_from_slice(&raw);
+                }
+                None => break,
+            }
+        }
+        Ok((from, bytes, next))
+    }
+
+    /// Answers parked remote reads that have chunks now (or `expire`d
+    /// ones, empty).
+    fn serve_parked(&mut self, expire: bool) {
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        if r.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut r.parked);
+        let now = now_ms_u();
+        let mut keep = Vec::new();
+        for p in parked {
+            if p.reply.is_closed() {
+                continue;
+            }
+            match self.read_committed(StreamOffset::Offset(p.from), p.max_bytes) {
+                Ok((from, chunks, next)) if !chunks.is_empty() || (expire && now >= p.until) => {
+                    let _ = p
+                        .reply
+                        .send(Ok(RespBody::StreamChunks { from, chunks, next }));
+                }
+                Ok(_) => keep.push(p),
+                Err(e) => {
+                    let _ = p.reply.send(Err(format!("cannot read the stream: {e}")));
+                }
+            }
+        }
+        if let Some(r) = self.repl.as_mut() {
+            r.parked.extend(keep);
+        }
+    }
+
+    /// The definition changed: lead, or follow the new leader.
+    async fn take_role(&mut self, def: StreamDef) {
+        let tail = self.written.next_offset();
+        let last = self.last_epoch();
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        let lead = def.leader == r.me;
+        let was = r.leading && r.def.epoch == def.epoch;
+        r.def = def;
+        if lead && !was {
+            r.lead(tail, last);
+            info!(stream = %self.q.name, vhost = %self.q.vhost, epoch = r.def.epoch, tail, commit = r.commit, "this node leads the stream");
+            let _ = self.writer.send(WriteReq::SetEpoch(r.def.epoch)).await;
+        } else if !lead && r.leading {
+            info!(stream = %self.q.name, vhost = %self.q.vhost, leader = r.def.leader, epoch = r.def.epoch, "this node no longer leads the stream; unconfirmed publishes are refused (publishers republish)");
+            r.leading = false;
+            r.followers.clear();
+            r.following = 0;
+            for (_, w) in r.waiters.drain(..) {
+                w.finish(false);
+            }
+            for p in r.parked.drain(..) {
+                let _ = p.reply.send(Err("the stream's leader moved".into()));
+            }
+        }
+    }
+
+    /// Follower: chunks from the leader (the fields of
+    /// `ReplEvent::Append`).
+    #[allow(clippy::too_many_arguments)]
+    async fn on_append(
+        &mut self,
+        epoch: u32,
+        from: u64,
+        prev_epoch: Option<u32>,
+        reset: bool,
+        chunks: bytes::Bytes,
+        commit: u64,
+        reply: oneshot::Sender<Result<RespBody, String>>,
+    ) {
+        let view_end = self.view.next_offset();
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        let fenced = if now_ms_u() < r.fence_until {
+            r.fence
+        } else {
+            0
+        };
+        let floor = r.following.max(r.def.epoch).max(fenced);
+        if epoch < floor {
+            let _ = reply.send(Err(format!(
+                "stale stream leader: epoch {epoch}, this replica follows epoch {floor}"
+            )));
+            return;
+        }
+        if r.leading {
+            if epoch <= r.def.epoch {
+                let _ = reply.send(Err(format!(
+                    "this node leads the stream in epoch {}",
+                    r.def.epoch
+                )));
+                return;
+            }
+            // A newer leader than the metadata told us about yet.
+            r.leading = false;
+            r.followers.clear();
+            for (_, w) in r.waiters.drain(..) {
+                w.finish(false);
+            }
+        }
+        // A new leader: the writer's consistency check (by epoch) finds
+        // where this log departs from the leader's and cuts it there.
+        r.following = r.following.max(epoch);
+        if reset {
+            r.discard += 1;
+        }
+        r.leader_commit = commit;
+        if reset {
+            self.written = self.view.clone();
+            self.pending.clear();
+            let _ = self.writer.send(WriteReq::Reset { base: from }).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self
+            .writer
+            .send(WriteReq::Replicate {
+                from,
+                prev_epoch,
+                floor: view_end,
+                chunks,
+                reply: tx,
+            })
+            .await
+            .is_err()
+        {
+            let _ = reply.send(Err("the stream replica is stopping".into()));
+            return;
+        }
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(ReplAck::Appended(tail)) => Ok(RespBody::StreamAck {
+                    tail,
+                    mismatch: false,
+                }),
+                Ok(ReplAck::Mismatch(tail)) => Ok(RespBody::StreamAck {
+                    tail,
+                    mismatch: true,
+                }),
+                Ok(ReplAck::Failed) | Err(_) => {
+                    Err("the follower could not write the chunks".into())
+                }
+            };
+            let _ = reply.send(r);
+        });
+    }
+
+    /// Leader: a follower answered a frame.
+    fn on_acked(&mut self, node: NodeId, generation: u64, res: Result<RespBody, String>) {
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        if !r.leading {
+            return;
+        }
+        let Some(f) = r.followers.get_mut(&node) else {
+            return;
+        };
+        if f.generation != generation {
+            return;
+        }
+        f.inflight = f.inflight.saturating_sub(1);
+        match res {
+            Ok(RespBody::StreamAck {
+                tail,
+                mismatch: false,
+            }) => {
+                f.acked = f.acked.max(tail);
+                f.probed = true;
+            }
+            Ok(RespBody::StreamAck {
+                tail,
+                mismatch: true,
+            }) => {
+                debug!(stream = %self.q.name, follower = node, tail, "follower is elsewhere in the log; shipping from its tail");
+                f.probed = true;
+                f.mismatch = if f.mismatch.0 == tail {
+                    (tail, f.mismatch.1 + 1)
+                } else {
+                    (tail, 1)
+                };
+                if f.mismatch.1 >= 3 {
+                    warn!(stream = %self.q.name, vhost = %self.q.vhost, follower = node, tail, "a follower's log cannot be matched to this leader's; it restarts from the leader's first offset");
+                    f.force_reset = true;
+                    f.mismatch = (0, 0);
+                }
+                f.generation += 1;
+                f.inflight = 0;
+                f.acked = tail;
+                f.next = tail;
+                f.sent_commit = 0;
+            }
+            other => {
+                debug!(stream = %self.q.name, follower = node, "follower did not take the chunks ({other:?}); retrying from its acknowledged tail");
+                f.generation += 1;
+                f.inflight = 0;
+                f.next = f.acked;
+                f.sent_commit = 0;
+                f.retry_at = now_ms_u() + 500;
+            }
+        }
+    }
+
+    /// Leader: ships chunks (and the commit offset) to every follower, up
+    /// to [`MAX_INFLIGHT`] frames each.
+    fn pump(&mut self) {
+        let Some(r) = self.repl.as_mut() else {
+            return;
+        };
+        if !r.leading || r.followers.is_empty() {
+            return;
+        }
+        let Some(c) = r.cluster.upgrade() else {
+            return;
+        };
+        let (first, tail) = (self.written.first_offset(), self.written.next_offset());
+        let now = now_ms_u();
+        for (&node, f) in r.followers.iter_mut() {
+            if f.retry_at > now {
+                continue;
+            }
+            while f.inflight < MAX_INFLIGHT {
+                let reset = f.force_reset || f.next < first || f.next > tail;
+                let from = if reset { first } else { f.next };
+                if !reset && from >= tail && f.sent_commit >= r.commit && f.probed {
+                    break;
+                }
+                if !f.probed && f.inflight > 0 {
+                    break;
+                }
+                let mut bytes = Vec::new();
+                let mut end = from;
+                match resolve(&self.written, OffsetSpec::Offset(from)) {
+                    Ok(mut cur) if from < tail => {
+                        while bytes.len() < FRAME_BYTES {
+                            match self.written.read_raw(&mut cur) {
+                                Ok(Some((h, raw))) => {
+                                    if h.first != end {
+                                        break;
+                                    }
+                                    end = h.next_offset();
+                                    bytes.extend_from_slice(&raw);
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    error!(stream = %self.q.name, "cannot read chunks to replicate: {e}");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        error!(stream = %self.q.name, "cannot read chunks to replicate: {e}");
+                    }
+                }
+                if end == from && from < tail && !reset {
+                    // Nothing readable at a point the log has: never
+                    // expected (tails are chunk boundaries); do not spin.
+                    error!(stream = %self.q.name, follower = node, from, tail, "no chunk starts at the follower's tail; replication to it paused for 5 s");
+                    f.retry_at = now + 5000;
+                    break;
+                }
+                let Some(peer) = c.peer_by_id(node) else {
+                    f.retry_at = now + 500;
+                    break;
+                };
+                let req = crate::cluster::net::Req::StreamAppend {
+                    group: r.group.clone(),
+                    epoch: r.def.epoch,
+                    from,
+                    prev_epoch: if reset {
+                        None
+                    } else {
+                        self.written.epoch_before(from)
+                    },
+                    reset,
+                    chunks: bytes,
+                    commit: r.commit,
+                };
+                let Some(rx) = peer.send_req(req) else {
+                    f.retry_at = now + 500;
+                    break;
+                };
+                if reset {
+                    f.acked = from;
+                    f.force_reset = false;
+                }
+                f.inflight += 1;
+                f.next = end;
+                f.sent_commit = r.commit;
+                let (tx, generation) = (self.repl_tx.clone(), f.generation);
+                tokio::spawn(async move {
+                    let res = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err("connection lost".into()),
+                        Err(_) => Err("no answer within 10 s".into()),
+                    };
+                    let _ = tx.send(ReplEvent::Acked {
+                        node,
+                        generation,
+                        res,
+                    });
+                });
+                if end == from {
+                    break;
+                }
             }
         }
     }

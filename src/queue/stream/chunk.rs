@@ -12,7 +12,8 @@
 //!  24  bloom_len  u32  bytes of Bloom filter after the header (0 = none)
 //!  28  data_len   u32  bytes of records after the filter
 //!  32  crc        u32  CRC32 of header[0..32] + filter + records
-//!  36  reserved   u32  0
+//!  36  epoch      u32  leader epoch of a replicated stream (0 otherwise; not
+//!                        covered by the CRC: only compared at failover)
 //! filter (bloom_len bytes)
 //! records, count times:
 //!   len u32 (bytes that follow in this record)
@@ -174,6 +175,21 @@ pub fn encode(
     out[start..start + 32].copy_from_slice(&h.head_bytes());
     out[start + 32..start + 36].copy_from_slice(&h.crc.to_be_bytes());
     h
+}
+
+/// Stamps a replicated stream's leader epoch into an encoded chunk's
+/// header (bytes 36..40).
+pub fn set_epoch(chunk: &mut [u8], epoch: u32) {
+    if let Some(b) = chunk.get_mut(36..40) {
+        b.copy_from_slice(&epoch.to_be_bytes());
+    }
+}
+
+/// The epoch stamped in an encoded chunk header (0 when too short).
+pub fn epoch_of(header: &[u8]) -> u32 {
+    header
+        .get(36..40)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// One stored message, its parts cut from the chunk buffer without copying.

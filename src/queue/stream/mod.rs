@@ -14,7 +14,8 @@
 //! | `tracking.rs` | server-side consumer offsets |
 //! | `filter.rs` | Bloom filters and consumer filter specs |
 //! | `group.rs` | consumer groups (`x-stream-group`): the coordinator and the partition assignment |
-//! | `actor.rs` | the stream actor: the `QueueCmd` interface, consumers, credit, deliveries |
+//! | `actor.rs` | the stream actor: the `QueueCmd` interface, consumers, credit, deliveries; replication roles (leader ships, follower appends) |
+//! | `replica.rs` | cluster mode: declare/delete through the metadata group, replicas on member nodes, forwarding handles elsewhere, failover |
 //!
 //! Files live in `<data_dir>/streams/<vhost>/<queue>/` (names escaped).
 //! Tasks: one actor task per stream (never blocks in fsync), one writer OS
@@ -27,6 +28,7 @@ pub mod filter;
 pub mod group;
 pub mod log;
 pub mod reader;
+pub mod replica;
 pub mod retention;
 pub mod segment;
 pub mod settings;

@@ -25,8 +25,15 @@ struct Open {
 
 fn open(dir: &Path, settings: &StreamSettings) -> Open {
     let (active, view) = log::open(dir).unwrap();
-    let (tx, events) =
-        writer::start("model", dir.to_path_buf(), active, settings.clone(), 16).unwrap();
+    let (tx, events) = writer::start(
+        "model",
+        dir.to_path_buf(),
+        active,
+        settings.clone(),
+        16,
+        false,
+    )
+    .unwrap();
     Open { tx, events, view }
 }
 
@@ -98,6 +105,7 @@ proptest! {
                         match it {
                             CommitItem::Segment { base, file } => o.view.push_segment(base, file),
                             CommitItem::Chunk { seg, header, pos } => o.view.add_chunk(seg, &header, pos),
+                            _ => prop_assert!(false, "replication item from a single-node writer"),
                         }
                     }
                     model.extend(bodies);

@@ -71,7 +71,7 @@ pub fn parse_offset_arg(v: Option<&AMQPValue>, now_ms: i64) -> Result<OffsetSpec
 }
 
 /// One segment as readers see it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SegView {
     /// Committed extent, index, timestamps.
     pub summary: SegmentSummary,
@@ -80,7 +80,7 @@ pub struct SegView {
 }
 
 /// The segments readers may read, oldest first; the last is the active one.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LogView {
     /// Oldest first.
     pub segments: VecDeque<SegView>,
@@ -253,6 +253,72 @@ impl LogView {
             },
             None => self.at_end(),
         })
+    }
+
+    /// The encoded bytes (header, filter, records, as on disk) of the
+    /// chunk at `cur`, with its header, moving `cur` past it; None at the
+    /// end. A replicated stream's leader ships these to followers.
+    pub fn read_raw(&self, cur: &mut Cursor) -> io::Result<Option<(ChunkHeader, Vec<u8>)>> {
+        let Some(Read::Skipped(h)) = self.read_chunk_if(cur, |_| false)? else {
+            return Ok(None);
+        };
+        let Some(i) = self.index_of(cur.seg) else {
+            return Ok(None);
+        };
+        let pos = cur.pos - h.total_len();
+        let mut buf = vec![0u8; h.total_len() as usize];
+        self.segments[i].file.read_exact_at(&mut buf, pos)?;
+        Ok(Some((h, buf)))
+    }
+
+    /// The epoch stamped in the chunk ending at `from` (a replicated
+    /// stream's consistency check): None when the view starts at `from`,
+    /// `u32::MAX` when no chunk ends exactly there.
+    pub fn epoch_before(&self, from: u64) -> Option<u32> {
+        if from <= self.first_offset() {
+            return None;
+        }
+        let found = (|| -> io::Result<Option<u32>> {
+            let mut cur = self.seek_offset(from - 1)?;
+            let Some(Read::Skipped(h)) = self.read_chunk_if(&mut cur, |_| false)? else {
+                return Ok(None);
+            };
+            if h.next_offset() != from {
+                return Ok(None);
+            }
+            let Some(i) = self.index_of(cur.seg) else {
+                return Ok(None);
+            };
+            let mut b = [0u8; HEADER_LEN];
+            self.segments[i]
+                .file
+                .read_exact_at(&mut b, cur.pos - h.total_len())?;
+            Ok(Some(super::chunk::epoch_of(&b)))
+        })();
+        Some(found.ok().flatten().unwrap_or(u32::MAX))
+    }
+
+    /// The part of this view up to offset `to` (a chunk boundary): what a
+    /// replica may serve when `to` is its committed offset. Reads chunk
+    /// headers of the segment `to` falls in, from its nearest index entry.
+    pub fn limited(&self, to: u64) -> io::Result<LogView> {
+        let mut out = LogView::default();
+        for s in &self.segments {
+            if s.summary.base > to && !out.segments.is_empty() {
+                break;
+            }
+            if s.summary.end <= to {
+                out.segments.push_back(s.clone());
+                continue;
+            }
+            let summary = super::segment::scan_upto(&s.file, &s.summary, to)?;
+            out.segments.push_back(SegView {
+                summary,
+                file: s.file.clone(),
+            });
+            break;
+        }
+        Ok(out)
     }
 
     /// Reads the chunk at `cur` and moves `cur` past it; None when the

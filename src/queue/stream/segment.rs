@@ -149,6 +149,38 @@ pub fn scan(file: &File, base: u64, verify: bool) -> io::Result<SegmentSummary> 
     Ok(s)
 }
 
+/// `s` cut back to the chunks that end at or before offset `to`: headers
+/// are read from the last sparse-index entry before `to` on.
+pub fn scan_upto(file: &File, s: &SegmentSummary, to: u64) -> io::Result<SegmentSummary> {
+    let k = s.index.partition_point(|e| e.offset <= to);
+    let start = k.checked_sub(1).and_then(|k| s.index.get(k)).copied();
+    let mut out = SegmentSummary {
+        base: s.base,
+        size: start.map_or(0, |e| e.pos),
+        end: start.map_or(s.base, |e| e.offset),
+        first_ts: None,
+        last_ts: None,
+        last_chunk: None,
+        index: s.index[..k.saturating_sub(1)].to_vec(),
+    };
+    let len = file.metadata()?.len();
+    let mut pos = out.size;
+    while pos + HEADER_LEN as u64 <= len {
+        let Some(h) = read_header(file, pos)? else {
+            break;
+        };
+        if h.first != out.end || h.next_offset() > to || pos + h.total_len() > len {
+            break;
+        }
+        out.add_chunk(&h, pos);
+        pos += h.total_len();
+    }
+    if out.size > 0 {
+        out.first_ts = s.first_ts.or(out.first_ts);
+    }
+    Ok(out)
+}
+
 fn write_index(dir: &Path, base: u64, index: &[IndexEntry], sync: bool) -> io::Result<()> {
     let mut bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_LEN);
     for e in index {
