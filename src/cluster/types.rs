@@ -347,6 +347,10 @@ pub enum QOp {
     Purge,
     /// Expire messages / time out consumers (proposed by the leader).
     Tick,
+    /// At-least-once dead-lettering: these dead-lettered messages were
+    /// confirmed by every queue their dead-letter exchange routed them to
+    /// and leave the queue.
+    DlxSettle(Vec<u64>),
 }
 
 impl QOp {
@@ -362,6 +366,7 @@ impl QOp {
             QOp::NodeDown { .. } => "node-down",
             QOp::Purge => "purge",
             QOp::Tick => "tick",
+            QOp::DlxSettle(_) => "dlx-settle",
         }
     }
 }

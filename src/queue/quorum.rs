@@ -75,6 +75,8 @@ pub struct QCtx {
     /// Ready bodies kept in memory per replica (the rest are read back
     /// from the Raft log when their turn comes).
     window: usize,
+    /// The at-least-once dead-letter relay (see [`dlx_relay`]).
+    dlx_relay: OnceLock<mpsc::UnboundedSender<Vec<(Envelope, DeadReason)>>>,
 }
 
 impl QCtx {
@@ -112,6 +114,31 @@ struct Machine {
     /// batches, so an entry count alone lets the log grow without bound.
     log_bytes: u64,
     log_msgs: u64,
+    /// x-dead-letter-strategy = at-least-once (with x-overflow =
+    /// reject-publish, as RabbitMQ requires): dead messages stay here until
+    /// every queue the dead-letter exchange routes them to confirmed them.
+    alo: bool,
+    /// Those messages, by id.
+    dlx: std::collections::BTreeMap<u64, (Envelope, DeadReason)>,
+}
+
+/// A dead-letter reason in snapshots.
+fn reason_code(r: DeadReason) -> u8 {
+    match r {
+        DeadReason::Rejected => 0,
+        DeadReason::Expired => 1,
+        DeadReason::MaxLen => 2,
+        DeadReason::DeliveryLimit => 3,
+    }
+}
+
+fn reason_of(c: u8) -> DeadReason {
+    match c {
+        1 => DeadReason::Expired,
+        2 => DeadReason::MaxLen,
+        3 => DeadReason::DeliveryLimit,
+        _ => DeadReason::Rejected,
+    }
 }
 
 impl Machine {
@@ -126,9 +153,17 @@ impl Machine {
             // RabbitMQ 4.x default for quorum queues.
             limits.delivery_limit = Some(20);
         }
+        let alo = limits.overflow == super::args::Overflow::RejectPublish
+            && arguments
+                .inner()
+                .get("x-dead-letter-strategy")
+                .and_then(crate::broker::headers::value_str)
+                .is_some_and(|v| v == "at-least-once");
         core.set_limits(limits);
         core.set_retry(super::args::effective_retry(q, arguments, |_| None));
         Machine {
+            alo,
+            dlx: Default::default(),
             core,
             owners: HashMap::new(),
             owner_keys: HashMap::new(),
@@ -192,11 +227,17 @@ impl Machine {
             .iter()
             .chain(img.unacked.iter().map(|(e, ..)| e))
             .chain(img.delayed.iter().map(|(e, _)| e))
+            .chain(self.dlx.values().map(|(e, _)| e))
             .filter(|e| e.gid != 0)
             .map(|e| gid_index(e.gid))
             .min();
         QSnap {
             retain,
+            dlx: self
+                .dlx
+                .values()
+                .map(|(e, r)| (env(e), reason_code(*r)))
+                .collect(),
             now: img.now,
             next_id: img.next_id,
             ready: img.ready.iter().map(env).collect(),
@@ -296,6 +337,14 @@ impl Machine {
                 .collect(),
         };
         self.core.restore_image(img);
+        self.dlx = s
+            .dlx
+            .into_iter()
+            .map(|(e, r)| {
+                let e = env(e);
+                (e.id, (e, reason_of(r)))
+            })
+            .collect();
         self.owners = s.owners.iter().copied().collect();
         self.owner_keys = s.owners.iter().map(|(o, k)| (*k, *o)).collect();
         self.consumers = s.consumer_map.iter().copied().collect();
@@ -342,6 +391,8 @@ struct QSnap {
     /// Lowest log index holding a body the snapshot refers to (None: the
     /// snapshot carries every body it needs).
     retain: Option<u64>,
+    /// Dead-lettered messages waiting for their targets' confirms.
+    dlx: Vec<(SnapEnv, u8)>,
     now: u64,
     next_id: u64,
     ready: Vec<SnapEnv>,
@@ -614,6 +665,8 @@ struct Effects {
     deliveries: Vec<(ConsumerId, Envelope, (NodeId, u64, u64))>,
     dead: Vec<(Envelope, DeadReason)>,
     cancelled: Vec<(NodeId, u64, u64)>,
+    /// Newly held for at-least-once dead-lettering.
+    dlx_new: Vec<(Envelope, DeadReason)>,
 }
 
 impl QuorumSm {
@@ -752,6 +805,12 @@ impl QuorumSm {
                 Resp::Ok
             }
             QOp::Purge => Resp::Count(m.core.purge().len() as u64),
+            QOp::DlxSettle(ids) => {
+                for id in ids {
+                    m.dlx.remove(&id);
+                }
+                Resp::Ok
+            }
             QOp::Tick => {
                 let expired = m.core.expire(now);
                 fx.dead.extend(expired);
@@ -766,6 +825,12 @@ impl QuorumSm {
                 Resp::Ok
             }
         };
+        if m.alo && !fx.dead.is_empty() {
+            for (env, reason) in fx.dead.drain(..) {
+                m.dlx.insert(env.id, (env.clone(), reason));
+                fx.dlx_new.push((env, reason));
+            }
+        }
         let mut out = Vec::new();
         m.core.dispatch(&mut out);
         for (cid, env) in out {
@@ -856,6 +921,11 @@ impl QuorumSm {
                 });
             }
         }
+        if !fx.dlx_new.is_empty() && ctx.is_leader() {
+            if let Some(tx) = ctx.dlx_relay.get() {
+                let _ = tx.send(fx.dlx_new);
+            }
+        }
         if !fx.dead.is_empty() && ctx.is_leader() {
             if let Some(q) = &queue {
                 let mut dead = fx.dead;
@@ -890,74 +960,214 @@ fn absorb(s: Settled, fx: &mut Effects) {
 /// Sends dead messages to the queue's dead-letter exchange (leader only:
 /// at most once, as RabbitMQ's default for quorum queues).
 async fn dead_letter(ctx: &QCtx, q: &Arc<QueueRef>, dead: Vec<(Envelope, DeadReason)>) {
+    for (env, reason) in dead {
+        // At most once: whatever happens to the copy, the message is gone.
+        let _ = dead_letter_one(ctx, q, env, reason, |_| None).await;
+    }
+}
+
+/// What became of one dead-lettering.
+enum DlOutcome {
+    /// No dead-letter exchange is set (or the message has no body): the
+    /// message is simply dropped.
+    Dropped,
+    /// The dead-letter exchange is missing or routes it nowhere.
+    Unroutable,
+    /// Sent to this many queues.
+    Sent(u32),
+}
+
+/// Routes one dead message through the queue's dead-letter exchange and
+/// publishes the copy to every target, each with the confirm target
+/// `confirm(n_targets)` gives.
+async fn dead_letter_one(
+    ctx: &QCtx,
+    q: &Arc<QueueRef>,
+    env: Envelope,
+    reason: DeadReason,
+    confirm: impl Fn(u32) -> Option<ConfirmTo>,
+) -> DlOutcome {
     let Some(vhost) = ctx.vhost.upgrade() else {
-        return;
+        return DlOutcome::Dropped;
     };
     let eff = crate::broker::policy::effective(&vhost, q);
     let Some(dlx) = eff.dead_letter_exchange.clone() else {
-        return;
+        return DlOutcome::Dropped;
     };
     let Some(ex) = vhost.exchange(&dlx) else {
-        debug!(dlx, "dead-letter exchange does not exist; message dropped");
-        return;
+        debug!(dlx, "dead-letter exchange does not exist");
+        return DlOutcome::Unroutable;
     };
+    let Some(msg) = env.msg else {
+        return DlOutcome::Dropped;
+    };
+    let out = super::deadletter::dead_lettered(
+        &msg,
+        &q.name,
+        reason,
+        now_ms() / 1000,
+        &dlx,
+        eff.dead_letter_routing_key.as_deref(),
+    );
+    let mut targets = Vec::new();
+    vhost.route(
+        &ex,
+        out.routing_key_str(),
+        out.properties.headers().as_ref(),
+        &mut targets,
+    );
+    if reason != DeadReason::Rejected {
+        targets.retain(|t| !super::deadletter::is_cycle(&out, &t.name));
+    }
+    if targets.is_empty() {
+        return DlOutcome::Unroutable;
+    }
+    let out = Arc::new(out);
+    let mut gid = 0;
     let broker = ctx.broker.upgrade();
-    let now_secs = now_ms() / 1000;
-    for (env, reason) in dead {
-        let Some(msg) = env.msg else { continue };
-        let out = super::deadletter::dead_lettered(
-            &msg,
-            &q.name,
-            reason,
-            now_secs,
-            &dlx,
-            eff.dead_letter_routing_key.as_deref(),
-        );
-        let mut targets = Vec::new();
-        vhost.route(
-            &ex,
-            out.routing_key_str(),
-            out.properties.headers().as_ref(),
-            &mut targets,
-        );
-        if reason != DeadReason::Rejected {
-            targets.retain(|t| !super::deadletter::is_cycle(&out, &t.name));
-        }
-        if targets.is_empty() {
-            continue;
-        }
-        let out = Arc::new(out);
-        let mut gid = 0;
-        if out.is_persistent() {
-            if let Some((b, st)) = broker
-                .as_ref()
-                .and_then(|b| b.storage.as_ref().map(|s| (b, s)))
-            {
-                let stored: Vec<u64> = targets
-                    .iter()
-                    .filter(|t| t.uses_message_store())
-                    .map(|t| t.id)
-                    .collect();
-                if !stored.is_empty() {
-                    gid = b.next_gid();
-                    if let Err(e) = st.msgs.append(gid, stored, out.parts(), None).await {
-                        warn!("could not persist a dead-lettered message: {e}");
-                        gid = 0;
-                    }
+    if out.is_persistent() {
+        if let Some((b, st)) = broker
+            .as_ref()
+            .and_then(|b| b.storage.as_ref().map(|s| (b, s)))
+        {
+            let stored: Vec<u64> = targets
+                .iter()
+                .filter(|t| t.uses_message_store())
+                .map(|t| t.id)
+                .collect();
+            if !stored.is_empty() {
+                gid = b.next_gid();
+                if let Err(e) = st.msgs.append(gid, stored, out.parts(), None).await {
+                    warn!("could not persist a dead-lettered message: {e}");
+                    gid = 0;
                 }
             }
         }
-        for t in targets {
-            let g = if t.uses_message_store() { gid } else { 0 };
-            let cmd = QueueCmd::Publish {
-                msgs: vec![(out.clone(), g)],
-                confirm: None,
-            };
-            if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
-                let t = t.clone();
-                tokio::spawn(async move {
-                    let _ = t.tx.send(cmd).await;
-                });
+    }
+    let n = targets.len() as u32;
+    for t in targets {
+        let g = if t.uses_message_store() { gid } else { 0 };
+        let cmd = QueueCmd::Publish {
+            msgs: vec![(out.clone(), g)],
+            confirm: confirm(n),
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = t.tx.try_send(cmd) {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let _ = t.tx.send(cmd).await;
+            });
+        }
+    }
+    DlOutcome::Sent(n)
+}
+
+/// At-least-once dead-lettering (x-dead-letter-strategy = at-least-once),
+/// on whichever replica leads: republishes the held dead messages through
+/// the dead-letter exchange with publisher confirms, and once every target
+/// queue confirmed one, proposes `DlxSettle` so it leaves the queue on all
+/// replicas. Unroutable or nacked ones are tried again every second; a new
+/// leader sends everything still held (a target may then get a copy twice:
+/// at least once).
+async fn dlx_relay(
+    ctx: Weak<QCtx>,
+    log: LogStore,
+    machine: Arc<Mutex<Machine>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<(Envelope, DeadReason)>>,
+) {
+    let (confirm_tx, mut confirms) = mpsc::unbounded_channel::<ConnCmd>();
+    let mut next_seq: u64 = 1;
+    // seq -> (message id, confirms still missing)
+    let mut inflight: HashMap<u64, (u64, u32)> = HashMap::new();
+    let mut sent: std::collections::HashSet<u64> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut batch: Vec<(Envelope, DeadReason)> = Vec::new();
+        let mut settled: Vec<u64> = Vec::new();
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(b) => batch = b,
+                None => return,
+            },
+            Some(cmd) = confirms.recv() => {
+                if let ConnCmd::Confirm { seqs, nack, .. } = cmd {
+                    for seq in seqs {
+                        let Some((id, missing)) = inflight.get_mut(&seq) else { continue };
+                        let id = *id;
+                        if nack {
+                            inflight.remove(&seq);
+                            sent.remove(&id);
+                        } else {
+                            *missing = missing.saturating_sub(1);
+                            if *missing == 0 {
+                                inflight.remove(&seq);
+                                sent.remove(&id);
+                                settled.push(id);
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let Some(c) = ctx.upgrade() else { return };
+                if !c.is_leader() {
+                    inflight.clear();
+                    sent.clear();
+                    continue;
+                }
+                if let Ok(m) = machine.lock() {
+                    batch = m
+                        .dlx
+                        .values()
+                        .filter(|(e, _)| !sent.contains(&e.id))
+                        .cloned()
+                        .collect();
+                }
+            }
+        }
+        let Some(c) = ctx.upgrade() else { return };
+        if !batch.is_empty() && c.is_leader() {
+            let q = c.queue.get().and_then(Weak::upgrade);
+            let mut bodies = Bodies::new(&log);
+            for (mut env, reason) in batch {
+                let Some(q) = &q else { break };
+                if sent.contains(&env.id) || !bodies.fill(&c.group, &mut env) {
+                    continue;
+                }
+                let id = env.id;
+                let seq = next_seq;
+                let conn = confirm_tx.clone();
+                match dead_letter_one(&c, q, env, reason, |_| {
+                    Some(ConfirmTo {
+                        conn: conn.clone(),
+                        channel: 1,
+                        seqs: vec![seq],
+                    })
+                })
+                .await
+                {
+                    DlOutcome::Sent(n) => {
+                        next_seq += 1;
+                        inflight.insert(seq, (id, n));
+                        sent.insert(id);
+                    }
+                    // Nothing to wait for: it just leaves.
+                    DlOutcome::Dropped => settled.push(id),
+                    // Kept; tried again at the next tick.
+                    DlOutcome::Unroutable => {}
+                }
+            }
+        }
+        if !settled.is_empty() {
+            let members = c.members.lock().map(|m| m.clone()).unwrap_or_default();
+            if let Some(cl) = c.cluster.upgrade() {
+                let cmd = Cmd::Queue {
+                    now: now_ms(),
+                    op: QOp::DlxSettle(settled),
+                };
+                if let Err(e) = cl.start_propose(&c.group, cmd, &members).await {
+                    debug!(group = %c.group, "dead-letter settlement not proposed ({e}); sent again later");
+                }
             }
         }
     }
@@ -1078,7 +1288,8 @@ impl RaftStateMachine<TypeConfig> for QuorumSm {
                 .ready
                 .iter_mut()
                 .chain(snap.unacked.iter_mut().map(|(e, ..)| e))
-                .chain(snap.delayed.iter_mut().map(|(e, _)| e));
+                .chain(snap.delayed.iter_mut().map(|(e, _)| e))
+                .chain(snap.dlx.iter_mut().map(|(e, _)| e));
             for e in envs {
                 if e.msg.is_none() && e.gid != 0 {
                     match bodies.get(e.gid) {
@@ -1259,6 +1470,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         args: args.clone(),
         table: table.clone(),
         window: broker.config.queue.max_in_memory,
+        dlx_relay: OnceLock::new(),
     });
     let mut m = Machine::new(&args, &table, broker.config.queue.max_in_memory);
     let log = match cluster.wal.group(&def.group()) {
@@ -1373,6 +1585,9 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         );
     }
     vhost.queues.insert(def.name.clone(), q.clone());
+    let ctx_for_dlx = ctx.clone();
+    let log_for_dlx = log.clone();
+    let machine_for_dlx = machine.clone();
     let actor = Actor {
         log,
         cluster: Arc::downgrade(cluster),
@@ -1384,6 +1599,17 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         was_leader: false,
         follower_saw_leader: false,
     };
+    if member {
+        let (dtx, drx) = mpsc::unbounded_channel();
+        if ctx_for_dlx.dlx_relay.set(dtx).is_ok() {
+            tokio::spawn(dlx_relay(
+                Arc::downgrade(&ctx_for_dlx),
+                log_for_dlx,
+                machine_for_dlx,
+                drx,
+            ));
+        }
+    }
     tokio::spawn(actor.run(rx));
     info!(queue = %def.name, vhost = %def.vhost, replicas = def.members.len(), member, "quorum queue ready on this node");
 }

@@ -2204,3 +2204,107 @@ async fn stream_follower_behind_retention_restarts_at_the_leaders_first_offset()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// x-dead-letter-strategy = at-least-once: rejected messages of a quorum
+/// queue stay held while its dead-letter route leads nowhere, reach the
+/// target quorum queue once it exists, and only then leave the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_dead_lettering_holds_messages_until_a_target_confirms() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = cluster(3, &tmp).await;
+    let c1 = nodes[0].connect().await;
+    let ch = c1.create_channel().await.unwrap();
+    let mut args = quorum_args();
+    for (k, v) in [
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", "qq.alo.dlq"),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    ch.queue_declare(
+        "qq.alo".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..40u32 {
+        let conf = ch
+            .basic_publish(
+                "".into(),
+                "qq.alo".into(),
+                BasicPublishOptions::default(),
+                format!("d-{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        assert!(within(10, conf).await.unwrap().is_ack());
+    }
+    // Reject every message (no requeue) through node 2: the dead-letter
+    // target does not exist yet.
+    let c2 = nodes[1].connect().await;
+    let rch = c2.create_channel().await.unwrap();
+    let mut rejected = 0;
+    while rejected < 40 {
+        match rch
+            .basic_get("qq.alo".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            Some(m) => {
+                m.delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .unwrap();
+                rejected += 1;
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(passive_count(&c2, "qq.alo").await, 0, "held, not ready");
+    // The target appears: the held messages get there, each once at least.
+    declare_quorum(&nodes[2].connect().await, "qq.alo.dlq").await;
+    let c3 = nodes[2].connect().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while passive_count(&c3, "qq.alo.dlq").await < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "held dead letters never reached the new target"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gch = c3.create_channel().await.unwrap();
+    let mut got = BTreeSet::new();
+    while let Some(m) = gch
+        .basic_get("qq.alo.dlq".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let body = String::from_utf8(m.delivery.data.clone()).unwrap();
+        let death = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-death").cloned());
+        assert!(death.is_some(), "x-death on {body}");
+        got.insert(body);
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let want: BTreeSet<String> = (0..40).map(|i| format!("d-{i}")).collect();
+    assert_eq!(got, want);
+    // Settled: nothing is sent again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(passive_count(&c3, "qq.alo.dlq").await, 0);
+}
