@@ -1599,7 +1599,11 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
         was_leader: false,
         follower_saw_leader: false,
     };
-    if member {
+    // Only queues with the at-least-once strategy need the relay (and its
+    // timer): an idle quorum queue keeps no timer of its own beyond the
+    // actor's 5 s housekeeping.
+    let alo = machine_for_dlx.lock().map(|m| m.alo).unwrap_or(false);
+    if member && alo {
         let (dtx, drx) = mpsc::unbounded_channel();
         if ctx_for_dlx.dlx_relay.set(dtx).is_ok() {
             tokio::spawn(dlx_relay(
