@@ -9,6 +9,9 @@
 # Each run gets a freshly started broker (fresh data dir), so per-run broker CPU
 # and peak RSS (VmHWM) belong to that run alone. Runs alternate A B A B.
 # Results: benches/results/LATEST.md (+ LATEST.png, LATEST.jsonl).
+# Scenario 9 (stream append + replay) has its own script with the same
+# generator and alternation, benches/stream.sh (10M messages by default),
+# and quorum queues on 1- and 3-node clusters benches/quorum.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
