@@ -40,6 +40,7 @@ use super::types::{
     ClassicDef, Cmd, GotMsg, META_GROUP, MetaCmd, NodeId, Resp, WireMsg, WireOutcome,
 };
 use crate::broker::{Broker, ConnCmd, ConnTx, VHost};
+use crate::cluster::types::{from_wire, outcome, to_wire, wire_outcome};
 use crate::protocol::error::{AmqpError, code};
 use crate::queue::core::{ConsumerSpec, Counts, Envelope, Outcome, Owner};
 use crate::queue::message::Message;
@@ -224,44 +225,6 @@ pub struct Origin {
     pub node: NodeId,
     /// Its boot id.
     pub incarnation: u64,
-}
-
-fn to_wire(m: &Message) -> WireMsg {
-    WireMsg {
-        exchange: m.exchange.to_vec(),
-        routing_key: m.routing_key.to_vec(),
-        properties: m.raw_properties.to_vec(),
-        body: m.body.to_vec(),
-    }
-}
-
-fn from_wire(w: WireMsg) -> Option<Message> {
-    Message::from_parts(crate::store::MessageParts {
-        exchange: w.exchange.into(),
-        routing_key: w.routing_key.into(),
-        raw_properties: w.properties.into(),
-        body: w.body.into(),
-    })
-}
-
-fn wire_outcome(o: Outcome) -> WireOutcome {
-    match o {
-        Outcome::Ack => WireOutcome::Ack,
-        Outcome::Requeue => WireOutcome::Requeue,
-        Outcome::Discard => WireOutcome::Discard,
-        Outcome::Return => WireOutcome::Return,
-        Outcome::Undeliverable => WireOutcome::Undeliverable,
-    }
-}
-
-fn outcome(o: WireOutcome) -> Outcome {
-    match o {
-        WireOutcome::Ack => Outcome::Ack,
-        WireOutcome::Requeue => Outcome::Requeue,
-        WireOutcome::Discard => Outcome::Discard,
-        WireOutcome::Return => Outcome::Return,
-        WireOutcome::Undeliverable => Outcome::Undeliverable,
-    }
 }
 
 fn envelope(g: GotMsg) -> Option<Envelope> {

@@ -404,3 +404,48 @@ pub enum Resp {
     /// Refused: AMQP reply code and text.
     Refused(u16, String),
 }
+
+/// A message in the form the Raft log and the inter-node link carry.
+pub fn to_wire(m: &crate::queue::message::Message) -> WireMsg {
+    WireMsg {
+        exchange: m.exchange.to_vec(),
+        routing_key: m.routing_key.to_vec(),
+        properties: m.raw_properties.to_vec(),
+        body: m.body.to_vec(),
+    }
+}
+
+/// The message back from its wire form (None if its properties do not
+/// parse).
+pub fn from_wire(w: WireMsg) -> Option<crate::queue::message::Message> {
+    crate::queue::message::Message::from_parts(crate::store::MessageParts {
+        exchange: w.exchange.into(),
+        routing_key: w.routing_key.into(),
+        raw_properties: w.properties.into(),
+        body: w.body.into(),
+    })
+}
+
+/// A settlement outcome on the wire.
+pub fn wire_outcome(o: crate::queue::core::Outcome) -> WireOutcome {
+    use crate::queue::core::Outcome;
+    match o {
+        Outcome::Ack => WireOutcome::Ack,
+        Outcome::Requeue => WireOutcome::Requeue,
+        Outcome::Discard => WireOutcome::Discard,
+        Outcome::Return => WireOutcome::Return,
+        Outcome::Undeliverable => WireOutcome::Undeliverable,
+    }
+}
+
+/// A settlement outcome from the wire.
+pub fn outcome(o: WireOutcome) -> crate::queue::core::Outcome {
+    use crate::queue::core::Outcome;
+    match o {
+        WireOutcome::Ack => Outcome::Ack,
+        WireOutcome::Requeue => Outcome::Requeue,
+        WireOutcome::Discard => Outcome::Discard,
+        WireOutcome::Return => Outcome::Return,
+        WireOutcome::Undeliverable => Outcome::Undeliverable,
+    }
+}

@@ -25,8 +25,8 @@ use crate::cluster::log::LogStore;
 use crate::cluster::sm::{Applied, no_install};
 use crate::cluster::types::{
     Cmd, GotMsg, MetaCmd, NodeId, NodeInfo, QOp, QuorumDef, RemoteOwner, Resp, TypeConfig, WireMsg,
-    WireOutcome,
 };
+use crate::cluster::types::{from_wire, outcome, to_wire, wire_outcome};
 use crate::protocol::error::{AmqpError, code};
 use amq_protocol::types::FieldTable;
 use dashmap::DashMap;
@@ -548,44 +548,6 @@ impl Machine {
         }
         settled
     }
-}
-
-fn outcome(o: WireOutcome) -> Outcome {
-    match o {
-        WireOutcome::Ack => Outcome::Ack,
-        WireOutcome::Requeue => Outcome::Requeue,
-        WireOutcome::Discard => Outcome::Discard,
-        WireOutcome::Return => Outcome::Return,
-        WireOutcome::Undeliverable => Outcome::Undeliverable,
-    }
-}
-
-fn wire_outcome(o: Outcome) -> WireOutcome {
-    match o {
-        Outcome::Ack => WireOutcome::Ack,
-        Outcome::Requeue => WireOutcome::Requeue,
-        Outcome::Discard => WireOutcome::Discard,
-        Outcome::Return => WireOutcome::Return,
-        Outcome::Undeliverable => WireOutcome::Undeliverable,
-    }
-}
-
-fn to_wire(m: &Message) -> WireMsg {
-    WireMsg {
-        exchange: m.exchange.to_vec(),
-        routing_key: m.routing_key.to_vec(),
-        properties: m.raw_properties.to_vec(),
-        body: m.body.to_vec(),
-    }
-}
-
-fn from_wire(w: WireMsg) -> Option<Message> {
-    Message::from_parts(crate::store::MessageParts {
-        exchange: w.exchange.into(),
-        routing_key: w.routing_key.into(),
-        raw_properties: w.properties.into(),
-        body: w.body.into(),
-    })
 }
 
 /// The Raft state machine of one quorum queue replica.

@@ -228,6 +228,27 @@ async fn wait_leader(via: &Node, queue: &str, not: Option<&str>) -> String {
     }
 }
 
+/// Publishes `n` persistent messages `{prefix}-{i}` to `queue` through the
+/// default exchange with confirms, each confirmed before the next.
+async fn publish_each_confirmed(ch: &lapin::Channel, queue: &str, prefix: &str, n: u32) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..n {
+        let conf = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("{prefix}-{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        assert!(within(10, conf).await.unwrap().is_ack());
+    }
+}
+
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
@@ -1882,22 +1903,7 @@ async fn nodes_talk_mutual_tls_and_refuse_a_certificate_from_another_ca() {
     declare_quorum(&c1, "qq.tls").await;
     let c2 = nodes[1].connect().await;
     let ch = c2.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for i in 0..50u32 {
-        let conf = ch
-            .basic_publish(
-                "".into(),
-                "qq.tls".into(),
-                BasicPublishOptions::default(),
-                format!("t-{i}").as_bytes(),
-                persistent(),
-            )
-            .await
-            .unwrap();
-        assert!(within(10, conf).await.unwrap().is_ack());
-    }
+    publish_each_confirmed(&ch, "qq.tls", "t", 50).await;
     let c3 = nodes[2].connect().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while passive_count(&c3, "qq.tls").await != 50 {
@@ -2234,22 +2240,7 @@ async fn at_least_once_dead_lettering_holds_messages_until_a_target_confirms() {
     )
     .await
     .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for i in 0..40u32 {
-        let conf = ch
-            .basic_publish(
-                "".into(),
-                "qq.alo".into(),
-                BasicPublishOptions::default(),
-                format!("d-{i}").as_bytes(),
-                persistent(),
-            )
-            .await
-            .unwrap();
-        assert!(within(10, conf).await.unwrap().is_ack());
-    }
+    publish_each_confirmed(&ch, "qq.alo", "d", 40).await;
     // Reject every message (no requeue) through node 2: the dead-letter
     // target does not exist yet.
     let c2 = nodes[1].connect().await;
