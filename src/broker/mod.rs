@@ -364,4 +364,14 @@ impl Broker {
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.vhosts.get(name).map(|v| v.value().clone())
     }
+
+    /// The vhost of that name, created empty if this node has none yet (a
+    /// replicated queue can arrive before its vhost's definition).
+    pub fn vhost_or_create(&self, name: &str) -> Arc<VHost> {
+        self.vhosts
+            .entry(name.to_string())
+            .or_insert_with(|| VHost::new(name))
+            .value()
+            .clone()
+    }
 }

@@ -561,12 +561,7 @@ fn materialize(c: &Arc<Cluster>, def: &ClassicDef) {
     let Some(broker) = c.broker.upgrade() else {
         return;
     };
-    let vhost = broker
-        .vhosts
-        .entry(def.vhost.clone())
-        .or_insert_with(|| VHost::new(&def.vhost))
-        .value()
-        .clone();
+    let vhost = broker.vhost_or_create(&def.vhost);
     if let Some(q) = vhost.queue(&def.name) {
         match &q.home {
             Some(h) if h.node == def.home && h.id == def.id => return,
@@ -1027,23 +1022,7 @@ impl Proxy {
                 }
             };
             for (start, c) in confirms {
-                let (mut acks, mut nacks) = (Vec::new(), Vec::new());
-                for (i, s) in c.seqs.into_iter().enumerate() {
-                    if nacked.contains(&(start + i as u32)) {
-                        nacks.push(s)
-                    } else {
-                        acks.push(s)
-                    }
-                }
-                for (seqs, nack) in [(nacks, true), (acks, false)] {
-                    if !seqs.is_empty() {
-                        let _ = c.conn.send(ConnCmd::Confirm {
-                            channel: c.channel,
-                            seqs,
-                            nack,
-                        });
-                    }
-                }
+                c.settle(|i| nacked.contains(&(start + i as u32)));
             }
         });
     }

@@ -573,26 +573,7 @@ impl QueueActor {
                             nack: false,
                         });
                     } else {
-                        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
-                        for (i, s) in c.seqs.into_iter().enumerate() {
-                            if rejected.contains(&i) {
-                                nacks.push(s)
-                            } else {
-                                acks.push(s)
-                            }
-                        }
-                        let _ = c.conn.send(ConnCmd::Confirm {
-                            channel: c.channel,
-                            seqs: nacks,
-                            nack: true,
-                        });
-                        if !acks.is_empty() {
-                            let _ = c.conn.send(ConnCmd::Confirm {
-                                channel: c.channel,
-                                seqs: acks,
-                                nack: false,
-                            });
-                        }
+                        c.settle(|i| rejected.contains(&i));
                     }
                 }
                 self.dead_letter(dead).await;

@@ -30,6 +30,30 @@ pub struct ConfirmTo {
     pub seqs: Vec<u64>,
 }
 
+impl ConfirmTo {
+    /// Settles the batch: basic.nack for the messages whose position in it
+    /// `refused` picks, basic.ack for the rest (at most one command each).
+    pub fn settle(self, refused: impl Fn(usize) -> bool) {
+        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+        for (i, s) in self.seqs.into_iter().enumerate() {
+            if refused(i) {
+                nacks.push(s)
+            } else {
+                acks.push(s)
+            }
+        }
+        for (seqs, nack) in [(nacks, true), (acks, false)] {
+            if !seqs.is_empty() {
+                let _ = self.conn.send(crate::broker::ConnCmd::Confirm {
+                    channel: self.channel,
+                    seqs,
+                    nack,
+                });
+            }
+        }
+    }
+}
+
 /// The queue actor's inbox.
 #[derive(Debug)]
 pub enum QueueCmd {

@@ -1405,12 +1405,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &QuorumDef) {
     let Some(broker) = cluster.broker.upgrade() else {
         return;
     };
-    let vhost = broker
-        .vhosts
-        .entry(def.vhost.clone())
-        .or_insert_with(|| VHost::new(&def.vhost))
-        .value()
-        .clone();
+    let vhost = broker.vhost_or_create(&def.vhost);
     if let Some(q) = vhost.queue(&def.name) {
         if q.id == def.id {
             return;
@@ -2047,23 +2042,7 @@ impl Actor {
             match res {
                 Ok(Ok(Resp::Enqueued { rejected })) => {
                     for (start, c) in confirms {
-                        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
-                        for (i, s) in c.seqs.into_iter().enumerate() {
-                            if rejected.contains(&(start + i as u32)) {
-                                nacks.push(s)
-                            } else {
-                                acks.push(s)
-                            }
-                        }
-                        for (seqs, nack) in [(nacks, true), (acks, false)] {
-                            if !seqs.is_empty() {
-                                let _ = c.conn.send(ConnCmd::Confirm {
-                                    channel: c.channel,
-                                    seqs,
-                                    nack,
-                                });
-                            }
-                        }
+                        c.settle(|i| rejected.contains(&(start + i as u32)));
                     }
                 }
                 other => {

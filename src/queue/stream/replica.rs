@@ -305,12 +305,7 @@ pub async fn materialize(cluster: &Arc<Cluster>, def: &StreamDef) {
     let Some(broker) = cluster.broker.upgrade() else {
         return;
     };
-    let vhost = broker
-        .vhosts
-        .entry(def.vhost.clone())
-        .or_insert_with(|| VHost::new(&def.vhost))
-        .value()
-        .clone();
+    let vhost = broker.vhost_or_create(&def.vhost);
     if vhost.queue(&def.name).is_some_and(|q| q.id == def.id) {
         return;
     }
